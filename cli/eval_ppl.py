@@ -1,0 +1,115 @@
+"""``llmq eval ppl MODEL``: perplexity with its uncertainty, to the protocol in docs/eval.md."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import typer
+
+from llmq.cli.common import DatasetOpt, Device, DTypeOpt, Json, ModelArg, Quiet, Reporter, Revision, Seed, TextFile, TrustRemoteCode, quiet_libraries
+from llmq import __version__
+from llmq.errors import TextSourceError
+from llmq.runtime.device import DType
+
+DEFAULT_SEQ_LEN = 2048
+
+
+def ppl(
+    model: ModelArg,
+    dataset: DatasetOpt = None,
+    text_file: TextFile = None,
+    seq_len: Annotated[int | None, typer.Option("--seq-len", min=2, help="Window length in tokens (default 2048, capped by the model's context).", show_default=False)] = None,
+    stride: Annotated[int | None, typer.Option("--stride", min=1, help="Start a window every N tokens; less than --seq-len gives sliding windows (default: --seq-len).", show_default=False)] = None,
+    max_tokens: Annotated[int | None, typer.Option("--max-tokens", min=2, help="Use only the first N tokens of the text.")] = None,
+    device: Device = "auto",
+    dtype: DTypeOpt = DType.auto,
+    seed: Seed = 0,
+    revision: Revision = None,
+    trust_remote_code: TrustRemoteCode = False,
+    json: Json = False,
+    quiet: Quiet = False,
+) -> None:
+    """Perplexity of MODEL on a text: wikitext2 test by default, or the embedded Austen eval novel."""
+    import torch
+
+    from llmq.runtime import models, perplexity, text
+    from llmq.runtime.device import dtype_name, resolve_device, resolve_dtype
+
+    wall_start = time.perf_counter()
+    out = Reporter(json, quiet)
+    quiet_libraries(out.show_progress)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    torch.manual_seed(seed)
+
+    source = models.resolve_model(model, revision=revision, progress=out.show_progress, log=out.info)
+    out.info(f"model: {source.label}")
+    config = models.load_config(source, trust_remote_code)
+    context = models.context_length(config)
+    if seq_len is None:
+        seq_len = min(DEFAULT_SEQ_LEN, context or DEFAULT_SEQ_LEN)
+        if seq_len < DEFAULT_SEQ_LEN:
+            out.info(f"--seq-len defaults to the model's context of {seq_len} tokens")
+    stride = seq_len if stride is None else stride
+    perplexity.check_protocol(seq_len, stride, max_tokens, context)
+
+    # Text and tokenization come before the weights, so a bad text fails in seconds.
+    loaded = text.load_text(text.Dataset.wikitext2 if dataset is None and text_file is None else dataset, text_file, text.Split.eval)
+    tokenizer = models.load_tokenizer(source, trust_remote_code)
+    ids = perplexity.tokenize_stream(tokenizer, loaded.text)
+    usable = min(len(ids), max_tokens) if max_tokens else len(ids)
+    if usable < seq_len:
+        raise TextSourceError(
+            f"{loaded.source} has {usable} tokens{' within --max-tokens' if max_tokens and max_tokens < len(ids) else ''}, "
+            f"but one window needs {seq_len}; use a longer text or a smaller --seq-len"
+        )
+
+    load_start = time.perf_counter()
+    lm = models.load_model(source, config, torch_device, torch_dtype, trust_remote_code)
+    load_seconds = time.perf_counter() - load_start
+    out.info(f"text: {loaded.source}, {len(ids)} tokens; windows of {seq_len}, stride {stride}; {dtype_name(torch_dtype)} on {torch_device}")
+    with out.progress("perplexity") as update:
+        result = perplexity.perplexity(lm, ids, seq_len, stride, max_tokens, on_window=update)
+
+    protocol = {
+        "seq_len": seq_len,
+        "stride": stride,
+        "max_tokens": max_tokens,
+        "tokenization": "whole text tokenized once, add_special_tokens=True",
+        "bos": perplexity.bos_policy(tokenizer, ids),
+        "scoring": "each window scores its last seq_len-1 tokens (first window) or stride tokens (later windows); the tail after the last whole window is dropped",
+        "uncertainty": "ppl_stderr = ppl * std(token nll) / sqrt(tokens), tokens treated as independent; ppl_stderr_windows uses the spread of per-window means",
+    }
+    document = {
+        "command": "eval ppl",
+        "llmq_version": __version__,
+        "model": {"spec": source.spec, "kind": source.kind.value, "path": str(source.path), "label": source.label, "revision": source.revision},
+        "device": str(torch_device),
+        "dtype": dtype_name(torch_dtype),
+        "text": {"source": loaded.source, "tokens": result.tokens_in_text},
+        "protocol": protocol,
+        "result": {
+            "ppl": result.ppl,
+            "ppl_stderr": result.ppl_stderr,
+            "ppl_ci95": list(result.ppl_ci95),
+            "ppl_stderr_windows": result.ppl_stderr_windows,
+            "mean_nll": result.mean_nll,
+            "tokens_scored": result.tokens_scored,
+            "windows": result.windows,
+            "tokens_used": result.tokens_used,
+        },
+        "timing": {
+            "load_seconds": round(load_seconds, 3),
+            "eval_seconds": round(result.seconds, 3),
+            "wall_seconds": round(time.perf_counter() - wall_start, 3),
+            "tokens_per_s": round(result.tokens_used / result.seconds, 1) if result.seconds > 0 else None,
+        },
+    }
+    if json:
+        out.emit_json(document)
+        return
+    out.result(
+        f"ppl {result.ppl:.4f} ± {result.ppl_stderr:.4f}  ({loaded.source}, {result.windows} windows × {seq_len}, "
+        f"stride {stride}, {result.tokens_scored} tokens scored, {result.seconds:.1f} s)"
+    )

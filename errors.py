@@ -1,0 +1,41 @@
+"""The error types llmq raises on purpose.
+
+Every failure a user can cause (a bad path, an unreachable hub, a text too short for the
+requested window) is raised as a subclass of :class:`LlmqError`. The CLI turns these into a
+one-line message and an exit code in one place (``llmq.cli.app.main``); anything else is a bug
+and is reported as such.
+"""
+
+from __future__ import annotations
+
+
+class LlmqError(Exception):
+    """Base class: a clear, user-facing problem. ``exit_code`` is what the CLI exits with."""
+
+    exit_code = 1
+
+
+class UsageError(LlmqError):
+    """An option value that is out of range once the model or text is known (CLI exit 2)."""
+
+    exit_code = 2
+
+
+class ModelSourceError(LlmqError):
+    """The model spec does not resolve to a loadable causal LM."""
+
+
+class HubUnreachableError(ModelSourceError):
+    """A hub id was given but the hub (or the local HF cache) cannot provide it."""
+
+
+class TextSourceError(LlmqError):
+    """Evaluation or calibration text is missing, empty or too short."""
+
+
+class DeviceError(LlmqError):
+    """The requested device or dtype is not available here."""
+
+
+class NumericsError(LlmqError):
+    """A model produced NaN or Inf where a finite number was required."""

@@ -1,0 +1,1 @@
+"""Quantization (offline): calibration, stripe selection, GPTQ and packing. Not yet built."""

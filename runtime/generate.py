@@ -1,0 +1,150 @@
+"""Text generation with streaming output, greedy by default.
+
+Thin over ``transformers.generate``: this module fixes the options llmq exposes, streams
+decoded text as tokens arrive, and measures prefill and decode speed separately.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from llmq.errors import LlmqError, UsageError
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """``temperature == 0`` means greedy; ``top_p``/``top_k`` are only valid when sampling."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.max_new_tokens < 1:
+            raise UsageError(f"--max-new-tokens {self.max_new_tokens} must be at least 1")
+        if self.temperature < 0:
+            raise UsageError(f"--temperature {self.temperature} must be >= 0 (0 is greedy)")
+        if self.temperature == 0 and (self.top_p is not None or self.top_k is not None):
+            raise UsageError("--top-p and --top-k only apply when sampling; add --temperature > 0")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise UsageError(f"--top-p {self.top_p} must be in (0, 1]")
+        if self.top_k is not None and self.top_k < 1:
+            raise UsageError(f"--top-k {self.top_k} must be at least 1")
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    prompt_tokens: int
+    new_tokens: int
+    stop_reason: str  # "eos" or "max_new_tokens"
+    prefill_seconds: float  # prompt processing up to the first new token
+    decode_seconds: float  # the remaining new tokens
+    seconds: float
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        steps = self.new_tokens - 1
+        return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else None
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool, system: str | None = None) -> torch.Tensor:
+    """Prompt token ids, shape [1, T]; with ``chat`` through the tokenizer's chat template."""
+    if not prompt:
+        raise UsageError("the prompt is empty; pass text with --prompt")
+    if system is not None and not chat:
+        raise UsageError("--system only applies with --chat")
+    if not chat:
+        return torch.tensor([tokenizer(prompt, add_special_tokens=True)["input_ids"]], dtype=torch.long)
+    if not getattr(tokenizer, "chat_template", None):
+        raise LlmqError("this model's tokenizer has no chat template; drop --chat to use the prompt as plain text")
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
+    return torch.tensor([encoded["input_ids"]], dtype=torch.long)
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return []
+    return list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]
+
+
+class _Streamer:
+    """Receives token ids from ``generate``; emits newly decoded text and times the first token."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None] | None):
+        self.tokenizer, self.on_text = tokenizer, on_text
+        self.ids: list[int] = []
+        self.emitted = ""
+        self.prompt_seen = False
+        self.first_token_at: float | None = None
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() hands over the prompt first
+            self.prompt_seen = True
+            return
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        self.ids.extend(int(t) for t in value.reshape(-1))
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        # A token can end inside a multi-byte character; wait until it decodes cleanly.
+        if not text.endswith("\ufffd") and text.startswith(self.emitted):
+            if self.on_text is not None and len(text) > len(self.emitted):
+                self.on_text(text[len(self.emitted) :])
+            self.emitted = text
+
+    def end(self) -> None:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if self.on_text is not None and text.startswith(self.emitted) and len(text) > len(self.emitted):
+            self.on_text(text[len(self.emitted) :])
+        self.emitted = text
+
+
+@torch.inference_mode()
+def generate(
+    model, tokenizer, input_ids: torch.Tensor, options: SamplingOptions, on_text: Callable[[str], None] | None = None
+) -> GenerationResult:
+    """Generate from ``input_ids`` ([1, T] int64), calling ``on_text`` with each new piece of text."""
+    options.check()
+    eos = eos_ids(model, tokenizer)
+    config = copy.deepcopy(model.generation_config)
+    sampling = options.temperature > 0
+    config.update(
+        max_new_tokens=options.max_new_tokens,
+        do_sample=sampling,
+        temperature=options.temperature if sampling else None,
+        top_p=options.top_p if sampling else None,
+        top_k=options.top_k if sampling else None,
+        eos_token_id=eos or None,
+        pad_token_id=config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else None),
+    )
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device)
+    streamer = _Streamer(tokenizer, on_text)
+    torch.manual_seed(options.seed)
+    start = time.perf_counter()
+    output = model.generate(
+        input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config, streamer=streamer
+    )
+    end = time.perf_counter()
+    new = output[0, input_ids.shape[1] :].tolist()
+    first = streamer.first_token_at or end
+    return GenerationResult(
+        text=streamer.emitted,
+        prompt_tokens=input_ids.shape[1],
+        new_tokens=len(new),
+        stop_reason="eos" if new and new[-1] in eos else "max_new_tokens",
+        prefill_seconds=first - start,
+        decode_seconds=end - first,
+        seconds=end - start,
+    )

@@ -1,0 +1,140 @@
+"""Perplexity over a token stream, to the protocol written down in ``docs/eval.md``.
+
+The text is tokenized once, cut into windows of ``seq_len`` tokens that start every ``stride``
+tokens, and each token is scored at most once:
+
+* ``stride == seq_len`` (the default): non-overlapping windows, each scoring its last
+  ``seq_len - 1`` tokens, the first token of a window being context only. With wikitext2 this
+  is the protocol behind published GPTQ/AWQ numbers.
+* ``stride < seq_len``: sliding windows; the first window scores ``seq_len - 1`` tokens and each
+  later one only its last ``stride`` tokens, which then all see at least ``seq_len - stride``
+  tokens of context.
+
+Tokens after the last whole window are not scored.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from llmq.errors import NumericsError, TextSourceError, UsageError
+
+
+@dataclass(frozen=True)
+class Window:
+    """Tokens ``[begin, end)`` go through the model; the last ``scored`` targets count."""
+
+    begin: int
+    end: int
+    scored: int
+
+
+@dataclass(frozen=True)
+class PplResult:
+    ppl: float
+    ppl_stderr: float  # token-level, delta method: ppl * std(nll) / sqrt(n); assumes independent tokens
+    ppl_ci95: tuple[float, float]
+    ppl_stderr_windows: float | None  # from the spread of per-window mean NLLs (None for one window)
+    mean_nll: float
+    tokens_scored: int
+    windows: int
+    tokens_in_text: int
+    tokens_used: int
+    seconds: float
+
+
+def plan_windows(n_tokens: int, seq_len: int, stride: int) -> list[Window]:
+    """The windows of the protocol above for a stream of ``n_tokens`` tokens."""
+    assert seq_len >= 2 and 1 <= stride <= seq_len
+    windows = []
+    for begin in range(0, n_tokens - seq_len + 1, stride):
+        scored = seq_len - 1 if begin == 0 or stride == seq_len else stride
+        windows.append(Window(begin, begin + seq_len, scored))
+    return windows
+
+
+def check_protocol(seq_len: int, stride: int, max_tokens: int | None, context: int | None) -> None:
+    """Range checks that need the model's context length; all are usage errors (exit 2)."""
+    if seq_len < 2:
+        raise UsageError(f"--seq-len {seq_len} is too small; a window needs at least 2 tokens")
+    if context is not None and seq_len > context:
+        raise UsageError(f"--seq-len {seq_len} is longer than the model's context of {context} tokens")
+    if not 1 <= stride <= seq_len:
+        raise UsageError(f"--stride {stride} must be between 1 and --seq-len ({seq_len})")
+    if max_tokens is not None and max_tokens < seq_len:
+        raise UsageError(f"--max-tokens {max_tokens} is less than one window of --seq-len {seq_len}")
+
+
+def tokenize_stream(tokenizer, text: str) -> torch.Tensor:
+    """The whole text as one 1-D token tensor, with the tokenizer's default special tokens."""
+    ids = tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def bos_policy(tokenizer, ids: torch.Tensor) -> str:
+    bos = tokenizer.bos_token_id
+    if bos is not None and len(ids) and int(ids[0]) == bos:
+        return f"one BOS ({tokenizer.bos_token!r}) at the start of the text, as the tokenizer adds it; none per window"
+    return "no BOS: the tokenizer adds none by default, and none is inserted per window"
+
+
+@torch.inference_mode()
+def perplexity(
+    model,
+    ids: torch.Tensor,
+    seq_len: int,
+    stride: int,
+    max_tokens: int | None = None,
+    on_window: Callable[[int, int], None] | None = None,
+) -> PplResult:
+    """Score ``ids`` (1-D int64) with ``model``; ``on_window(done, total)`` reports progress."""
+    used = ids[:max_tokens] if max_tokens is not None else ids
+    windows = plan_windows(len(used), seq_len, stride)
+    if not windows:
+        raise TextSourceError(
+            f"the text has {len(used)} tokens but one window needs {seq_len}; "
+            "use a longer text or a smaller --seq-len"
+        )
+    device = next(model.parameters()).device
+    nlls, window_means = [], []
+    start = time.perf_counter()
+    for i, w in enumerate(windows):
+        chunk = used[w.begin : w.end].to(device)
+        logits = model(chunk[None]).logits[0, -w.scored - 1 : -1].float()
+        nll = torch.nn.functional.cross_entropy(logits, chunk[-w.scored :], reduction="none").double().cpu()
+        nlls.append(nll)
+        window_means.append(float(nll.mean()))
+        if on_window is not None:
+            on_window(i + 1, len(windows))
+    seconds = time.perf_counter() - start
+    return _summarize(torch.cat(nlls), window_means, len(windows), len(ids), int(windows[-1].end), seconds)
+
+
+def _summarize(nll: torch.Tensor, window_means: list[float], n_windows: int, n_text: int, n_used: int, seconds: float) -> PplResult:
+    n = nll.numel()
+    mean = float(nll.mean())
+    if not math.isfinite(mean):
+        raise NumericsError("the model produced non-finite log-likelihoods; the weights or dtype are broken")
+    se = float(nll.std(unbiased=True)) / math.sqrt(n) if n > 1 else float("nan")
+    ppl = math.exp(mean)
+    se_windows = None
+    if n_windows > 1:
+        per_window = torch.tensor(window_means, dtype=torch.float64)
+        se_windows = ppl * float(per_window.std(unbiased=True)) / math.sqrt(n_windows)
+    return PplResult(
+        ppl=ppl,
+        ppl_stderr=ppl * se,
+        ppl_ci95=(math.exp(mean - 1.96 * se), math.exp(mean + 1.96 * se)),
+        ppl_stderr_windows=se_windows,
+        mean_nll=mean,
+        tokens_scored=n,
+        windows=n_windows,
+        tokens_in_text=n_text,
+        tokens_used=n_used,
+        seconds=seconds,
+    )

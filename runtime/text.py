@@ -1,0 +1,110 @@
+"""Text sources shared by evaluation and calibration.
+
+Each source has two splits, kept apart so a model is never evaluated on its calibration text:
+
+=============  ==================================  ==================================
+source         ``eval`` split                      ``calib`` split
+=============  ==================================  ==================================
+``austen``     *Persuasion* (embedded)             *Pride and Prejudice* (embedded)
+``wikitext2``  wikitext-2-raw-v1 ``test``          wikitext-2-raw-v1 ``train``
+file           the whole file                      the whole file
+=============  ==================================  ==================================
+
+The Austen novels are public domain, extracted from Debian's ``r-cran-janeaustenr`` by
+``scripts/extract_austen.py``. wikitext2 is read through ``datasets`` (network or its cache)
+and joined with blank lines between rows, the preparation GPTQ and AWQ use for their
+published numbers. ``datasets`` is imported only when wikitext2 is asked for.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from llmq.errors import TextSourceError, UsageError
+
+
+class Dataset(str, enum.Enum):
+    austen = "austen"
+    wikitext2 = "wikitext2"
+
+
+class Split(str, enum.Enum):
+    eval = "eval"
+    calib = "calib"
+
+
+@dataclass(frozen=True)
+class Text:
+    """A loaded text. ``source`` names it exactly enough to reproduce a number."""
+
+    source: str
+    text: str
+
+
+_AUSTEN_FILES = {Split.eval: "austen-persuasion.txt", Split.calib: "austen-pride-and-prejudice.txt"}
+_WIKITEXT = ("Salesforce/wikitext", "wikitext-2-raw-v1")
+_WIKITEXT_SPLITS = {Split.eval: "test", Split.calib: "train"}
+
+
+def load_text(dataset: Dataset | None, text_file: Path | None, split: Split) -> Text:
+    """Load exactly one of ``dataset`` or ``text_file``; the caller supplies the default dataset."""
+    if dataset is not None and text_file is not None:
+        raise UsageError("give either --dataset or --text-file, not both")
+    if text_file is not None:
+        return _load_file(text_file)
+    if dataset == Dataset.austen:
+        return _load_austen(split)
+    if dataset == Dataset.wikitext2:
+        return _load_wikitext2(split)
+    raise UsageError("give --dataset or --text-file")
+
+
+def _load_file(path: Path) -> Text:
+    if not path.exists():
+        raise TextSourceError(f"text file {path} does not exist")
+    if not path.is_file():
+        raise TextSourceError(f"text file {path} is not a regular file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise TextSourceError(f"text file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from err
+    if not text.strip():
+        raise TextSourceError(f"text file {path} is empty")
+    return Text(f"file:{path}", text)
+
+
+def _load_austen(split: Split) -> Text:
+    name = _AUSTEN_FILES[split]
+    data = resources.files("llmq.runtime").joinpath("data")
+    raw = data.joinpath(name).read_bytes()
+    expected = json.loads(data.joinpath("austen.json").read_text())["files"][name]["sha256"]
+    if hashlib.sha256(raw).hexdigest() != expected:
+        raise TextSourceError(f"the embedded text {name} does not match its checksum; reinstall llmq")
+    return Text(f"austen:{name.removeprefix('austen-').removesuffix('.txt')}", raw.decode("utf-8"))
+
+
+def _load_wikitext2(split: Split) -> Text:
+    try:
+        import datasets
+    except ImportError as err:
+        raise TextSourceError("--dataset wikitext2 needs the `datasets` package: pip install datasets") from err
+    hf_split = _WIKITEXT_SPLITS[split]
+    try:
+        rows = datasets.load_dataset(*_WIKITEXT, split=hf_split)
+    except Exception as err:  # datasets raises many types for "no network / not cached"; all mean the same here
+        raise TextSourceError(
+            f"could not load wikitext2 ({_WIKITEXT[0]}, {hf_split}) through `datasets`: "
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. Without network, use "
+            "--dataset austen (embedded) or --text-file PATH"
+        ) from err
+    return Text(f"wikitext2:{_WIKITEXT[1]}:{hf_split}", join_wikitext_rows(rows["text"]))
+
+
+def join_wikitext_rows(rows: list[str]) -> str:
+    """GPTQ/AWQ's wikitext2 preparation: the raw rows joined with a blank line between them."""
+    return "\n\n".join(rows)

@@ -1,0 +1,49 @@
+"""The installed package: console script, version, and no heavy work at import."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import llmq
+
+
+def _python(code: str) -> str:
+    return subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+
+
+def test_cli_import_loads_neither_torch_nor_datasets():
+    loaded = json.loads(_python("import sys, llmq.cli; print(__import__('json').dumps(sorted(sys.modules)))"))
+    assert "datasets" not in loaded and "torch" not in loaded and "transformers" not in loaded
+
+
+def test_runtime_modules_do_not_import_datasets():
+    code = "import sys, llmq.runtime.text, llmq.runtime.perplexity, llmq.runtime.generate, llmq.runtime.models; print('datasets' in sys.modules)"
+    assert _python(code).strip() == "False"
+
+
+def test_console_script_version_and_help():
+    exe = shutil.which("llmq") or str(__import__("pathlib").Path(sys.executable).parent / "llmq")
+    version = subprocess.run([exe, "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and version.stdout.strip() == f"llmq {llmq.__version__}"
+    help_text = subprocess.run([exe, "--help"], capture_output=True, text=True).stdout
+    for word in ("generate", "eval", "demo", "Q4_1"):
+        assert word in help_text
+    for planned in ("calibrate", "quantize", "profile", "inspect"):
+        assert planned in help_text  # named as planned, not registered as commands:
+        usage = subprocess.run([exe, planned], capture_output=True, text=True)
+        assert usage.returncode == 2
+
+
+def test_json_stdout_is_pure_in_a_real_process(tiny_model):
+    exe = str(__import__("pathlib").Path(sys.executable).parent / "llmq")
+    proc = subprocess.run(
+        [exe, "generate", str(tiny_model), "-p", "It was", "-n", "3", "--json"],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["new_tokens"] == 3 or json.loads(proc.stdout)["stop_reason"] == "eos"

@@ -1,0 +1,74 @@
+"""Text sources: the embedded Austen splits, files, and the wikitext2 preparation."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+
+from llmq.errors import TextSourceError, UsageError
+from llmq.runtime import text
+from llmq.runtime.text import Dataset, Split, load_text
+
+
+def test_austen_splits_are_different_novels():
+    evaluation = load_text(Dataset.austen, None, Split.eval)
+    calibration = load_text(Dataset.austen, None, Split.calib)
+    assert evaluation.source == "austen:persuasion" and evaluation.text.startswith("Persuasion")
+    assert calibration.source == "austen:pride-and-prejudice" and "PRIDE AND PREJUDICE" in calibration.text[:200].upper()
+    assert len(evaluation.text) > 400_000 and len(calibration.text) > 600_000
+
+
+def test_text_file_round_trip(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("Hello, world.\n", encoding="utf-8")
+    loaded = load_text(None, path, Split.eval)
+    assert loaded.text == "Hello, world.\n" and loaded.source == f"file:{path}"
+
+
+def test_binary_file_is_rejected(tmp_path):
+    path = tmp_path / "b.bin"
+    path.write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(TextSourceError, match="not UTF-8"):
+        load_text(None, path, Split.eval)
+
+
+def test_directory_is_rejected(tmp_path):
+    with pytest.raises(TextSourceError, match="not a regular file"):
+        load_text(None, tmp_path, Split.eval)
+
+
+def test_neither_source_is_a_usage_error():
+    with pytest.raises(UsageError):
+        load_text(None, None, Split.eval)
+
+
+def test_wikitext_rows_are_joined_with_blank_lines():
+    assert text.join_wikitext_rows(["a", "", " = b = ", "c"]) == "a\n\n\n\n = b = \n\nc"
+
+
+def _fake_datasets(monkeypatch, load):
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load))
+
+
+def test_wikitext2_uses_test_split_for_eval_and_train_for_calibration(monkeypatch):
+    calls = []
+
+    def load(name, config, split):
+        calls.append((name, config, split))
+        return {"text": [f"{split} row 1", f"{split} row 2"]}
+
+    _fake_datasets(monkeypatch, load)
+    assert load_text(Dataset.wikitext2, None, Split.eval).text == "test row 1\n\ntest row 2"
+    assert load_text(Dataset.wikitext2, None, Split.calib).source == "wikitext2:wikitext-2-raw-v1:train"
+    assert calls == [("Salesforce/wikitext", "wikitext-2-raw-v1", "test"), ("Salesforce/wikitext", "wikitext-2-raw-v1", "train")]
+
+
+def test_wikitext2_offline_error_points_at_the_embedded_text(monkeypatch):
+    def load(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    _fake_datasets(monkeypatch, load)
+    with pytest.raises(TextSourceError, match="--dataset austen"):
+        load_text(Dataset.wikitext2, None, Split.eval)
