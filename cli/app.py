@@ -46,7 +46,9 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     """Root options shared by every command."""
 
@@ -64,5 +66,8 @@ def main() -> None:
     except Exception as err:  # anything else is a bug in llmq: say so, briefly
         if debug:
             raise
-        print(f"internal error: {type(err).__name__}: {err} (set {DEBUG_ENV}=1 for the traceback, and please report it)", file=sys.stderr)
+        print(
+            f"internal error: {type(err).__name__}: {err} (set {DEBUG_ENV}=1 for the traceback, and please report it)",
+            file=sys.stderr,
+        )
         sys.exit(1)

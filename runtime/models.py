@@ -90,9 +90,13 @@ def _fetch_from_hub(repo_id: str, revision: str | None) -> Path:
             f"{repo_id} --local-dir DIR`) and pass the local folder DIR instead"
         ) from err
     except GatedRepoError as err:
-        raise ModelSourceError(f"hub model {repo_id!r} is gated; accept its license and log in with `hf auth login`") from err
+        raise ModelSourceError(
+            f"hub model {repo_id!r} is gated; accept its license and log in with `hf auth login`"
+        ) from err
     except RepositoryNotFoundError as err:
-        raise ModelSourceError(f"hub model {repo_id!r} does not exist (or is private and you are not logged in)") from err
+        raise ModelSourceError(
+            f"hub model {repo_id!r} does not exist (or is private and you are not logged in)"
+        ) from err
 
 
 def check_model_folder(path: Path) -> None:
@@ -103,7 +107,11 @@ def check_model_folder(path: Path) -> None:
         raise ModelSourceError(f"{path} is not a HF model folder: it has no config.json")
     if not any(path.glob("*.safetensors")):
         pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
-        hint = f" (it has {', '.join(pickles)}: llmq does not load pickle checkpoints; convert them to safetensors)" if pickles else ""
+        hint = (
+            f" (it has {', '.join(pickles)}: llmq does not load pickle checkpoints; convert them to safetensors)"
+            if pickles
+            else ""
+        )
         raise ModelSourceError(f"{path} has no *.safetensors weights{hint}")
 
 

@@ -24,6 +24,17 @@ import torch
 
 from llmq.errors import NumericsError, TextSourceError, UsageError
 
+# How the protocol is stated in every result, so a number carries its own definition.
+TOKENIZATION_RULE = "whole text tokenized once, add_special_tokens=True"
+SCORING_RULE = (
+    "each window scores its last seq_len-1 tokens (first window) or stride tokens (later windows); "
+    "the tail after the last whole window is dropped"
+)
+UNCERTAINTY_RULE = (
+    "ppl_stderr = ppl * std(token nll) / sqrt(tokens), tokens treated as independent; "
+    "ppl_stderr_windows uses the spread of per-window means"
+)
+
 
 @dataclass(frozen=True)
 class Window:
@@ -70,6 +81,13 @@ def check_protocol(seq_len: int, stride: int, max_tokens: int | None, context: i
         raise UsageError(f"--max-tokens {max_tokens} is less than one window of --seq-len {seq_len}")
 
 
+def require_one_window(n_tokens: int, seq_len: int, what: str = "the text") -> None:
+    if n_tokens < seq_len:
+        raise TextSourceError(
+            f"{what} has {n_tokens} tokens but one window needs {seq_len}; use a longer text or a smaller --seq-len"
+        )
+
+
 def tokenize_stream(tokenizer, text: str) -> torch.Tensor:
     """The whole text as one 1-D token tensor, with the tokenizer's default special tokens."""
     ids = tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]
@@ -94,12 +112,8 @@ def perplexity(
 ) -> PplResult:
     """Score ``ids`` (1-D int64) with ``model``; ``on_window(done, total)`` reports progress."""
     used = ids[:max_tokens] if max_tokens is not None else ids
+    require_one_window(len(used), seq_len)
     windows = plan_windows(len(used), seq_len, stride)
-    if not windows:
-        raise TextSourceError(
-            f"the text has {len(used)} tokens but one window needs {seq_len}; "
-            "use a longer text or a smaller --seq-len"
-        )
     device = next(model.parameters()).device
     nlls, window_means = [], []
     start = time.perf_counter()
@@ -115,7 +129,9 @@ def perplexity(
     return _summarize(torch.cat(nlls), window_means, len(windows), len(ids), int(windows[-1].end), seconds)
 
 
-def _summarize(nll: torch.Tensor, window_means: list[float], n_windows: int, n_text: int, n_used: int, seconds: float) -> PplResult:
+def _summarize(
+    nll: torch.Tensor, window_means: list[float], n_windows: int, n_text: int, n_used: int, seconds: float
+) -> PplResult:
     n = nll.numel()
     mean = float(nll.mean())
     if not math.isfinite(mean):

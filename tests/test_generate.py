@@ -79,7 +79,20 @@ def test_cli_streams_text_to_stdout_and_stats_to_stderr(cli, tiny_model):
 
 
 def test_cli_json(cli, tiny_chat_model):
-    result = cli("generate", str(tiny_chat_model), "-p", "Hi", "--chat", "-n", "6", "--temperature", "0.8", "--seed", "3", "--json")
+    result = cli(
+        "generate",
+        str(tiny_chat_model),
+        "-p",
+        "Hi",
+        "--chat",
+        "-n",
+        "6",
+        "--temperature",
+        "0.8",
+        "--seed",
+        "3",
+        "--json",
+    )
     assert result.code == 0, result.stderr
     doc = json.loads(result.stdout)
     assert doc["command"] == "generate" and doc["chat"] is True and doc["sampling"]["greedy"] is False

@@ -20,7 +20,8 @@ def test_cli_import_loads_neither_torch_nor_datasets():
 
 
 def test_runtime_modules_do_not_import_datasets():
-    code = "import sys, llmq.runtime.text, llmq.runtime.perplexity, llmq.runtime.generate, llmq.runtime.models; print('datasets' in sys.modules)"
+    modules = "llmq.runtime.text, llmq.runtime.perplexity, llmq.runtime.generate, llmq.runtime.models"
+    code = f"import sys, {modules}; print('datasets' in sys.modules)"
     assert _python(code).strip() == "False"
 
 

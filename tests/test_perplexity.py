@@ -103,7 +103,9 @@ def test_nan_weights_are_reported_not_returned(tiny_model):
 
 
 def test_cli_json_is_one_document_with_the_protocol(cli, tiny_model):
-    result = cli("eval", "ppl", str(tiny_model), "--dataset", "austen", "--seq-len", "64", "--max-tokens", "256", "--json")
+    result = cli(
+        "eval", "ppl", str(tiny_model), "--dataset", "austen", "--seq-len", "64", "--max-tokens", "256", "--json"
+    )
     assert result.code == 0, result.stderr
     doc = json.loads(result.stdout)  # the whole of stdout is one JSON document
     assert doc["command"] == "eval ppl" and doc["text"]["source"] == "austen:persuasion"

@@ -16,7 +16,9 @@ def test_austen_splits_are_different_novels():
     evaluation = load_text(Dataset.austen, None, Split.eval)
     calibration = load_text(Dataset.austen, None, Split.calib)
     assert evaluation.source == "austen:persuasion" and evaluation.text.startswith("Persuasion")
-    assert calibration.source == "austen:pride-and-prejudice" and "PRIDE AND PREJUDICE" in calibration.text[:200].upper()
+    assert (
+        calibration.source == "austen:pride-and-prejudice" and "PRIDE AND PREJUDICE" in calibration.text[:200].upper()
+    )
     assert len(evaluation.text) > 400_000 and len(calibration.text) > 600_000
 
 
@@ -62,7 +64,10 @@ def test_wikitext2_uses_test_split_for_eval_and_train_for_calibration(monkeypatc
     _fake_datasets(monkeypatch, load)
     assert load_text(Dataset.wikitext2, None, Split.eval).text == "test row 1\n\ntest row 2"
     assert load_text(Dataset.wikitext2, None, Split.calib).source == "wikitext2:wikitext-2-raw-v1:train"
-    assert calls == [("Salesforce/wikitext", "wikitext-2-raw-v1", "test"), ("Salesforce/wikitext", "wikitext-2-raw-v1", "train")]
+    assert calls == [
+        ("Salesforce/wikitext", "wikitext-2-raw-v1", "test"),
+        ("Salesforce/wikitext", "wikitext-2-raw-v1", "train"),
+    ]
 
 
 def test_wikitext2_offline_error_points_at_the_embedded_text(monkeypatch):
