@@ -74,6 +74,11 @@ def ppl(
     torch_dtype = resolve_dtype(dtype, torch_device)
     torch.manual_seed(seed)
 
+    # Cheap checks first: a bad MODEL path or --text-file fails before anything is downloaded or built.
+    models.check_model_spec(model, revision)
+    loaded = text.load_text(
+        text.Dataset.wikitext2 if dataset is None and text_file is None else dataset, text_file, text.Split.eval
+    )
     source = models.resolve_model(model, revision=revision, progress=out.show_progress, log=out.info)
     out.info(f"model: {source.label}")
     config = models.load_config(source, trust_remote_code)
@@ -85,14 +90,9 @@ def ppl(
     stride = seq_len if stride is None else stride
     perplexity.check_protocol(seq_len, stride, max_tokens, context)
 
-    # Text and tokenization come before the weights, so a bad text fails in seconds.
-    loaded = text.load_text(
-        text.Dataset.wikitext2 if dataset is None and text_file is None else dataset, text_file, text.Split.eval
-    )
+    # Tokenization comes before the weights, so a too-short text fails in seconds.
     tokenizer = models.load_tokenizer(source, trust_remote_code)
     ids = perplexity.tokenize_stream(tokenizer, loaded.text)
-    if max_tokens is not None and max_tokens < len(ids):
-        perplexity.require_one_window(max_tokens, seq_len, f"--max-tokens of {loaded.source}")
     perplexity.require_one_window(len(ids), seq_len, loaded.source)
 
     load_start = time.perf_counter()
@@ -103,7 +103,8 @@ def ppl(
     with out.progress("perplexity") as update:
         result = perplexity.perplexity(lm, ids, seq_len, stride, max_tokens, on_window=update)
 
-    protocol = {
+    document = _document(source, torch_device, dtype_name(torch_dtype), loaded.source, result)
+    document["protocol"] = {
         "seq_len": seq_len,
         "stride": stride,
         "max_tokens": max_tokens,
@@ -112,14 +113,26 @@ def ppl(
         "scoring": perplexity.SCORING_RULE,
         "uncertainty": perplexity.UNCERTAINTY_RULE,
     }
-    document = {
+    document["timing"]["load_seconds"] = round(load_seconds, 3)
+    document["timing"]["wall_seconds"] = round(time.perf_counter() - wall_start, 3)
+    if json:
+        out.emit_json(document)
+        return
+    out.result(
+        f"ppl {result.ppl:.4f} ± {result.ppl_stderr:.4f}  ({loaded.source}, {result.windows} windows × {seq_len}, "
+        f"stride {stride}, {result.tokens_scored} tokens scored, {result.seconds:.1f} s)"
+    )
+
+
+def _document(source, device, dtype: str, text_source: str, result) -> dict:
+    """The JSON result of ``eval ppl``, less the protocol and the command-level timings."""
+    return {
         "command": "eval ppl",
         "llmq_version": __version__,
         "model": source_json(source),
-        "device": str(torch_device),
-        "dtype": dtype_name(torch_dtype),
-        "text": {"source": loaded.source, "tokens": result.tokens_in_text},
-        "protocol": protocol,
+        "device": str(device),
+        "dtype": dtype,
+        "text": {"source": text_source, "tokens": result.tokens_in_text},
         "result": {
             "ppl": result.ppl,
             "ppl_stderr": result.ppl_stderr,
@@ -131,16 +144,7 @@ def ppl(
             "tokens_used": result.tokens_used,
         },
         "timing": {
-            "load_seconds": round(load_seconds, 3),
             "eval_seconds": round(result.seconds, 3),
-            "wall_seconds": round(time.perf_counter() - wall_start, 3),
             "tokens_per_s": round(result.tokens_used / result.seconds, 1) if result.seconds > 0 else None,
         },
     }
-    if json:
-        out.emit_json(document)
-        return
-    out.result(
-        f"ppl {result.ppl:.4f} ± {result.ppl_stderr:.4f}  ({loaded.source}, {result.windows} windows × {seq_len}, "
-        f"stride {stride}, {result.tokens_scored} tokens scored, {result.seconds:.1f} s)"
-    )

@@ -48,29 +48,39 @@ class ModelSource:
     revision: str | None = None
 
 
-def resolve_model(
-    spec: str, *, revision: str | None = None, progress: bool = True, log: Callable[[str], None] | None = None
-) -> ModelSource:
-    """Map the user's MODEL string to a local folder; raise :class:`ModelSourceError` if impossible."""
+def check_model_spec(spec: str, revision: str | None = None) -> SourceKind:
+    """What MODEL names, checked without building or downloading anything."""
     if spec == demo.DEMO_NAME:
-        if revision is not None:
-            raise ModelSourceError("--revision applies to hub ids, not to the demo model")
-        return ModelSource(spec, SourceKind.demo, demo.ensure_demo_model(progress, log), demo.DEMO_LABEL)
-    path = Path(spec).expanduser()
-    if path.exists():
-        if revision is not None:
-            raise ModelSourceError(f"--revision applies to hub ids, but {spec!r} is a local path")
-        check_model_folder(path)
-        return ModelSource(spec, SourceKind.folder, path.resolve(), f"local folder {path.resolve()}")
-    if _looks_like_path(spec) or not _HUB_ID.match(spec):
+        kind = SourceKind.demo
+    elif Path(spec).expanduser().exists():
+        check_model_folder(Path(spec).expanduser())
+        kind = SourceKind.folder
+    elif _looks_like_path(spec) or not _HUB_ID.match(spec):
         raise ModelSourceError(
             f"model path {spec!r} does not exist; give an existing HF model folder, a hub id "
             f"like org/name, or '{demo.DEMO_NAME}'"
         )
+    else:
+        kind = SourceKind.hub
+    if revision is not None and kind != SourceKind.hub:
+        raise ModelSourceError(f"--revision applies to hub ids, but {spec!r} is a {kind.value} model")
+    return kind
+
+
+def resolve_model(
+    spec: str, *, revision: str | None = None, progress: bool = True, log: Callable[[str], None] | None = None
+) -> ModelSource:
+    """Map the user's MODEL string to a local folder, building the demo or fetching from the hub if needed."""
+    kind = check_model_spec(spec, revision)
+    if kind == SourceKind.demo:
+        return ModelSource(spec, kind, demo.ensure_demo_model(progress, log), demo.DEMO_LABEL)
+    if kind == SourceKind.folder:
+        path = Path(spec).expanduser().resolve()
+        return ModelSource(spec, kind, path, f"local folder {path}")
     folder = _fetch_from_hub(spec, revision)
     check_model_folder(folder)
     rev = f"@{revision}" if revision else ""
-    return ModelSource(spec, SourceKind.hub, folder, f"hub model {spec}{rev}", revision)
+    return ModelSource(spec, kind, folder, f"hub model {spec}{rev}", revision)
 
 
 def _looks_like_path(spec: str) -> bool:

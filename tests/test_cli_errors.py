@@ -87,6 +87,12 @@ def test_missing_or_empty_text_file(cli, workdir, tiny_model, content):
     _assert_error(cli("eval", "ppl", str(tiny_model), "--text-file", str(path)), 1, f"text file {path} {expected}")
 
 
+def test_bad_text_fails_before_the_demo_model_is_built(cli, workdir):
+    _assert_error(cli("eval", "ppl", "demo", "--text-file", "missing.txt"), 1, "does not exist")
+    cache = Path(os.environ["LLMQ_CACHE_DIR"])
+    assert _tree(workdir) == set() and _tree(cache) == set()
+
+
 def test_text_shorter_than_one_window_names_both_counts(cli, workdir, tiny_model):
     path = workdir / "short.txt"
     path.write_text("It is a truth universally acknowledged.")
