@@ -56,7 +56,7 @@ def generate(
     """Generate text from MODEL, streaming tokens as they come and stopping at EOS."""
     from llmq.runtime import models
     from llmq.runtime.device import dtype_name, resolve_device, resolve_dtype
-    from llmq.runtime.generate import SamplingOptions, encode_prompt
+    from llmq.runtime.generate import SamplingOptions, check_prompt, encode_prompt
     from llmq.runtime.generate import generate as run_generate
 
     wall_start = time.perf_counter()
@@ -67,6 +67,8 @@ def generate(
         prompt = sys.stdin.read()
     options = SamplingOptions(max_new_tokens, temperature, top_p, top_k, seed)
     options.check()
+    check_prompt(prompt, chat, system)
+    models.check_model_spec(model, revision)
     quiet_libraries(out.show_progress)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)

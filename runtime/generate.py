@@ -55,12 +55,16 @@ class GenerationResult:
         return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else None
 
 
-def encode_prompt(tokenizer, prompt: str, chat: bool, system: str | None = None) -> torch.Tensor:
-    """Prompt token ids, shape [1, T]; with ``chat`` through the tokenizer's chat template."""
+def check_prompt(prompt: str, chat: bool, system: str | None) -> None:
     if not prompt:
         raise UsageError("the prompt is empty; pass text with --prompt")
     if system is not None and not chat:
         raise UsageError("--system only applies with --chat")
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool, system: str | None = None) -> torch.Tensor:
+    """Prompt token ids, shape [1, T]; with ``chat`` through the tokenizer's chat template."""
+    check_prompt(prompt, chat, system)
     if not chat:
         return torch.tensor([tokenizer(prompt, add_special_tokens=True)["input_ids"]], dtype=torch.long)
     if not getattr(tokenizer, "chat_template", None):

@@ -138,6 +138,13 @@ def test_generate_without_prompt_is_a_usage_error(cli, tiny_model):
     _assert_error(cli("generate", str(tiny_model)), 2, "--prompt")
 
 
+def test_prompt_errors_come_before_the_demo_model_is_built(cli):
+    _assert_error(cli("generate", "demo", "-p", ""), 2, "the prompt is empty")
+    _assert_error(cli("generate", "demo", "-p", "hi", "--system", "x"), 2, "--system only applies with --chat")
+    cache = Path(os.environ["LLMQ_CACHE_DIR"])
+    assert _tree(cache) == set()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
 def test_cuda_without_gpu_is_an_error_not_a_fallback(cli, tiny_model):
     _assert_error(cli("generate", str(tiny_model), "-p", "hi", "--device", "cuda"), 1, "no CUDA GPU is visible")
