@@ -1,0 +1,109 @@
+"""The quantization config and its named presets.
+
+Everything that changes the packed bits lives in :class:`QuantConfig`; it is written into every
+artifact's manifest. Presets carry their bits per weight *as measured* on the demo model (the
+number includes every scale, zero, padding bit and the permutation); ``docs/benchmarks.md``
+has the command that measured them.
+"""
+
+from __future__ import annotations
+
+import enum
+import fnmatch
+from dataclasses import asdict, dataclass, field, replace
+
+from llmq.errors import UsageError
+from llmq.runtime.layout import MAX_SCALE_BITS
+
+
+class Rounding(str, enum.Enum):
+    """How each group's scale and zero are chosen."""
+
+    minmax = "minmax"  # plain min/max of the group
+    search = "search"  # the min/max candidates and shrunken ranges, keep the lowest squared error
+
+
+# Linears inside the decoder blocks; embeddings, norms and the LM head stay 16-bit by default.
+DEFAULT_INCLUDE = ("*.layers.*",)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    g1: int = 32  # 2-bit group size along the input dimension
+    g2: int = 8  # first-order scales per FP16 second-order scale
+    g4: int = 64  # 4-bit group size; also the width unit of a 4-bit stripe
+    stripe_fraction: float = 0.125  # share of input channels kept in 4-bit stripes
+    scale_bits: int = 6  # first-order scale code width (the meta byte has room for 6)
+    outlier_fraction: float = 0.0  # share of 2-bit weights kept as sparse fp16 corrections
+    rounding: Rounding = Rounding.search
+    include: tuple[str, ...] = DEFAULT_INCLUDE  # fnmatch patterns on Linear module names
+    exclude: tuple[str, ...] = field(default_factory=tuple)
+
+    def check(self) -> None:
+        """Raise :class:`UsageError` naming the first invalid value."""
+        if self.g1 < 16 or self.g1 % 16:
+            raise UsageError(f"--g1 {self.g1} must be a positive multiple of 16")
+        if self.g4 < 8 or self.g4 % 8:
+            raise UsageError(f"--g4 {self.g4} must be a positive multiple of 8")
+        if self.g2 < 1:
+            raise UsageError(f"--g2 {self.g2} must be at least 1")
+        if not 1 <= self.scale_bits <= MAX_SCALE_BITS:
+            raise UsageError(f"--scale-bits {self.scale_bits} must be between 1 and {MAX_SCALE_BITS}")
+        if not 0.0 <= self.stripe_fraction <= 1.0:
+            raise UsageError(f"--stripe-fraction {self.stripe_fraction} must be between 0 and 1")
+        if not 0.0 <= self.outlier_fraction <= 0.05:
+            raise UsageError(f"--outliers {self.outlier_fraction} must be between 0 and 0.05 (5% of 2-bit weights)")
+        if not self.include:
+            raise UsageError("--include needs at least one pattern")
+
+    def selects(self, module_name: str) -> bool:
+        included = any(fnmatch.fnmatchcase(module_name, p) for p in self.include)
+        return included and not any(fnmatch.fnmatchcase(module_name, p) for p in self.exclude)
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["rounding"] = self.rounding.value
+        data["include"], data["exclude"] = list(self.include), list(self.exclude)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> QuantConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown quantization config keys: {sorted(unknown)}")
+        values = dict(data)
+        if "rounding" in values:
+            values["rounding"] = Rounding(values["rounding"])
+        for key in ("include", "exclude"):
+            if key in values:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    summary: str
+    config: QuantConfig
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset("mixed", "2-bit g32 + 12.5% 4-bit stripes (default)", QuantConfig()),
+        Preset("mixed-wide", "2-bit g32 + 25% 4-bit stripes", QuantConfig(stripe_fraction=0.25)),
+        Preset("2bit", "pure 2-bit g32, second-order scales", QuantConfig(stripe_fraction=0.0)),
+        Preset("4bit", "pure 4-bit g64", QuantConfig(stripe_fraction=1.0)),
+    )
+}
+DEFAULT_PRESET = "mixed"
+
+
+def preset_config(name: str, **overrides) -> QuantConfig:
+    """The preset's config with non-None ``overrides`` applied, validated."""
+    if name not in PRESETS:
+        raise UsageError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    config = replace(PRESETS[name].config, **{k: v for k, v in overrides.items() if v is not None})
+    config.check()
+    return config

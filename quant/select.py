@@ -1,0 +1,48 @@
+"""Which input channels become 4-bit stripes.
+
+A stripe is a set of whole input channels (columns of ``W [N, K]``) shared by every output row,
+so the 4-bit part is a dense ``[N, k4]`` matrix that the kernels load without straddling the
+2-bit part. The number of 4-bit channels is a multiple of ``g4`` (whole 4-bit groups). Which
+channels: the ones a scorer ranks highest. Scorers are pluggable, so calibration statistics can
+drive the choice later; the data-free default is range-based.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+# (weight [N, K] fp32, g1) -> score [K]; higher means "more 2-bit error, promote to 4-bit first".
+ChannelScorer = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def range_score(weight: torch.Tensor, g1: int) -> torch.Tensor:
+    """How far each channel stretches the ranges of the 2-bit groups it sits in.
+
+    For every row, a channel's distance from its group's midrange, relative to the row's typical
+    group half-range, squared and summed over rows. Channels with outsized weights dominate the
+    range of their groups, and the step size of every other weight in those groups with it.
+    """
+    n, k = weight.shape
+    pad = (-k) % g1
+    w = torch.nn.functional.pad(weight, (0, pad)).reshape(n, -1, g1)
+    mid = (w.amax(-1, keepdim=True) + w.amin(-1, keepdim=True)) / 2
+    half_range = (w.amax(-1) - w.amin(-1)).median(dim=-1, keepdim=True).values.clamp(min=1e-12) / 2
+    spread = ((w - mid) / half_range.unsqueeze(-1)) ** 2
+    return spread.reshape(n, -1)[:, :k].sum(0)
+
+
+def stripe_width(in_features: int, fraction: float, g4: int) -> int:
+    """4-bit channels for ``fraction`` of ``in_features``: the nearest whole number of ``g4`` groups."""
+    groups = round(fraction * in_features / g4)
+    return min(groups, in_features // g4) * g4
+
+
+def select_channels(scores: torch.Tensor, k4: int) -> torch.Tensor:
+    """The permutation: 2-bit channels in their original order, then the ``k4`` top-scored channels (sorted)."""
+    k = scores.numel()
+    chosen = torch.topk(scores, k4).indices.sort().values if k4 else torch.empty(0, dtype=torch.long)
+    keep = torch.ones(k, dtype=torch.bool)
+    keep[chosen] = False
+    return torch.cat([torch.arange(k)[keep], chosen]).to(torch.int32)
