@@ -39,3 +39,7 @@ class DeviceError(LlmqError):
 
 class NumericsError(LlmqError):
     """A model produced NaN or Inf where a finite number was required."""
+
+
+class ArtifactError(LlmqError):
+    """An artifact is missing, corrupt, or inconsistent with its manifest."""

@@ -96,6 +96,23 @@ def source_json(source) -> dict[str, Any]:
     }
 
 
+def render_accounting(accounting) -> str:
+    """Per-layer and total bits per weight as a plain-text table (stdout-friendly)."""
+    rows = [f"{'layer':<48} {'shape':>13} {'k4':>6} {'bits/w':>7} {'bytes':>10}"]
+    for layer in accounting.layers:
+        shape = f"{layer.shape[0]}x{layer.shape[1]}"
+        rows.append(
+            f"{layer.name:<48} {shape:>13} {layer.k4:>6} {layer.bits_per_weight:>7.3f} {layer.stored_bytes:>10}"
+        )
+    rows.append(
+        f"total: {len(accounting.layers)} quantized Linears, {accounting.quantized_weights} weights at "
+        f"{accounting.bits_per_weight:.4f} bits/weight (codes, scales, zeros, padding, permutation, outliers); "
+        f"{accounting.dense_params} 16-bit params; {accounting.model_bits_per_param:.4f} bits/param overall; "
+        f"{accounting.tensor_bytes / 1e6:.1f} MB of tensors"
+    )
+    return "\n".join(rows)
+
+
 def quiet_libraries(show_progress: bool) -> None:
     """Keep transformers and huggingface_hub from writing warnings or bars unless debugging."""
     if os.environ.get("LLMQ_DEBUG"):

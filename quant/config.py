@@ -13,7 +13,6 @@ import fnmatch
 from dataclasses import asdict, dataclass, field, replace
 
 from llmq.errors import UsageError
-from llmq.runtime.layout import MAX_SCALE_BITS
 
 
 class Rounding(str, enum.Enum):
@@ -41,6 +40,8 @@ class QuantConfig:
 
     def check(self) -> None:
         """Raise :class:`UsageError` naming the first invalid value."""
+        from llmq.runtime.layout import MAX_SCALE_BITS
+
         if self.g1 < 16 or self.g1 % 16:
             raise UsageError(f"--g1 {self.g1} must be a positive multiple of 16")
         if self.g4 < 8 or self.g4 % 8:

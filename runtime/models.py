@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from llmq.errors import HubUnreachableError, ModelSourceError
-from llmq.runtime import demo
+from llmq.runtime import artifact, demo
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 # Config, tokenizer and safetensors weights only; *.bin / *.pt pickles are never downloaded.
@@ -34,6 +34,7 @@ _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.ti
 class SourceKind(str, enum.Enum):
     demo = "demo"
     folder = "folder"
+    artifact = "artifact"  # a .llmq directory written by `llmq quantize`
     hub = "hub"
 
 
@@ -53,7 +54,10 @@ def check_model_spec(spec: str, revision: str | None = None) -> SourceKind:
     if spec == demo.DEMO_NAME:
         kind = SourceKind.demo
     elif Path(spec).expanduser().exists():
-        check_model_folder(Path(spec).expanduser())
+        path = Path(spec).expanduser()
+        if artifact.is_artifact(path):
+            return _no_revision(SourceKind.artifact, spec, revision)
+        check_model_folder(path)
         kind = SourceKind.folder
     elif _looks_like_path(spec) or not _HUB_ID.match(spec):
         raise ModelSourceError(
@@ -62,6 +66,10 @@ def check_model_spec(spec: str, revision: str | None = None) -> SourceKind:
         )
     else:
         kind = SourceKind.hub
+    return _no_revision(kind, spec, revision)
+
+
+def _no_revision(kind: SourceKind, spec: str, revision: str | None) -> SourceKind:
     if revision is not None and kind != SourceKind.hub:
         raise ModelSourceError(f"--revision applies to hub ids, but {spec!r} is a {kind.value} model")
     return kind
@@ -77,6 +85,11 @@ def resolve_model(
     if kind == SourceKind.folder:
         path = Path(spec).expanduser().resolve()
         return ModelSource(spec, kind, path, f"local folder {path}")
+    if kind == SourceKind.artifact:
+        path = Path(spec).expanduser().resolve()
+        manifest = artifact.open_artifact(path)
+        label = manifest.raw.get("source", {}).get("label", "unknown source")
+        return ModelSource(spec, kind, path, f"llmq artifact {path} (quantized from {label})")
     folder = _fetch_from_hub(spec, revision)
     check_model_folder(folder)
     rev = f"@{revision}" if revision else ""
@@ -170,8 +183,14 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
 
 
 def load_model(source: ModelSource, config, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False):
-    """Build the causal LM from safetensors in ``dtype`` on ``device``, in eval mode."""
+    """Build the causal LM from safetensors (or a quantized artifact) in ``dtype`` on ``device``, in eval mode."""
     from transformers import AutoModelForCausalLM
+
+    if source.kind == SourceKind.artifact:
+        from llmq.runtime.loader import load_quantized_model
+
+        # The checksums were verified when the source was resolved.
+        return load_quantized_model(artifact.read_manifest(source.path), config, device, dtype)
 
     try:
         model = AutoModelForCausalLM.from_pretrained(

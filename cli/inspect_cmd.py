@@ -1,0 +1,49 @@
+"""``llmq inspect ARTIFACT``: what an artifact holds, its provenance and its bits-per-weight accounting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from llmq.cli.common import Json, Reporter, render_accounting
+
+
+def inspect(
+    artifact: Annotated[Path, typer.Argument(help="A .llmq artifact directory.", show_default=False)],
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check every file's size and SHA-256.")] = True,
+    json: Json = False,
+) -> None:
+    """Show an artifact's source, config and per-layer bits per weight (the same accounting as --dry-run)."""
+    from llmq.runtime import artifact as A
+    from llmq.runtime.accounting import account
+
+    out = Reporter(json, quiet=True)
+    manifest = A.open_artifact(artifact, verify=verify)
+    accounting = account(
+        {name: entry.layout for name, entry in manifest.linears.items()},
+        {name: (entry.dtype, entry.shape) for name, entry in manifest.dense.items()},
+    )
+    raw = manifest.raw
+    document = {
+        "command": "inspect",
+        "artifact": str(artifact),
+        "format_version": raw["format_version"],
+        "llmq_version": raw.get("llmq_version"),
+        "verified": verify,
+        "source": raw.get("source"),
+        "quantization": raw.get("quantization"),
+        "calibration": raw.get("calibration"),
+        "files": manifest.files,
+        "accounting": accounting.to_json(),
+    }
+    if json:
+        out.emit_json(document)
+        return
+    source = raw.get("source") or {}
+    out.result(f"artifact {artifact}  (format {raw['format_version']}, written by llmq {raw.get('llmq_version')})")
+    out.result(f"source: {source.get('label')}")
+    out.result(f"config: {raw.get('quantization')}")
+    out.result(f"files: {len(manifest.files)}, checksums {'verified' if verify else 'not checked'}")
+    out.result(render_accounting(accounting))

@@ -1,0 +1,121 @@
+"""``llmq quantize MODEL -o OUT``: range-aware mixed 2/4-bit quantization into a ``.llmq`` artifact."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from llmq import __version__
+from llmq.cli.common import (
+    Json,
+    ModelArg,
+    Quiet,
+    Reporter,
+    Revision,
+    TrustRemoteCode,
+    quiet_libraries,
+    render_accounting,
+    source_json,
+)
+from llmq.quant.config import DEFAULT_PRESET, PRESETS, Rounding
+
+_PRESET_HELP = "Starting point: " + "; ".join(f"{p.name}: {p.summary}" for p in PRESETS.values()) + "."
+_DENSE_DTYPES = {"auto": None, "fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
+
+def quantize(
+    model: ModelArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="The artifact directory to write (e.g. model.llmq).")],
+    preset: Annotated[str, typer.Option("--preset", help=_PRESET_HELP)] = DEFAULT_PRESET,
+    g1: Annotated[int | None, typer.Option("--g1", help="2-bit group size (multiple of 16).")] = None,
+    g2: Annotated[int | None, typer.Option("--g2", help="First-order scales per FP16 second-order scale.")] = None,
+    g4: Annotated[int | None, typer.Option("--g4", help="4-bit group size and stripe unit (multiple of 8).")] = None,
+    stripe_fraction: Annotated[
+        float | None, typer.Option("--stripe-fraction", help="Share of input channels in 4-bit stripes, 0 to 1.")
+    ] = None,
+    scale_bits: Annotated[
+        int | None, typer.Option("--scale-bits", help="Bits of a first-order scale code (1-6).")
+    ] = None,
+    outliers: Annotated[
+        float | None, typer.Option("--outliers", help="Share of 2-bit weights kept as fp16 corrections (0-0.05).")
+    ] = None,
+    rounding: Annotated[Rounding | None, typer.Option("--rounding", help="Group scale/zero choice.")] = None,
+    include: Annotated[
+        list[str] | None, typer.Option("--include", help="fnmatch pattern of Linear names to quantize (repeatable).")
+    ] = None,
+    exclude: Annotated[list[str] | None, typer.Option("--exclude", help="Pattern of Linears to keep 16-bit.")] = None,
+    dense_dtype: Annotated[
+        str,
+        typer.Option(
+            "--dense-dtype", help="dtype of unquantized tensors: auto (16-bit, source's if 16-bit), fp16, bf16, fp32."
+        ),
+    ] = "auto",
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the per-layer bits and size; write nothing.")
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing artifact at OUT.")] = False,
+    revision: Revision = None,
+    trust_remote_code: TrustRemoteCode = False,
+    json: Json = False,
+    quiet: Quiet = False,
+) -> None:
+    """Quantize MODEL to range-aware mixed 2/4-bit weights and write a self-contained artifact."""
+    import torch
+
+    from llmq.errors import UsageError
+    from llmq.quant import pipeline, writer
+    from llmq.quant.config import preset_config
+    from llmq.runtime import models
+
+    start = time.perf_counter()
+    out = Reporter(json, quiet)
+    if dense_dtype not in _DENSE_DTYPES:
+        raise UsageError(f"--dense-dtype {dense_dtype!r} must be one of {', '.join(_DENSE_DTYPES)}")
+    config = preset_config(
+        preset, g1=g1, g2=g2, g4=g4, stripe_fraction=stripe_fraction, scale_bits=scale_bits,
+        outlier_fraction=outliers, rounding=rounding,
+        include=tuple(include) if include else None, exclude=tuple(exclude) if exclude else None,
+    )  # fmt: skip
+    if not dry_run:
+        writer.check_output(output, force)
+    models.check_model_spec(model, revision)
+    quiet_libraries(out.show_progress)
+    source = models.resolve_model(model, revision=revision, progress=out.show_progress, log=out.info)
+    if source.kind == models.SourceKind.artifact:
+        raise UsageError(f"{model} is already a quantized llmq artifact; quantize the original model instead")
+    out.info(f"model: {source.label}")
+    model_config = models.load_config(source, trust_remote_code)
+    dense = getattr(torch, _DENSE_DTYPES[dense_dtype]) if _DENSE_DTYPES[dense_dtype] else None
+    plan = pipeline.make_plan(source, model_config, config, dense)
+    accounting = plan.accounting()
+    document = {
+        "command": "quantize",
+        "llmq_version": __version__,
+        "model": source_json(source),
+        "output": str(output),
+        "dry_run": dry_run,
+        "preset": preset,
+        "config": config.to_json(),
+        "accounting": accounting.to_json(),
+    }
+    if not dry_run:
+        with out.progress("quantizing layers") as update:
+            pipeline.quantize_model(source, output, config, plan, force, on_unit=lambda d, t, _: update(d, t))
+    document["seconds"] = round(time.perf_counter() - start, 2)
+    if json:
+        out.emit_json(document)
+        return
+    if dry_run:
+        out.result(render_accounting(accounting))
+        out.result(
+            f"dry run: nothing written; {output} would hold about {accounting.tensor_bytes / 1e6:.1f} MB of tensors"
+        )
+    else:
+        out.result(
+            f"wrote {output}: {len(plan.linears)} Linears at {accounting.bits_per_weight:.3f} bits/weight, "
+            f"{accounting.model_bits_per_param:.3f} bits/param overall, {accounting.tensor_bytes / 1e6:.1f} MB, "
+            f"{document['seconds']:.1f} s"
+        )

@@ -1,0 +1,234 @@
+"""``quantize``: stream a HF model from its safetensors, one decoder layer at a time, into an artifact.
+
+Only one work unit (a decoder layer, or the remaining tensors) is in memory at once: tensors are
+read from the memory-mapped source files by name, quantized or cast, written as one shard and
+dropped. The module tree comes from a meta-device skeleton built from the config, so no weights
+are allocated to discover which Linears exist.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llmq import __version__
+from llmq.errors import LlmqError, ModelSourceError
+from llmq.quant.config import QuantConfig
+from llmq.quant.linear import NonFiniteWeightError, plan_layout, quantize_weight
+from llmq.quant.writer import ArtifactWriter, check_output, remove_stale_staging
+from llmq.runtime import artifact as A
+from llmq.runtime.accounting import Accounting, account
+from llmq.runtime.layout import LinearLayout
+from llmq.runtime.models import ModelSource
+
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+REST = "rest"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a quantize run will write: layouts of the selected Linears and the dense tensors."""
+
+    linears: dict[str, LinearLayout]
+    biases: dict[str, str]  # linear name -> bias tensor name
+    dense: dict[str, tuple[torch.dtype, tuple[int, ...]]]
+    key_files: dict[str, Path]  # tensor name -> source safetensors file
+    units: list[str]  # "0", "1", ... then "rest"
+
+    def accounting(self) -> Accounting:
+        return account(self.linears, self.dense)
+
+
+def make_plan(source: ModelSource, model_config, config: QuantConfig, dense_dtype: torch.dtype | None) -> Plan:
+    skeleton = _skeleton(model_config)
+    key_files = _source_keys(source.path)
+    params = _expected_params(skeleton, key_files)
+    linears, biases = {}, {}
+    for name, module in skeleton.named_modules():
+        if isinstance(module, torch.nn.Linear) and config.selects(name) and f"{name}.weight" in params:
+            linears[name] = plan_layout(module.out_features, module.in_features, config)
+            if module.bias is not None:
+                biases[name] = f"{name}.bias"
+    if not linears:
+        raise LlmqError(
+            f"{source.spec} has no quantizable Linear layers matching {list(config.include)}"
+            f"{' minus ' + str(list(config.exclude)) if config.exclude else ''}; check --include/--exclude"
+        )
+    quantized = {f"{n}.weight" for n in linears}
+    dense = {}
+    for key, shape_dtype in params.items():
+        if key not in quantized:
+            dtype, shape = shape_dtype
+            dense[key] = (dense_dtype or _default_dense_dtype(dtype), shape)
+    units = sorted({_unit(k) for k in params} - {REST}, key=int) + [REST]
+    return Plan(linears, biases, dense, {k: key_files[k] for k in params}, units)
+
+
+def _default_dense_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
+
+
+def _unit(key: str) -> str:
+    match = _LAYER.search(key)
+    return match.group(1) if match else REST
+
+
+def _skeleton(model_config):
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(model_config)
+
+
+def _source_keys(folder: Path) -> dict[str, Path]:
+    from safetensors import SafetensorError, safe_open
+
+    keys: dict[str, Path] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                keys.update({k: file for k in f.keys()})
+        except (SafetensorError, OSError) as err:
+            raise ModelSourceError(f"{file}: unreadable safetensors file ({err})") from err
+    return keys
+
+
+def _expected_params(skeleton, key_files: dict[str, Path]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Parameter name -> (source dtype, shape) for every parameter stored in the checkpoint.
+
+    A tied parameter (the LM head sharing the embedding) may be absent from the checkpoint; any
+    other absent parameter is an error, never silently left at its random initialisation.
+    """
+    from safetensors import safe_open
+
+    seen: dict[int, str] = {}
+    result, missing = {}, []
+    for name, param in skeleton.named_parameters(remove_duplicate=False):
+        alias_of = seen.setdefault(id(param), name)
+        if name not in key_files:
+            if alias_of == name:
+                missing.append(name)
+            continue
+        with safe_open(str(key_files[name]), framework="pt") as f:
+            sl = f.get_slice(name)
+            dtype, shape = _SAFETENSORS_DTYPES.get(sl.get_dtype()), tuple(sl.get_shape())
+        if dtype is None or shape != tuple(param.shape):
+            raise ModelSourceError(
+                f"checkpoint tensor {name} is {sl.get_dtype()} {list(shape)}, the model expects {list(param.shape)}"
+            )
+        result[name] = (dtype, shape)
+    if missing:
+        raise ModelSourceError(
+            f"the checkpoint lacks {len(missing)} parameter(s) the model needs, first {missing[0]!r}"
+        )
+    return result
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def quantize_model(
+    source: ModelSource,
+    out: Path,
+    config: QuantConfig,
+    plan: Plan,
+    force: bool = False,
+    on_unit: Callable[[int, int, str], None] | None = None,
+) -> dict:
+    """Run the plan and write the artifact atomically; returns the manifest."""
+    check_output(out, force)
+    remove_stale_staging(out)
+    writer = ArtifactWriter(out, force)
+    try:
+        linear_shards = _write_units(plan, config, writer, on_unit)
+        for file in _hf_files(source.path):
+            writer.copy_file(file)
+        manifest = _manifest(source, config, plan, linear_shards)
+        writer.commit(manifest)
+    except BaseException:
+        writer.abort()
+        raise
+    return manifest
+
+
+def _write_units(plan: Plan, config: QuantConfig, writer: ArtifactWriter, on_unit) -> dict[str, str]:
+    from safetensors import safe_open
+
+    shards: dict[str, str] = {}
+    by_unit: dict[str, list[str]] = {u: [] for u in plan.units}
+    for key in plan.key_files:
+        by_unit[_unit(key)].append(key)
+    for index, unit in enumerate(plan.units):
+        tensors: dict[str, torch.Tensor] = {}
+        for key in sorted(by_unit[unit]):
+            with safe_open(str(plan.key_files[key]), framework="pt") as f:
+                value = f.get_tensor(key)
+            linear = key.removesuffix(".weight")
+            if key.endswith(".weight") and linear in plan.linears:
+                layout, packed = quantize_weight(key, value, config)
+                assert layout == plan.linears[linear]
+                tensors.update({f"{linear}.{suffix}": t for suffix, t in packed.items()})
+                shards[linear] = A.SHARD_PATTERN.format(index)
+            else:
+                if not torch.isfinite(value.float()).all():
+                    raise NonFiniteWeightError(f"tensor {key} holds NaN/Inf; fix the checkpoint before quantizing")
+                tensors[key] = value.to(plan.dense[key][0])
+        writer.write_shard(index, tensors)
+        if on_unit is not None:
+            on_unit(index + 1, len(plan.units), unit)
+    return shards
+
+
+def _hf_files(folder: Path) -> list[Path]:
+    files = []
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix in A.HF_FILE_SUFFIXES and path.name not in A.HF_FILE_EXCLUDE:
+            if path.suffix == ".json":
+                try:
+                    json.loads(path.read_text(encoding="utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                    raise ModelSourceError(f"{path} is not valid JSON ({err})") from err
+            files.append(path)
+    if not any(p.name == "config.json" for p in files):
+        raise ModelSourceError(f"{folder} has no config.json to copy into the artifact")
+    return files
+
+
+def _source_files(folder: Path) -> dict[str, dict]:
+    return {
+        p.name: {"sha256": A.sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(folder.iterdir())
+        if p.is_file() and (p.suffix == ".safetensors" or p.name == "config.json")
+    }
+
+
+def _manifest(source: ModelSource, config: QuantConfig, plan: Plan, linear_shards: dict[str, str]) -> dict:
+    dense_shards = {key: A.SHARD_PATTERN.format(plan.units.index(_unit(key))) for key in plan.dense}
+    return {
+        "format": A.FORMAT_NAME,
+        "format_version": A.FORMAT_VERSION,
+        "llmq_version": __version__,
+        "source": {
+            "spec": source.spec,
+            "kind": source.kind.value,
+            "label": source.label,
+            "revision": source.revision,
+            "files": _source_files(source.path),
+        },
+        "quantization": config.to_json(),
+        "calibration": None,
+        "linears": {
+            name: {"shard": linear_shards[name], "layout": layout.to_json(), "bias": plan.biases.get(name)}
+            for name, layout in plan.linears.items()
+        },
+        "dense": {
+            key: {"shard": dense_shards[key], "dtype": A.dtype_name(dtype), "shape": list(shape)}
+            for key, (dtype, shape) in plan.dense.items()
+        },
+        "accounting": plan.accounting().to_json(),
+    }

@@ -1,0 +1,39 @@
+"""``QuantLinear``: a Linear whose weight lives in the packed layout.
+
+The packed tensors stay resident as buffers (this is what a CUDA backend consumes). The
+``torch`` backend decodes them once, exactly (:func:`llmq.runtime.layout.dequantize`), into a
+dense weight in the activation dtype, so evaluation runs at the speed of the unquantized model
+while computing with precisely the quantized values.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llmq.runtime.layout import LinearLayout, dequantize
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, layout: LinearLayout, packed: dict[str, torch.Tensor], bias: torch.Tensor | None):
+        super().__init__()
+        self.layout = layout
+        self.in_features, self.out_features = layout.in_features, layout.out_features
+        for suffix, tensor in packed.items():
+            self.register_buffer(f"packed_{suffix}", tensor, persistent=False)
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self.register_buffer("weight", torch.empty(0), persistent=False)
+
+    def packed(self) -> dict[str, torch.Tensor]:
+        return {suffix: getattr(self, f"packed_{suffix}") for suffix in self.layout.tensor_specs()}
+
+    def materialize(self, dtype: torch.dtype) -> None:
+        """Decode the packed weight once into ``self.weight`` ([N, K], ``dtype``) for the torch backend."""
+        self.weight = dequantize(self.packed(), self.layout).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        lay = self.layout
+        return f"in={lay.in_features}, out={lay.out_features}, k4={lay.k4}, bpw={lay.bits_per_weight():.3f}"
