@@ -20,16 +20,18 @@ ChannelScorer = Callable[[torch.Tensor, int], torch.Tensor]
 def range_score(weight: torch.Tensor, g1: int) -> torch.Tensor:
     """How far each channel stretches the ranges of the 2-bit groups it sits in.
 
-    For every row, a channel's distance from its group's midrange, relative to the row's typical
+    For every row, a channel's distance from its group's median, relative to the row's typical
     group half-range, squared and summed over rows. Channels with outsized weights dominate the
-    range of their groups, and the step size of every other weight in those groups with it.
+    range of their groups, and the step size of every other weight in those groups with it. The
+    median, unlike the midrange, stays with the bulk of the group, so only the outsized channel
+    scores high, not its neighbours.
     """
     n, k = weight.shape
     pad = (-k) % g1
     w = torch.nn.functional.pad(weight, (0, pad)).reshape(n, -1, g1)
-    mid = (w.amax(-1, keepdim=True) + w.amin(-1, keepdim=True)) / 2
+    center = w.median(dim=-1, keepdim=True).values
     half_range = (w.amax(-1) - w.amin(-1)).median(dim=-1, keepdim=True).values.clamp(min=1e-12) / 2
-    spread = ((w - mid) / half_range.unsqueeze(-1)) ** 2
+    spread = ((w - center) / half_range.unsqueeze(-1)) ** 2
     return spread.reshape(n, -1)[:, :k].sum(0)
 
 
