@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 from typing import Annotated
@@ -102,6 +103,8 @@ def quantize(
         "accounting": accounting.to_json(),
     }
     if not dry_run:
+        # SIGTERM (a scheduler's kill) unwinds like Ctrl-C, so the staging directory is removed.
+        signal.signal(signal.SIGTERM, _interrupt)
         with out.progress("quantizing layers") as update:
             pipeline.quantize_model(source, output, config, plan, force, on_unit=lambda d, t, _: update(d, t))
     document["seconds"] = round(time.perf_counter() - start, 2)
@@ -119,3 +122,7 @@ def quantize(
             f"{accounting.model_bits_per_param:.3f} bits/param overall, {accounting.tensor_bytes / 1e6:.1f} MB, "
             f"{document['seconds']:.1f} s"
         )
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")

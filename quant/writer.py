@@ -85,7 +85,7 @@ class ArtifactWriter:
 
     def commit(self, manifest: dict[str, Any]) -> None:
         manifest = {**manifest, "files": dict(sorted(self.files.items()))}
-        text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+        text = json.dumps(manifest, indent=2) + "\n"  # insertion order: module order, deterministic
         (self.staging / A.MANIFEST).write_text(text, encoding="utf-8")
         _fsync_tree(self.staging)
         if self.out.exists():

@@ -132,7 +132,8 @@ def test_stored_bits_count_every_byte():
         + 192 * 2 * (16 + 8)  # second-order fp16 scale + zero byte per block of 8 groups
         + 192 * 64 * 4  # 4-bit codes
         + 192 * 1 * (16 + 8)  # 4-bit scale + zero byte per group of 64
-        + 193 * 32 + 10 * (32 + 16)  # CSR outliers
+        + 193 * 32
+        + 10 * (32 + 16)  # CSR outliers
     )
     assert lay.stored_bits() == by_hand and len(specs) == 11
     assert lay.bits_per_weight() == pytest.approx(by_hand / (192 * 576))

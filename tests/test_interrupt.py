@@ -1,0 +1,63 @@
+"""Killing `quantize` mid-run leaves no artifact and no partial directory (slow: uses the demo model)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from llmq.runtime import demo
+
+pytestmark = pytest.mark.slow
+
+
+def _start(out: Path, cache: Path) -> subprocess.Popen:
+    env = {**os.environ, "LLMQ_CACHE_DIR": str(cache)}
+    cmd = [sys.executable, "-m", "llmq.cli", "quantize", "demo", "-o", str(out), "-q"]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_shards(out: Path, proc: subprocess.Popen, count: int = 2) -> Path:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        staging = list(out.parent.glob(f".{out.name}.partial-*"))
+        if staging and len(list(staging[0].glob("shard-*.safetensors"))) >= count:
+            return staging[0]
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError("quantize never got going")
+
+
+@pytest.fixture
+def demo_ready(demo_cache, monkeypatch) -> Path:
+    monkeypatch.setenv("LLMQ_CACHE_DIR", str(demo_cache))
+    demo.ensure_demo_model(progress=False)
+    return demo_cache
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_leaves_nothing(tmp_path, demo_ready, sig):
+    out = tmp_path / "demo.llmq"
+    proc = _start(out, demo_ready)
+    _wait_for_shards(out, proc)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert list(tmp_path.iterdir()) == [], (list(tmp_path.iterdir()), stderr)
+
+
+def test_sigkill_leaves_only_a_hidden_staging_dir_that_the_next_run_removes(cli, tmp_path, demo_ready, tiny_model):
+    out = tmp_path / "demo.llmq"
+    proc = _start(out, demo_ready)
+    staging = _wait_for_shards(out, proc)
+    proc.kill()
+    proc.wait(timeout=30)
+    assert not out.exists() and staging.exists() and staging.name.startswith(".")
+    result = cli("quantize", str(tiny_model), "-o", str(out), "--g4", "16", "-q")
+    assert result.code == 0, result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["demo.llmq"]
