@@ -18,10 +18,15 @@ ChannelScorer = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 def range_score(weight: torch.Tensor, g1: int) -> torch.Tensor:
-    """How far each channel stretches the ranges of the 2-bit groups it sits in.
+    """Per-channel score: :func:`range_spread` summed over the output rows."""
+    return range_spread(weight, g1).sum(0)
 
-    For every row, a channel's distance from its group's median, relative to the row's typical
-    group half-range, squared and summed over rows. Channels with outsized weights dominate the
+
+def range_spread(weight: torch.Tensor, g1: int) -> torch.Tensor:
+    """Per weight ``[N, K]``: how far it stretches the range of the 2-bit group it sits in.
+
+    A weight's distance from its group's median, relative to the row's typical group
+    half-range, squared. Channels with outsized weights dominate the
     range of their groups, and the step size of every other weight in those groups with it. The
     median, unlike the midrange, stays with the bulk of the group, so only the outsized channel
     scores high, not its neighbours.
@@ -32,7 +37,7 @@ def range_score(weight: torch.Tensor, g1: int) -> torch.Tensor:
     center = w.median(dim=-1, keepdim=True).values
     half_range = (w.amax(-1) - w.amin(-1)).median(dim=-1, keepdim=True).values.clamp(min=1e-12) / 2
     spread = ((w - center) / half_range.unsqueeze(-1)) ** 2
-    return spread.reshape(n, -1)[:, :k].sum(0)
+    return spread.reshape(n, -1)[:, :k]
 
 
 def stripe_width(in_features: int, fraction: float, g4: int) -> int:
