@@ -286,3 +286,19 @@ def test_not_json_manifest(copy):
     (copy / "manifest.json").write_text("{not json")
     with pytest.raises(ArtifactError, match="not valid JSON"):
         A.open_artifact(copy)
+
+
+def test_a_concurrent_writer_that_finishes_first_wins(tiny_model, tmp_path):
+    from llmq.quant.writer import ArtifactWriter, OutputExistsError
+
+    out = tmp_path / "race.llmq"
+    slow = ArtifactWriter(out, force=False)
+    slow.write_shard(0, {"x": torch.zeros(2)})
+    fast = ArtifactWriter(out, force=False)
+    fast.write_shard(0, {"x": torch.ones(2)})
+    fast.commit({"format": A.FORMAT_NAME, "format_version": A.FORMAT_VERSION, "linears": {}, "dense": {}})
+    with pytest.raises(OutputExistsError, match="already exists"):
+        slow.commit({"format": A.FORMAT_NAME, "format_version": A.FORMAT_VERSION, "linears": {}, "dense": {}})
+    slow.abort()
+    assert [p.name for p in tmp_path.iterdir()] == ["race.llmq"]
+    assert A.open_artifact(out).files["shard-00000.safetensors"]["bytes"] > 0
