@@ -98,7 +98,9 @@ class ArtifactWriter:
             try:
                 os.rename(self.staging, self.out)  # atomic: a reader sees no OUT or a complete one
             except OSError as err:
-                raise OutputExistsError(f"{self.out} was created by another run while this one worked; nothing replaced") from err
+                raise OutputExistsError(
+                    f"{self.out} was created by another run while this one worked; nothing replaced"
+                ) from err
 
     def abort(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)

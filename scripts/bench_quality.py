@@ -44,6 +44,7 @@ ALIGNED = {
         ("4bit g128", 1.0, 16, 16, 128),
     ]
 }
+ALIGNED["mixed 12.5% g16 g2=16 minmax"] = [*ALIGNED["mixed 12.5% g16 g2=16"], "--rounding", "minmax"]
 UNALIGNED = {"unaligned 12.5% g16 g2=16": 0.125, "unaligned 25% g16 g2=16": 0.25}
 
 

@@ -84,8 +84,16 @@ def _train_tokenizer(texts: list[str], vocab_size: int = 400):
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def build_tiny_model(folder: Path, *, seed: int = 0, chat_template: str | None = None) -> Path:
-    """A 2-layer random Llama (hidden 64) with a 400-token BPE vocabulary, saved as safetensors."""
+def build_tiny_model(
+    folder: Path,
+    *,
+    seed: int = 0,
+    chat_template: str | None = None,
+    hidden: int = 64,
+    intermediate: int = 128,
+    heads: int = 4,
+) -> Path:
+    """A 2-layer random Llama (hidden 64 unless told) with a 400-token BPE vocabulary, saved as safetensors."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from llmq.runtime.text import Dataset, Split, load_text
@@ -96,11 +104,11 @@ def build_tiny_model(folder: Path, *, seed: int = 0, chat_template: str | None =
         tokenizer.chat_template = chat_template
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,
         max_position_embeddings=TINY_CONTEXT,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

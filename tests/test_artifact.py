@@ -119,6 +119,24 @@ def test_more_bits_give_lower_perplexity_than_fewer(cli, tiny_model, tmp_path):
     assert abs(results["4bit"] - fp32) < abs(results["2bit"] - fp32)
 
 
+def test_odd_shapes_quantize_and_run(cli, tmp_path):
+    """Widths that divide by neither g1 nor g4 (40, 20, 100) are padded, counted and still decode exactly."""
+    from conftest import build_tiny_model
+
+    folder = build_tiny_model(tmp_path / "odd", hidden=40, intermediate=100, heads=2)
+    out = tmp_path / "odd.llmq"
+    result = cli("quantize", str(folder), "-o", str(out), "--g4", "8", "--stripe-fraction", "0.25", "--json")
+    assert result.code == 0, result.stderr
+    layers = {layer["name"]: layer for layer in json.loads(result.stdout)["accounting"]["layers"]}
+    down = layers["model.layers.0.mlp.down_proj"]
+    assert down["shape"] == [40, 100] and down["k4"] == 24  # round(0.25 * 100 / 8) = 3 groups of 8
+    manifest = A.open_artifact(out)
+    assert manifest.linears["model.layers.0.mlp.down_proj"].layout.k2_padded == 80  # 76 real + 4 padding
+    ppl = cli("eval", "ppl", str(out), "--dataset", "austen", "--seq-len", "64", "--max-tokens", "128", "--json")
+    assert ppl.code == 0, ppl.stderr
+    assert cli("generate", str(out), "-p", "It was", "-n", "3", "-q").code == 0
+
+
 # --- bad input: a clear error, exit 1 (2 for usage), nothing written -------------------------------
 
 
