@@ -117,9 +117,13 @@ def _expected_params(skeleton, key_files: dict[str, Path]) -> dict[str, tuple[to
         with safe_open(str(key_files[name]), framework="pt") as f:
             sl = f.get_slice(name)
             dtype, shape = _SAFETENSORS_DTYPES.get(sl.get_dtype()), tuple(sl.get_shape())
-        if dtype is None or shape != tuple(param.shape):
+        if dtype is None:
             raise ModelSourceError(
-                f"checkpoint tensor {name} is {sl.get_dtype()} {list(shape)}, the model expects {list(param.shape)}"
+                f"checkpoint tensor {name} is {sl.get_dtype()}; llmq reads F32, F16 and BF16 weights"
+            )
+        if shape != tuple(param.shape):
+            raise ModelSourceError(
+                f"checkpoint tensor {name} has shape {list(shape)}, the model expects {list(param.shape)}"
             )
         result[name] = (dtype, shape)
     if missing:
@@ -178,6 +182,10 @@ def _write_units(plan: Plan, config: QuantConfig, writer: ArtifactWriter, on_uni
                 if not torch.isfinite(value.float()).all():
                     raise NonFiniteWeightError(f"tensor {key} holds NaN/Inf; fix the checkpoint before quantizing")
                 tensors[key] = value.to(plan.dense[key][0])
+                if not torch.isfinite(tensors[key].float()).all():
+                    raise NonFiniteWeightError(
+                        f"tensor {key} overflows {plan.dense[key][0]}; pass --dense-dtype bf16 or fp32"
+                    )
         writer.write_shard(index, tensors)
         if on_unit is not None:
             on_unit(index + 1, len(plan.units), unit)

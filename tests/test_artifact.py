@@ -320,3 +320,14 @@ def test_a_concurrent_writer_that_finishes_first_wins(tiny_model, tmp_path):
     slow.abort()
     assert [p.name for p in tmp_path.iterdir()] == ["race.llmq"]
     assert A.open_artifact(out).files["shard-00000.safetensors"]["bytes"] > 0
+
+
+def test_dense_overflow_in_fp16_is_an_error_not_an_inf(cli, tiny_model, tmp_path):
+    source = tmp_path / "big"
+    shutil.copytree(tiny_model, source)
+    weights = load_file(source / "model.safetensors")
+    weights["model.norm.weight"][0] = 1e6  # fine in fp32, inf in fp16
+    save_file(weights, str(source / "model.safetensors"), metadata={"format": "pt"})
+    result = cli("quantize", str(source), "-o", str(tmp_path / "big.llmq"))
+    assert result.code == 1 and "model.norm.weight overflows torch.float16" in result.stderr
+    assert cli("quantize", str(source), "-o", str(tmp_path / "big.llmq"), "--dense-dtype", "fp32", "-q").code == 0
