@@ -58,6 +58,18 @@ def quantize(
         bool, typer.Option("--dry-run", help="Print the per-layer bits and size; write nothing.")
     ] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing artifact at OUT.")] = False,
+    calib: Annotated[
+        Path | None, typer.Option("--calib", help="Stats file from `llmq calibrate`: Hessian-ranked stripes + GPTQ.")
+    ] = None,
+    calib_data: Annotated[
+        str | None, typer.Option("--calib-data", help="Calibrate inline on austen, wikitext2 or a text file path.")
+    ] = None,
+    samples: Annotated[int, typer.Option("--samples", min=1, help="Calibration windows for --calib-data.")] = 64,
+    calib_seq_len: Annotated[int, typer.Option("--calib-seq-len", min=2, help="Tokens per calibration window.")] = 512,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Seed for the calibration windows.")] = 0,
+    damp: Annotated[
+        float | None, typer.Option("--damp", help="GPTQ dampening, share of the mean Hessian diagonal.")
+    ] = None,
     revision: Revision = None,
     trust_remote_code: TrustRemoteCode = False,
     json: Json = False,
@@ -77,9 +89,11 @@ def quantize(
         raise UsageError(f"--dense-dtype {dense_dtype!r} must be one of {', '.join(_DENSE_DTYPES)}")
     config = preset_config(
         preset, g1=g1, g2=g2, g4=g4, stripe_fraction=stripe_fraction, scale_bits=scale_bits,
-        outlier_fraction=outliers, rounding=rounding,
+        outlier_fraction=outliers, rounding=rounding, gptq_damp=damp,
         include=tuple(include) if include else None, exclude=tuple(exclude) if exclude else None,
     )  # fmt: skip
+    if calib is not None and calib_data is not None:
+        raise UsageError("give --calib (a stats file) or --calib-data (calibrate now), not both")
     if not dry_run:
         writer.check_output(output, force)
     models.check_model_spec(model, revision)
@@ -103,10 +117,15 @@ def quantize(
         "accounting": accounting.to_json(),
     }
     if not dry_run:
+        stats = _calibration(
+            out, source, model, calib, calib_data, samples, calib_seq_len, seed, revision, trust_remote_code
+        )
+        if stats is not None:
+            document["calibration"] = {k: v for k, v in stats.meta.items() if k != "aliases"}
         # SIGTERM (a scheduler's kill) unwinds like Ctrl-C, so the staging directory is removed.
         signal.signal(signal.SIGTERM, _interrupt)
         with out.progress("quantizing layers") as update:
-            pipeline.quantize_model(source, output, config, plan, force, on_unit=lambda d, t, _: update(d, t))
+            pipeline.quantize_model(source, output, config, plan, force, lambda d, t, _: update(d, t), stats)
     document["seconds"] = round(time.perf_counter() - start, 2)
     if json:
         out.emit_json(document)
@@ -126,3 +145,22 @@ def quantize(
 
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _calibration(out, source, model, calib, calib_data, samples, seq_len, seed, revision, trust_remote_code):
+    """The stats to quantize with: read from --calib, collected now for --calib-data, or none (RTN)."""
+    from llmq.quant import statsfile
+
+    if calib is not None:
+        return statsfile.read_stats(calib, statsfile.model_fingerprint(source.path))
+    if calib_data is None:
+        return None
+    from llmq.cli.calibrate import run_calibration
+    from llmq.runtime.text import Dataset
+
+    names = {d.value: d for d in Dataset}
+    dataset, text_file = (names[calib_data], None) if calib_data in names else (None, Path(calib_data))
+    _, _, calibration, meta = run_calibration(
+        out, model, dataset, text_file, samples, seq_len, seed, revision, trust_remote_code
+    )
+    return statsfile.in_memory(calibration, meta)

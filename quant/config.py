@@ -35,6 +35,7 @@ class QuantConfig:
     scale_bits: int = 6  # first-order scale code width (the meta byte has room for 6)
     outlier_fraction: float = 0.0  # share of 2-bit weights kept as sparse fp16 corrections
     rounding: Rounding = Rounding.search
+    gptq_damp: float = 0.01  # GPTQ dampening, as a fraction of the Hessian's mean diagonal
     include: tuple[str, ...] = DEFAULT_INCLUDE  # fnmatch patterns on Linear module names
     exclude: tuple[str, ...] = field(default_factory=tuple)
 
@@ -54,6 +55,8 @@ class QuantConfig:
             raise UsageError(f"--stripe-fraction {self.stripe_fraction} must be between 0 and 1")
         if not 0.0 <= self.outlier_fraction <= 0.05:
             raise UsageError(f"--outliers {self.outlier_fraction} must be between 0 and 0.05 (5% of 2-bit weights)")
+        if not 0.0 < self.gptq_damp <= 1.0:
+            raise UsageError(f"--damp {self.gptq_damp} must be in (0, 1]")
         if not self.include:
             raise UsageError("--include needs at least one pattern")
 

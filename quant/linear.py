@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from llmq.errors import LlmqError
-from llmq.quant.config import QuantConfig
-from llmq.quant.groups import quantize_2bit, quantize_4bit
-from llmq.quant.select import ChannelScorer, range_score, select_channels, stripe_width
+from llmq.quant.config import QuantConfig, Rounding
+from llmq.quant.gptq import gptq_round
+from llmq.quant.groups import FourBit, TwoBit, quantize_2bit, quantize_4bit
+from llmq.quant.select import range_score, select_channels, stripe_width
 from llmq.runtime import layout as L
 
 
@@ -24,28 +27,92 @@ def plan_layout(out_features: int, in_features: int, config: QuantConfig) -> L.L
 
 
 def quantize_weight(
-    name: str, weight: torch.Tensor, config: QuantConfig, scorer: ChannelScorer = range_score
+    name: str, weight: torch.Tensor, config: QuantConfig, hessian: torch.Tensor | None = None
 ) -> tuple[L.LinearLayout, dict[str, torch.Tensor]]:
-    """``weight`` ``[N, K]`` (any float dtype) -> its layout and packed tensors (name suffix -> tensor)."""
+    """``weight`` ``[N, K]`` (any float dtype) -> its layout and packed tensors (name suffix -> tensor).
+
+    Without ``hessian`` (``[K, K]``, ``E[x xᵀ]`` of the layer's inputs) this is round-to-nearest
+    with range-based stripes. With it, stripes are ranked by Hessian-weighted error and the codes
+    come from GPTQ on the same grids.
+    """
     w = weight.detach().to(torch.float32)
     if not torch.isfinite(w).all():
         bad = int((~torch.isfinite(w)).sum())
         raise NonFiniteWeightError(f"tensor {name} has {bad} NaN/Inf value(s); fix the checkpoint before quantizing")
     layout = plan_layout(*w.shape, config)
-    perm = select_channels(scorer(w, config.g1), layout.k4)
+    scores = range_score(w, config.g1) if hessian is None else hessian_score(w, hessian, config)
+    perm = select_channels(scores, layout.k4)
     packed = w[:, perm.long()]
+    two = _fit_2bit(packed[:, : layout.k2], layout, config) if layout.k2 else None
+    four = quantize_4bit(packed[:, layout.k2 :], layout.g4, config.rounding) if layout.k4 else None
+    if hessian is not None:
+        two, four = _gptq(packed, hessian[perm.long()][:, perm.long()], two, four, layout, config)
     tensors: dict[str, torch.Tensor] = {"perm": perm}
-    if layout.k2 > 0:
-        tensors.update(_pack_2bit(packed[:, : layout.k2], layout, config))
-    if layout.k4 > 0:
-        four = quantize_4bit(packed[:, layout.k2 :], layout.g4, config.rounding)
+    if two is not None:
+        tensors.update(_pack_2bit(two, layout))
+        if layout.n_outliers:
+            tensors.update(_outliers(packed[:, : layout.k2], tensors, layout))
+    if four is not None:
         tensors["qweight4"] = L.pack_codes(four.codes, 4)
         tensors["scale4"] = four.scale
         tensors["zero4"] = four.zero.to(torch.uint8)
     return layout, tensors
 
 
-def _pack_2bit(w2: torch.Tensor, layout: L.LinearLayout, config: QuantConfig) -> dict[str, torch.Tensor]:
+def hessian_score(w: torch.Tensor, hessian: torch.Tensor, config: QuantConfig) -> torch.Tensor:
+    """Per channel: the extra squared error of 2-bit over 4-bit rounding, weighted by ``H[c, c]``.
+
+    ``H[c, c] = E[x_c²]``, so this is the output error each channel would add if left in 2-bit.
+    The errors come from min/max rounding: the ranking only needs their size, and the clipping
+    search would cost as much again as the quantization itself.
+    """
+    n, k = w.shape
+    pad = (-k) % config.g1
+    padded = torch.nn.functional.pad(w, (0, pad))
+    mask = torch.ones_like(padded)
+    mask[:, k:] = 0
+    two = quantize_2bit(padded, mask, config.g1, config.g2, config.scale_bits, Rounding.minmax)
+    err2 = (_decode_two(two, config.g1, config.g2)[:, :k] - w) ** 2
+    pad4 = (-k) % config.g4
+    four = quantize_4bit(torch.nn.functional.pad(w, (0, pad4)), config.g4, Rounding.minmax)
+    err4 = (_decode_four(four, config.g4)[:, :k] - w) ** 2
+    return torch.diag(hessian).clamp(min=0) * (err2 - err4).sum(0)
+
+
+def _decode_two(two: TwoBit, g1: int, g2: int) -> torch.Tensor:
+    block = torch.arange(two.zero.shape[1]) // g2
+    scale = two.block_scale.float()[:, block] * (two.scale_code + two.block_zero[:, block]).float()
+    return (scale.repeat_interleave(g1, 1)) * (two.codes - two.zero.repeat_interleave(g1, 1)).float()
+
+
+def _decode_four(four: FourBit, g4: int) -> torch.Tensor:
+    return four.scale.float().repeat_interleave(g4, 1) * (four.codes - four.zero.repeat_interleave(g4, 1)).float()
+
+
+def _gptq(packed, hessian, two, four, layout: L.LinearLayout, config: QuantConfig):
+    """Re-derive the codes of both parts with GPTQ on their fixed grids, in packed column order."""
+    scales, zeros, qmax = [], [], []
+    if two is not None:
+        block = torch.arange(layout.groups2) // layout.g2
+        group_scale = two.block_scale.float()[:, block] * (two.scale_code + two.block_zero[:, block]).float()
+        scales.append(group_scale.repeat_interleave(layout.g1, 1)[:, : layout.k2])
+        zeros.append(two.zero.float().repeat_interleave(layout.g1, 1)[:, : layout.k2])
+        qmax.append(torch.full((layout.k2,), 3.0))
+    if four is not None:
+        scales.append(four.scale.float().repeat_interleave(layout.g4, 1))
+        zeros.append(four.zero.float().repeat_interleave(layout.g4, 1))
+        qmax.append(torch.full((layout.k4,), 15.0))
+    codes = gptq_round(packed, hessian, torch.cat(scales, 1), torch.cat(zeros, 1), torch.cat(qmax), config.gptq_damp)
+    if two is not None:
+        two_codes = two.codes.clone()
+        two_codes[:, : layout.k2] = codes[:, : layout.k2]
+        two = replace(two, codes=two_codes)
+    if four is not None:
+        four = replace(four, codes=codes[:, layout.k2 :])
+    return two, four
+
+
+def _fit_2bit(w2: torch.Tensor, layout: L.LinearLayout, config: QuantConfig) -> TwoBit:
     n, k2 = w2.shape
     pad = layout.k2_padded - k2
     mask = torch.ones(n, layout.k2_padded)
@@ -54,15 +121,16 @@ def _pack_2bit(w2: torch.Tensor, layout: L.LinearLayout, config: QuantConfig) ->
     padded = torch.cat([w2, w2[:, -1:].expand(n, pad)], dim=1) if pad else w2
     two = quantize_2bit(padded, mask, layout.g1, layout.g2, layout.scale_bits, config.rounding)
     codes = torch.where(mask > 0, two.codes, two.zero.repeat_interleave(layout.g1, dim=1))  # pads decode to 0
-    tensors = {
-        "qweight2": L.pack_codes(codes, 2),
+    return replace(two, codes=codes)
+
+
+def _pack_2bit(two: TwoBit, layout: L.LinearLayout) -> dict[str, torch.Tensor]:
+    return {
+        "qweight2": L.pack_codes(two.codes, 2),
         "meta2": L.pack_meta2(two.zero, two.scale_code),
         "scale2": two.block_scale,
         "szero2": two.block_zero.to(torch.uint8),
     }
-    if layout.n_outliers:
-        tensors.update(_outliers(w2, tensors, layout))
-    return tensors
 
 
 def _outliers(w2: torch.Tensor, tensors: dict[str, torch.Tensor], layout: L.LinearLayout) -> dict[str, torch.Tensor]:

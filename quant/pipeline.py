@@ -20,6 +20,7 @@ from llmq import __version__
 from llmq.errors import LlmqError, ModelSourceError
 from llmq.quant.config import QuantConfig
 from llmq.quant.linear import NonFiniteWeightError, plan_layout, quantize_weight
+from llmq.quant.statsfile import CalibStats, StatsFileError
 from llmq.quant.writer import ArtifactWriter, check_output, remove_stale_staging
 from llmq.runtime import artifact as A
 from llmq.runtime.accounting import Accounting, account
@@ -143,16 +144,25 @@ def quantize_model(
     plan: Plan,
     force: bool = False,
     on_unit: Callable[[int, int, str], None] | None = None,
+    stats: CalibStats | None = None,
 ) -> dict:
-    """Run the plan and write the artifact atomically; returns the manifest."""
+    """Run the plan and write the artifact atomically; returns the manifest.
+
+    With ``stats`` every Linear is quantized with its Hessian (ranked stripes + GPTQ); a Linear
+    the stats do not cover is an error, never a silent fall back to round-to-nearest.
+    """
     check_output(out, force)
     remove_stale_staging(out)
     writer = ArtifactWriter(out, force)
     try:
-        linear_shards = _write_units(plan, config, writer, on_unit)
+        linear_shards = _write_units(plan, config, writer, on_unit, stats)
         for file in _hf_files(source.path):
             writer.copy_file(file)
         manifest = _manifest(source, config, plan, linear_shards)
+        if stats is not None:
+            manifest["calibration"] = {k: v for k, v in stats.meta.items() if k != "aliases"} | {
+                "file": stats.path.name
+            }
         writer.commit(manifest)
     except BaseException:
         writer.abort()
@@ -160,7 +170,16 @@ def quantize_model(
     return manifest
 
 
-def _write_units(plan: Plan, config: QuantConfig, writer: ArtifactWriter, on_unit) -> dict[str, str]:
+def _hessian(stats: CalibStats | None, linear: str, in_features: int) -> torch.Tensor | None:
+    if stats is None:
+        return None
+    hessian = stats.hessian(linear)
+    if hessian is None or hessian.shape != (in_features, in_features):
+        raise StatsFileError(f"{stats.path} has no Hessian of size {in_features} for {linear}; recalibrate")
+    return hessian
+
+
+def _write_units(plan: Plan, config: QuantConfig, writer: ArtifactWriter, on_unit, stats) -> dict[str, str]:
     from safetensors import safe_open
 
     shards: dict[str, str] = {}
@@ -174,7 +193,8 @@ def _write_units(plan: Plan, config: QuantConfig, writer: ArtifactWriter, on_uni
                 value = f.get_tensor(key)
             linear = key.removesuffix(".weight")
             if key.endswith(".weight") and linear in plan.linears:
-                layout, packed = quantize_weight(key, value, config)
+                hessian = _hessian(stats, linear, plan.linears[linear].in_features)
+                layout, packed = quantize_weight(key, value, config, hessian)
                 assert layout == plan.linears[linear]
                 tensors.update({f"{linear}.{suffix}": t for suffix, t in packed.items()})
                 shards[linear] = A.SHARD_PATTERN.format(index)

@@ -1,0 +1,77 @@
+"""GPTQ error compensation on fixed per-column grids (Frantar et al., 2022).
+
+Columns are rounded one at a time, in the packed (permuted) order, and each rounding error is
+spread over the not-yet-rounded columns through the inverse Hessian, so the layer's *output*
+error on the calibration inputs is what gets minimised. The grids (scale and zero of every
+group, 2-bit or 4-bit) are fixed beforehand from the original weights ("static groups"), which
+keeps the second-order scale blocks of the 2-bit part consistent.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from llmq.errors import NumericsError
+
+log = logging.getLogger("llmq.gptq")
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, damp: float, retries: int = 6) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + λI)^-1`` with ``λ = damp * mean(diag H)``.
+
+    A Hessian that is not positive definite (few samples, dead channels) is retried with ten
+    times the damping, and the retry is logged; it never crashes the run.
+    """
+    h = hessian.to(torch.float64).clone()
+    dead = torch.diag(h) <= 0
+    h[dead, dead] = 1.0
+    mean_diag = float(torch.diag(h).mean())
+    for attempt in range(retries):
+        lam = damp * (10**attempt) * mean_diag
+        try:
+            lower = torch.linalg.cholesky(h + lam * torch.eye(h.shape[0], dtype=h.dtype))
+            inverse = torch.cholesky_inverse(lower)
+            return torch.linalg.cholesky(inverse, upper=True).to(torch.float32)
+        except torch.linalg.LinAlgError:
+            log.warning("Hessian not positive definite at damping %.3g; retrying with %.3g", lam, lam * 10)
+    raise NumericsError(
+        f"the Hessian stayed singular up to damping {damp * 10 ** (retries - 1)}; use more calibration samples"
+    )
+
+
+def gptq_round(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    qmax: torch.Tensor,
+    damp: float = 0.01,
+    block: int = 128,
+) -> torch.Tensor:
+    """Codes for ``weight`` ``[N, K]`` on the grids ``scale * (q - zero)``, ``0 <= q <= qmax``.
+
+    ``scale``/``zero`` are ``[N, K]`` (each column's group parameters), ``qmax`` is ``[K]`` (3 or 15),
+    ``hessian`` is ``[K, K]`` in the same column order as ``weight``.
+    """
+    w = weight.to(torch.float32).clone()
+    dead = torch.diag(hessian) <= 0
+    w[:, dead] = 0.0
+    hinv = inverse_hessian_factor(hessian, damp)
+    n, k = w.shape
+    codes = torch.zeros(n, k, dtype=torch.float32)
+    for start in range(0, k, block):
+        end = min(start + block, k)
+        w1 = w[:, start:end].clone()
+        errors = torch.zeros_like(w1)
+        h1 = hinv[start:end, start:end]
+        for i in range(end - start):
+            col = start + i
+            q = torch.clamp(torch.round(w1[:, i] / scale[:, col] + zero[:, col]), 0, qmax[col])
+            codes[:, col] = q
+            err = (w1[:, i] - scale[:, col] * (q - zero[:, col])) / h1[i, i]
+            w1[:, i:] -= err.unsqueeze(1) * h1[i, i:].unsqueeze(0)
+            errors[:, i] = err
+        w[:, end:] -= errors @ hinv[start:end, end:]
+    return codes.long()

@@ -1,0 +1,107 @@
+"""The calibration stats file: safetensors holding per-Linear input statistics, with a small manifest.
+
+Tensors: ``<linear>.hessian`` (float32 ``[K, K]``, ``E[x xᵀ]``) and ``<linear>.sq_mean`` (float32
+``[K]``, ``E[x²]``) for each *canonical* Linear; Linears reading the same input point to it
+through ``aliases``. The manifest, in the safetensors metadata under ``llmq_calib``, records the
+model fingerprint, text source, samples, sequence length, seed and token count, so one file can
+serve many ``quantize`` runs (like llama.cpp's imatrix) and is refused for any other model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llmq.errors import LlmqError
+from llmq.quant.calibrate import Calibration
+
+STATS_FORMAT = "llmq-calib"
+STATS_VERSION = 1
+_META_KEY = "llmq_calib"
+
+
+class StatsFileError(LlmqError):
+    """A calibration stats file is missing, corrupt, or made for another model."""
+
+
+def model_fingerprint(folder: Path) -> str:
+    """SHA-256 over the model's config and weight files (names and contents)."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and (path.suffix == ".safetensors" or path.name == "config.json"):
+            digest.update(path.name.encode())
+            with path.open("rb") as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class CalibStats:
+    path: Path
+    meta: dict
+    tensors: dict[str, torch.Tensor]
+
+    def hessian(self, linear: str) -> torch.Tensor | None:
+        canonical = self.meta["aliases"].get(linear)
+        return None if canonical is None else self.tensors[f"{canonical}.hessian"]
+
+
+def in_memory(calibration: Calibration, meta: dict) -> CalibStats:
+    """Stats collected in this process (``quantize --calib-data``), in the same shape as a read file."""
+    tensors = {f"{name}.hessian": stats.hessian() for name, stats in calibration.stats.items()}
+    return CalibStats(Path("inline"), {**meta, "aliases": calibration.aliases}, tensors)
+
+
+def write_stats(path: Path, calibration: Calibration, meta: dict) -> None:
+    """Write atomically: a temporary file in the same folder, then rename."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, stats in calibration.stats.items():
+        tensors[f"{name}.hessian"] = stats.hessian().contiguous()
+        tensors[f"{name}.sq_mean"] = stats.sq_mean().contiguous()
+    record = {"format": STATS_FORMAT, "version": STATS_VERSION, **meta, "aliases": calibration.aliases}
+    tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
+    try:
+        save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(record)})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_stats(path: Path, fingerprint: str) -> CalibStats:
+    """Load and validate a stats file for the model with this fingerprint."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise StatsFileError(f"calibration stats file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(_META_KEY)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise StatsFileError(f"{path}: not a readable safetensors stats file ({err})") from err
+    try:
+        meta = json.loads(raw) if raw else None
+    except json.JSONDecodeError as err:
+        raise StatsFileError(f"{path}: its manifest is not valid JSON") from err
+    if not isinstance(meta, dict) or meta.get("format") != STATS_FORMAT or meta.get("version") != STATS_VERSION:
+        raise StatsFileError(f"{path}: not an llmq calibration stats file (version {STATS_VERSION})")
+    if meta.get("model_fingerprint") != fingerprint:
+        raise StatsFileError(
+            f"{path} was made for another model ({meta.get('model', '?')}); run `llmq calibrate` for this one"
+        )
+    aliases = meta.get("aliases")
+    if not isinstance(aliases, dict):
+        raise StatsFileError(f"{path}: manifest has no alias table")
+    for linear, canonical in aliases.items():
+        h = tensors.get(f"{canonical}.hessian")
+        if h is None or h.dim() != 2 or h.shape[0] != h.shape[1] or not torch.isfinite(h).all():
+            raise StatsFileError(f"{path}: the Hessian for {linear} is missing or corrupt")
+    return CalibStats(path, meta, tensors)

@@ -1,0 +1,152 @@
+"""Calibration: exact streamed statistics, the stats file and its refusals, quantize --calib / --calib-data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from llmq.quant.calibrate import collect, sample_windows
+from llmq.quant.config import QuantConfig
+from llmq.runtime import models, perplexity, text
+
+CALIB = ("--dataset", "austen", "--samples", "4", "--seq-len", "64")
+
+
+@pytest.fixture(scope="module")
+def stats_file(tmp_path_factory, tiny_model):
+    from conftest import run_cli
+
+    path = tmp_path_factory.mktemp("stats") / "tiny.stats.safetensors"
+    result = run_cli("calibrate", str(tiny_model), "-o", str(path), *CALIB, "--json")
+    assert result.code == 0, result.stderr
+    return path
+
+
+def test_streamed_statistics_equal_full_model_hooks(tiny_model):
+    source = models.resolve_model(str(tiny_model))
+    config = models.load_config(source)
+    ids = perplexity.tokenize_stream(
+        models.load_tokenizer(source), text.load_text(text.Dataset.austen, None, text.Split.calib).text[:50_000]
+    )
+    windows = sample_windows(ids, 3, 48, seed=1)
+    calibration = collect(source, config, QuantConfig(), windows)
+    model = models.load_model(source, config, torch.device("cpu"), torch.float32)
+    sums: dict[str, list] = {}
+
+    def hook(name):
+        def record(module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            entry = sums.setdefault(name, [0, 0])
+            entry[0], entry[1] = entry[0] + x.T @ x, entry[1] + x.shape[0]
+
+        return record
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            module.register_forward_pre_hook(hook(name))
+    with torch.inference_mode():
+        for window in windows:
+            model(window[None])
+    assert set(sums) == set(calibration.aliases)
+    for name, (xtx, rows) in sums.items():
+        stats = calibration.stats[calibration.aliases[name]]
+        torch.testing.assert_close(stats.hessian(), (xtx / rows).float(), rtol=1e-5, atol=1e-6)
+    assert calibration.aliases["model.layers.0.self_attn.k_proj"] == "model.layers.0.self_attn.q_proj"
+    assert calibration.aliases["model.layers.0.mlp.up_proj"] == "model.layers.0.mlp.gate_proj"
+
+
+def test_stats_file_manifest(stats_file):
+    from safetensors import safe_open
+
+    with safe_open(str(stats_file), framework="pt") as f:
+        meta = json.loads(f.metadata()["llmq_calib"])
+    assert (meta["samples"], meta["seq_len"], meta["seed"], meta["tokens"]) == (4, 64, 0, 256)
+    assert meta["dataset"] == "austen:pride-and-prejudice" and len(meta["model_fingerprint"]) == 64
+
+
+def test_quantize_with_stats_records_provenance(cli, tiny_model, stats_file, tmp_path):
+    out = tmp_path / "gptq.llmq"
+    result = cli("quantize", str(tiny_model), "-o", str(out), "--g4", "16", "--calib", str(stats_file), "--json")
+    assert result.code == 0, result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["calibration"]["samples"] == 4 and manifest["calibration"]["file"] == stats_file.name
+    assert cli("eval", "ppl", str(out), "--dataset", "austen", "--seq-len", "64", "--max-tokens", "128", "-q").code == 0
+
+
+def test_inline_calibration_gives_the_same_artifact(cli, tiny_model, stats_file, tmp_path):
+    a, b = tmp_path / "a.llmq", tmp_path / "b.llmq"
+    assert cli("quantize", str(tiny_model), "-o", str(a), "--g4", "16", "--calib", str(stats_file), "-q").code == 0
+    inline = ("--calib-data", "austen", "--samples", "4", "--calib-seq-len", "64")
+    assert cli("quantize", str(tiny_model), "-o", str(b), "--g4", "16", *inline, "-q").code == 0
+    shards = sorted(p.name for p in a.glob("shard-*"))
+    assert all(load_file(a / s).keys() == load_file(b / s).keys() for s in shards)
+    for s in shards:
+        ta, tb = load_file(a / s), load_file(b / s)
+        assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_calibration_text_too_short(cli, tiny_model, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("Only a few words here, far too few for calibration.")
+    result = cli(
+        "calibrate",
+        str(tiny_model),
+        "-o",
+        str(tmp_path / "s.safetensors"),
+        "--text-file",
+        str(short),
+        "--samples",
+        "8",
+        "--seq-len",
+        "64",
+    )
+    assert result.code == 1 and "need at least 512" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["short.txt"]
+
+
+def test_stats_for_another_model_are_refused(cli, tiny_model, stats_file, tmp_path):
+    from conftest import build_tiny_model
+
+    other = build_tiny_model(tmp_path / "other", seed=5)
+    result = cli("quantize", str(other), "-o", str(tmp_path / "o.llmq"), "--calib", str(stats_file))
+    assert result.code == 1 and "made for another model" in result.stderr
+    assert not (tmp_path / "o.llmq").exists()
+
+
+def test_corrupted_stats_file_is_refused(cli, tiny_model, stats_file, tmp_path):
+    broken = tmp_path / "broken.safetensors"
+    shutil.copyfile(stats_file, broken)
+    data = bytearray(broken.read_bytes())
+    broken.write_bytes(bytes(data[: len(data) // 2]))
+    result = cli("quantize", str(tiny_model), "-o", str(tmp_path / "b.llmq"), "--calib", str(broken))
+    assert result.code == 1 and "not a readable safetensors stats file" in result.stderr
+
+    nan = tmp_path / "nan.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(stats_file), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(stats_file)
+    first = next(k for k in tensors if k.endswith(".hessian"))
+    tensors[first][0, 0] = float("nan")
+    save_file(tensors, str(nan), metadata=meta)
+    result = cli("quantize", str(tiny_model), "-o", str(tmp_path / "n.llmq"), "--calib", str(nan))
+    assert result.code == 1 and "missing or corrupt" in result.stderr
+
+
+def test_calib_and_calib_data_together_is_a_usage_error(cli, tiny_model, stats_file, tmp_path):
+    result = cli(
+        "quantize",
+        str(tiny_model),
+        "-o",
+        str(tmp_path / "x.llmq"),
+        "--calib",
+        str(stats_file),
+        "--calib-data",
+        "austen",
+    )
+    assert result.code == 2 and "not both" in result.stderr
