@@ -67,6 +67,10 @@ def quantize(
     samples: Annotated[int, typer.Option("--samples", min=1, help="Calibration windows for --calib-data.")] = 64,
     calib_seq_len: Annotated[int, typer.Option("--calib-seq-len", min=2, help="Tokens per calibration window.")] = 512,
     seed: Annotated[int, typer.Option("--seed", min=0, help="Seed for the calibration windows.")] = 0,
+    target_bits: Annotated[
+        float | None,
+        typer.Option("--target-bits", help="Model-wide bits per weight: stripes spread over Linears by sensitivity."),
+    ] = None,
     damp: Annotated[
         float | None, typer.Option("--damp", help="GPTQ dampening, share of the mean Hessian diagonal.")
     ] = None,
@@ -94,6 +98,8 @@ def quantize(
     )  # fmt: skip
     if calib is not None and calib_data is not None:
         raise UsageError("give --calib (a stats file) or --calib-data (calibrate now), not both")
+    if target_bits is not None and stripe_fraction is not None:
+        raise UsageError("--target-bits chooses the stripes per Linear; drop --stripe-fraction")
     if not dry_run:
         writer.check_output(output, force)
     models.check_model_spec(model, revision)
@@ -104,7 +110,14 @@ def quantize(
     out.info(f"model: {source.label}")
     model_config = models.load_config(source, trust_remote_code)
     dense = getattr(torch, _DENSE_DTYPES[dense_dtype]) if _DENSE_DTYPES[dense_dtype] else None
-    plan = pipeline.make_plan(source, model_config, config, dense)
+    stats = None
+    if not dry_run or calib is not None:
+        stats = _calibration(
+            out, source, model, calib, calib_data, samples, calib_seq_len, seed, revision, trust_remote_code
+        )
+    if dry_run and calib_data is not None and target_bits is not None:
+        out.info("dry run: stripes allocated without calibration data; the real run ranks them with its Hessians")
+    plan = pipeline.make_plan(source, model_config, config, dense, target_bits, stats)
     accounting = plan.accounting()
     document = {
         "command": "quantize",
@@ -116,12 +129,11 @@ def quantize(
         "config": config.to_json(),
         "accounting": accounting.to_json(),
     }
+    if stats is not None:
+        document["calibration"] = {k: v for k, v in stats.meta.items() if k != "aliases"}
+    if target_bits is not None:
+        document["target_bits"] = target_bits
     if not dry_run:
-        stats = _calibration(
-            out, source, model, calib, calib_data, samples, calib_seq_len, seed, revision, trust_remote_code
-        )
-        if stats is not None:
-            document["calibration"] = {k: v for k, v in stats.meta.items() if k != "aliases"}
         # SIGTERM (a scheduler's kill) unwinds like Ctrl-C, so the staging directory is removed.
         signal.signal(signal.SIGTERM, _interrupt)
         with out.progress("quantizing layers") as update:

@@ -18,16 +18,20 @@ class NonFiniteWeightError(LlmqError):
     """A weight to be quantized holds NaN or Inf."""
 
 
-def plan_layout(out_features: int, in_features: int, config: QuantConfig) -> L.LinearLayout:
-    """The layout a weight of this shape gets under ``config``: data-independent, so dry runs are exact."""
-    k4 = stripe_width(in_features, config.stripe_fraction, config.g4)
+def plan_layout(out_features: int, in_features: int, config: QuantConfig, k4: int | None = None) -> L.LinearLayout:
+    """The layout a weight of this shape gets: ``k4`` stripe channels, by default the config's fraction."""
+    k4 = stripe_width(in_features, config.stripe_fraction, config.g4) if k4 is None else k4
     k2 = in_features - k4
     n_outliers = round(config.outlier_fraction * out_features * k2)
     return L.LinearLayout(out_features, in_features, k4, config.g1, config.g2, config.g4, config.scale_bits, n_outliers)
 
 
 def quantize_weight(
-    name: str, weight: torch.Tensor, config: QuantConfig, hessian: torch.Tensor | None = None
+    name: str,
+    weight: torch.Tensor,
+    config: QuantConfig,
+    hessian: torch.Tensor | None = None,
+    layout: L.LinearLayout | None = None,
 ) -> tuple[L.LinearLayout, dict[str, torch.Tensor]]:
     """``weight`` ``[N, K]`` (any float dtype) -> its layout and packed tensors (name suffix -> tensor).
 
@@ -39,7 +43,7 @@ def quantize_weight(
     if not torch.isfinite(w).all():
         bad = int((~torch.isfinite(w)).sum())
         raise NonFiniteWeightError(f"tensor {name} has {bad} NaN/Inf value(s); fix the checkpoint before quantizing")
-    layout = plan_layout(*w.shape, config)
+    layout = layout or plan_layout(*w.shape, config)
     scores = range_score(w, config.g1) if hessian is None else hessian_score(w, hessian, config)
     perm = select_channels(scores, layout.k4)
     packed = w[:, perm.long()]
@@ -59,10 +63,12 @@ def quantize_weight(
     return layout, tensors
 
 
-def hessian_score(w: torch.Tensor, hessian: torch.Tensor, config: QuantConfig) -> torch.Tensor:
+def hessian_score(w: torch.Tensor, hessian: torch.Tensor | None, config: QuantConfig) -> torch.Tensor:
     """Per channel: the extra squared error of 2-bit over 4-bit rounding, weighted by ``H[c, c]``.
 
     ``H[c, c] = E[x_c²]``, so this is the output error each channel would add if left in 2-bit.
+    Without a Hessian every channel gets unit energy: the weight error alone (used to compare
+    Linears when spreading a bit budget without calibration data).
     The errors come from min/max rounding: the ranking only needs their size, and the clipping
     search would cost as much again as the quantization itself.
     """
@@ -76,7 +82,8 @@ def hessian_score(w: torch.Tensor, hessian: torch.Tensor, config: QuantConfig) -
     pad4 = (-k) % config.g4
     four = quantize_4bit(torch.nn.functional.pad(w, (0, pad4)), config.g4, Rounding.minmax)
     err4 = (_decode_four(four, config.g4)[:, :k] - w) ** 2
-    return torch.diag(hessian).clamp(min=0) * (err2 - err4).sum(0)
+    energy = torch.ones(k) if hessian is None else torch.diag(hessian).clamp(min=0)
+    return energy * (err2 - err4).sum(0)
 
 
 def _decode_two(two: TwoBit, g1: int, g2: int) -> torch.Tensor:

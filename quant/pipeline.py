@@ -45,7 +45,17 @@ class Plan:
         return account(self.linears, self.dense)
 
 
-def make_plan(source: ModelSource, model_config, config: QuantConfig, dense_dtype: torch.dtype | None) -> Plan:
+def make_plan(
+    source: ModelSource,
+    model_config,
+    config: QuantConfig,
+    dense_dtype: torch.dtype | None,
+    target_bits: float | None = None,
+    stats: CalibStats | None = None,
+) -> Plan:
+    """The layouts to write. With ``target_bits`` the stripes are spread over the Linears by
+    :mod:`llmq.quant.budget`, scored with the Hessians in ``stats`` if given (one extra read of
+    every weight); otherwise every Linear gets the config's stripe fraction."""
     skeleton = _skeleton(model_config)
     key_files = _source_keys(source.path)
     params = _expected_params(skeleton, key_files)
@@ -67,7 +77,27 @@ def make_plan(source: ModelSource, model_config, config: QuantConfig, dense_dtyp
             dtype, shape = shape_dtype
             dense[key] = (dense_dtype or _default_dense_dtype(dtype), shape)
     units = sorted({_unit(k) for k in params} - {REST}, key=int) + [REST]
+    if target_bits is not None:
+        linears = _budgeted(linears, key_files, config, target_bits, stats)
     return Plan(linears, biases, dense, {k: key_files[k] for k in params}, units)
+
+
+def _budgeted(linears, key_files, config: QuantConfig, target_bits: float, stats) -> dict[str, LinearLayout]:
+    from safetensors import safe_open
+
+    from llmq.quant.budget import allocate
+    from llmq.quant.linear import hessian_score
+
+    scores = {}
+    for name, layout in linears.items():
+        with safe_open(str(key_files[f"{name}.weight"]), framework="pt") as f:
+            weight = f.get_tensor(f"{name}.weight").float()
+        scores[name] = hessian_score(weight, _hessian(stats, name, layout.in_features), config)
+    factories = {
+        name: (lambda k4, n=lay.out_features, k=lay.in_features: plan_layout(n, k, config, k4))
+        for name, lay in linears.items()
+    }
+    return allocate(factories, scores, target_bits)
 
 
 def _default_dense_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -194,7 +224,7 @@ def _write_units(plan: Plan, config: QuantConfig, writer: ArtifactWriter, on_uni
             linear = key.removesuffix(".weight")
             if key.endswith(".weight") and linear in plan.linears:
                 hessian = _hessian(stats, linear, plan.linears[linear].in_features)
-                layout, packed = quantize_weight(key, value, config, hessian)
+                layout, packed = quantize_weight(key, value, config, hessian, plan.linears[linear])
                 assert layout == plan.linears[linear]
                 tensors.update({f"{linear}.{suffix}": t for suffix, t in packed.items()})
                 shards[linear] = A.SHARD_PATTERN.format(index)

@@ -33,7 +33,9 @@ def test_kl_matches_a_hand_computation(tiny_model):
     _, other = _load(tiny_model)
     with torch.no_grad():
         other.lm_head.weight.mul_(1.5)
-    ids = perplexity.tokenize_stream(tokenizer, text.load_text(text.Dataset.austen, None, text.Split.eval).text[:3000])[:64]
+    ids = perplexity.tokenize_stream(tokenizer, text.load_text(text.Dataset.austen, None, text.Split.eval).text[:3000])[
+        :64
+    ]
     result = kl_divergence(base, other, ids, 64, 64)
     with torch.inference_mode():
         p = torch.log_softmax(base(ids[None]).logits[0, :-1].double(), -1)
