@@ -83,6 +83,14 @@ class FourBit:
     scale: torch.Tensor  # fp16 [N, k4 / g4]
     zero: torch.Tensor  # int64 [N, k4 / g4]
 
+    def column_grid(self, g4: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each column's (scale, zero), fp32 ``[N, k4]``."""
+        return self.scale.float().repeat_interleave(g4, 1), self.zero.float().repeat_interleave(g4, 1)
+
+    def decode(self, g4: int) -> torch.Tensor:
+        scale, zero = self.column_grid(g4)
+        return scale * (self.codes - zero)
+
 
 def quantize_4bit(w: torch.Tensor, g4: int, rounding: Rounding) -> FourBit:
     """INT4 codes, INT4 zero and an fp16 scale per group of ``g4`` along the last dim of ``w`` ``[N, k4]``."""
@@ -101,6 +109,15 @@ class TwoBit:
     scale_code: torch.Tensor  # int64 [N, G]
     block_scale: torch.Tensor  # fp16 [N, B]
     block_zero: torch.Tensor  # int64 [N, B]
+
+    def column_grid(self, g1: int, g2: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each column's (scale, zero) after the second-order decode, fp32 ``[N, k2p]``."""
+        scale = _group_scales(self.block_scale, self.block_zero, self.scale_code, g2)
+        return scale.repeat_interleave(g1, 1), self.zero.float().repeat_interleave(g1, 1)
+
+    def decode(self, g1: int, g2: int) -> torch.Tensor:
+        scale, zero = self.column_grid(g1, g2)
+        return scale * (self.codes - zero)
 
 
 def quantize_2bit(w: torch.Tensor, mask: torch.Tensor, g1: int, g2: int, scale_bits: int, rounding: Rounding) -> TwoBit:

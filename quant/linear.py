@@ -9,7 +9,7 @@ import torch
 from llmq.errors import LlmqError
 from llmq.quant.config import QuantConfig, Rounding
 from llmq.quant.gptq import gptq_round
-from llmq.quant.groups import FourBit, TwoBit, quantize_2bit, quantize_4bit
+from llmq.quant.groups import TwoBit, quantize_2bit, quantize_4bit
 from llmq.quant.select import range_score, select_channels, stripe_width
 from llmq.runtime import layout as L
 
@@ -78,36 +78,26 @@ def hessian_score(w: torch.Tensor, hessian: torch.Tensor | None, config: QuantCo
     mask = torch.ones_like(padded)
     mask[:, k:] = 0
     two = quantize_2bit(padded, mask, config.g1, config.g2, config.scale_bits, Rounding.minmax)
-    err2 = (_decode_two(two, config.g1, config.g2)[:, :k] - w) ** 2
+    err2 = (two.decode(config.g1, config.g2)[:, :k] - w) ** 2
     pad4 = (-k) % config.g4
     four = quantize_4bit(torch.nn.functional.pad(w, (0, pad4)), config.g4, Rounding.minmax)
-    err4 = (_decode_four(four, config.g4)[:, :k] - w) ** 2
+    err4 = (four.decode(config.g4)[:, :k] - w) ** 2
     energy = torch.ones(k) if hessian is None else torch.diag(hessian).clamp(min=0)
     return energy * (err2 - err4).sum(0)
-
-
-def _decode_two(two: TwoBit, g1: int, g2: int) -> torch.Tensor:
-    block = torch.arange(two.zero.shape[1]) // g2
-    scale = two.block_scale.float()[:, block] * (two.scale_code + two.block_zero[:, block]).float()
-    return (scale.repeat_interleave(g1, 1)) * (two.codes - two.zero.repeat_interleave(g1, 1)).float()
-
-
-def _decode_four(four: FourBit, g4: int) -> torch.Tensor:
-    return four.scale.float().repeat_interleave(g4, 1) * (four.codes - four.zero.repeat_interleave(g4, 1)).float()
 
 
 def _gptq(packed, hessian, two, four, layout: L.LinearLayout, config: QuantConfig):
     """Re-derive the codes of both parts with GPTQ on their fixed grids, in packed column order."""
     scales, zeros, qmax = [], [], []
     if two is not None:
-        block = torch.arange(layout.groups2) // layout.g2
-        group_scale = two.block_scale.float()[:, block] * (two.scale_code + two.block_zero[:, block]).float()
-        scales.append(group_scale.repeat_interleave(layout.g1, 1)[:, : layout.k2])
-        zeros.append(two.zero.float().repeat_interleave(layout.g1, 1)[:, : layout.k2])
+        scale, zero = two.column_grid(layout.g1, layout.g2)
+        scales.append(scale[:, : layout.k2])
+        zeros.append(zero[:, : layout.k2])
         qmax.append(torch.full((layout.k2,), 3.0))
     if four is not None:
-        scales.append(four.scale.float().repeat_interleave(layout.g4, 1))
-        zeros.append(four.zero.float().repeat_interleave(layout.g4, 1))
+        scale, zero = four.column_grid(layout.g4)
+        scales.append(scale)
+        zeros.append(zero)
         qmax.append(torch.full((layout.k4,), 15.0))
     codes = gptq_round(packed, hessian, torch.cat(scales, 1), torch.cat(zeros, 1), torch.cat(qmax), config.gptq_damp)
     if two is not None:

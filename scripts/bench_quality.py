@@ -121,16 +121,8 @@ def _simulate_unaligned(w, layout, config, torch, quantize_2bit, quantize_4bit, 
     mask[:, layout.k2 :] = 0
     w2p = torch.cat([w2, w2[:, -1:].expand(n, pad)], 1) if pad else w2
     two = quantize_2bit(w2p, mask, layout.g1, layout.g2, layout.scale_bits, config.rounding)
-    block = torch.arange(layout.groups2) // layout.g2
-    scale = two.block_scale.float()[:, block] * (two.scale_code + two.block_zero[:, block]).float()
-    deq2 = (scale.repeat_interleave(layout.g1, 1) * (two.codes - two.zero.repeat_interleave(layout.g1, 1)).float())[
-        :, : layout.k2
-    ]
-    four = quantize_4bit(w4, layout.g4, config.rounding)
-    deq4 = (
-        four.scale.float().repeat_interleave(layout.g4, 1)
-        * (four.codes - four.zero.repeat_interleave(layout.g4, 1)).float()
-    )
+    deq2 = two.decode(layout.g1, layout.g2)[:, : layout.k2]
+    deq4 = quantize_4bit(w4, layout.g4, config.rounding).decode(layout.g4)
     out = torch.empty_like(w)
     out.scatter_(1, rest, deq2)
     out.scatter_(1, chosen, deq4)
