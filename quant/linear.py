@@ -55,7 +55,8 @@ def quantize_weight(
     if two is not None:
         tensors.update(_pack_2bit(two, layout))
         if layout.n_outliers:
-            tensors.update(_outliers(packed[:, : layout.k2], tensors, layout))
+            energy = None if hessian is None else torch.diag(hessian)[perm[: layout.k2].long()].clamp(min=0)
+            tensors.update(_outliers(packed[:, : layout.k2], two, layout, energy))
     if four is not None:
         tensors["qweight4"] = L.pack_codes(four.codes, 4)
         tensors["scale4"] = four.scale
@@ -130,12 +131,17 @@ def _pack_2bit(two: TwoBit, layout: L.LinearLayout) -> dict[str, torch.Tensor]:
     }
 
 
-def _outliers(w2: torch.Tensor, tensors: dict[str, torch.Tensor], layout: L.LinearLayout) -> dict[str, torch.Tensor]:
-    """The 2-bit weights with the largest remaining error, stored as fp16 corrections in CSR order."""
-    no_outliers = L.LinearLayout(**{**layout.to_json(), "k4": 0, "in_features": layout.k2, "n_outliers": 0})
-    decoded = L._decode_2bit(tensors, no_outliers)[:, : layout.k2]
-    residual = w2 - decoded
-    flat = torch.topk(residual.abs().flatten(), layout.n_outliers).indices.sort().values  # row-major = CSR order
+def _outliers(
+    w2: torch.Tensor, two: TwoBit, layout: L.LinearLayout, energy: torch.Tensor | None
+) -> dict[str, torch.Tensor]:
+    """The 2-bit weights whose remaining error contributes most, stored as fp16 corrections in CSR order.
+
+    Contribution is the squared residual, times the channel's input energy ``H[c, c]`` when a
+    Hessian is known (so, after GPTQ, the output error each correction removes).
+    """
+    residual = w2 - two.decode(layout.g1, layout.g2)[:, : layout.k2]
+    contribution = residual**2 if energy is None else residual**2 * energy
+    flat = torch.topk(contribution.flatten(), layout.n_outliers).indices.sort().values  # row-major = CSR order
     rows, cols = flat // layout.k2, flat % layout.k2
     counts = torch.bincount(rows, minlength=layout.out_features)
     rowptr = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])

@@ -57,3 +57,14 @@ def test_dead_channels_do_not_break_gptq():
     w = torch.randn(4, 32)
     layout, tensors = quantize_weight("w", w, QuantConfig(g1=16, g4=16, stripe_fraction=0.0), hessian=x.T @ x / 512)
     assert torch.isfinite(L.dequantize(tensors, layout)).all()
+
+
+def test_outliers_after_gptq_follow_the_input_energy():
+    x = _correlated_inputs(1024, 64)
+    x[:, :32] *= 0.01  # the first half of the channels barely matters to the output
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(3))
+    config = QuantConfig(g1=16, g4=16, stripe_fraction=0.0, outlier_fraction=0.05)
+    layout, tensors = quantize_weight("w", w, config, hessian=x.T @ x / 1024)
+    channels = tensors["perm"][tensors["outlier_col"].long()]
+    assert layout.n_outliers == len(channels) > 0
+    assert float((channels >= 32).float().mean()) > 0.9
