@@ -32,19 +32,22 @@ def quantize_weight(
     config: QuantConfig,
     hessian: torch.Tensor | None = None,
     layout: L.LinearLayout | None = None,
+    scores: torch.Tensor | None = None,
 ) -> tuple[L.LinearLayout, dict[str, torch.Tensor]]:
     """``weight`` ``[N, K]`` (any float dtype) -> its layout and packed tensors (name suffix -> tensor).
 
     Without ``hessian`` (``[K, K]``, ``E[x xᵀ]`` of the layer's inputs) this is round-to-nearest
     with range-based stripes. With it, stripes are ranked by Hessian-weighted error and the codes
-    come from GPTQ on the same grids.
+    come from GPTQ on the same grids. ``layout`` and ``scores`` ([K]) come from a bit budget, which
+    has already chosen this Linear's stripe width and scored its channels.
     """
     w = weight.detach().to(torch.float32)
     if not torch.isfinite(w).all():
         bad = int((~torch.isfinite(w)).sum())
         raise NonFiniteWeightError(f"tensor {name} has {bad} NaN/Inf value(s); fix the checkpoint before quantizing")
     layout = layout or plan_layout(*w.shape, config)
-    scores = range_score(w, config.g1) if hessian is None else hessian_score(w, hessian, config)
+    if scores is None:
+        scores = range_score(w, config.g1) if hessian is None else hessian_score(w, hessian, config)
     perm = select_channels(scores, layout.k4)
     packed = w[:, perm.long()]
     two = _fit_2bit(packed[:, : layout.k2], layout, config) if layout.k2 else None

@@ -18,8 +18,9 @@ import torch
 
 from llmq import __version__
 from llmq.errors import LlmqError, ModelSourceError
+from llmq.quant.budget import allocate
 from llmq.quant.config import QuantConfig
-from llmq.quant.linear import NonFiniteWeightError, plan_layout, quantize_weight
+from llmq.quant.linear import NonFiniteWeightError, hessian_score, plan_layout, quantize_weight
 from llmq.quant.statsfile import CalibStats, StatsFileError
 from llmq.quant.writer import ArtifactWriter, check_output, remove_stale_staging
 from llmq.runtime import artifact as A
@@ -40,6 +41,7 @@ class Plan:
     dense: dict[str, tuple[torch.dtype, tuple[int, ...]]]
     key_files: dict[str, Path]  # tensor name -> source safetensors file
     units: list[str]  # "0", "1", ... then "rest"
+    scores: dict[str, torch.Tensor] | None = None  # channel scores the budget used; reused to pick stripes
 
     def accounting(self) -> Accounting:
         return account(self.linears, self.dense)
@@ -77,27 +79,27 @@ def make_plan(
             dtype, shape = shape_dtype
             dense[key] = (dense_dtype or _default_dense_dtype(dtype), shape)
     units = sorted({_unit(k) for k in params} - {REST}, key=int) + [REST]
+    scores = None
     if target_bits is not None:
-        linears = _budgeted(linears, key_files, config, target_bits, stats)
-    return Plan(linears, biases, dense, {k: key_files[k] for k in params}, units)
+        scores = _channel_scores(linears, key_files, config, stats)
+        factories = {
+            name: (lambda k4, n=lay.out_features, k=lay.in_features: plan_layout(n, k, config, k4))
+            for name, lay in linears.items()
+        }
+        linears = allocate(factories, scores, target_bits)
+    return Plan(linears, biases, dense, {k: key_files[k] for k in params}, units, scores)
 
 
-def _budgeted(linears, key_files, config: QuantConfig, target_bits: float, stats) -> dict[str, LinearLayout]:
+def _channel_scores(linears, key_files, config: QuantConfig, stats) -> dict[str, torch.Tensor]:
+    """One read of every selected weight: each channel's 2-bit-over-4-bit error (Hessian-weighted if known)."""
     from safetensors import safe_open
-
-    from llmq.quant.budget import allocate
-    from llmq.quant.linear import hessian_score
 
     scores = {}
     for name, layout in linears.items():
         with safe_open(str(key_files[f"{name}.weight"]), framework="pt") as f:
             weight = f.get_tensor(f"{name}.weight").float()
         scores[name] = hessian_score(weight, _hessian(stats, name, layout.in_features), config)
-    factories = {
-        name: (lambda k4, n=lay.out_features, k=lay.in_features: plan_layout(n, k, config, k4))
-        for name, lay in linears.items()
-    }
-    return allocate(factories, scores, target_bits)
+    return scores
 
 
 def _default_dense_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -224,7 +226,8 @@ def _write_units(plan: Plan, config: QuantConfig, writer: ArtifactWriter, on_uni
             linear = key.removesuffix(".weight")
             if key.endswith(".weight") and linear in plan.linears:
                 hessian = _hessian(stats, linear, plan.linears[linear].in_features)
-                layout, packed = quantize_weight(key, value, config, hessian, plan.linears[linear])
+                scores = plan.scores.get(linear) if plan.scores else None
+                layout, packed = quantize_weight(key, value, config, hessian, plan.linears[linear], scores)
                 assert layout == plan.linears[linear]
                 tensors.update({f"{linear}.{suffix}": t for suffix, t in packed.items()})
                 shards[linear] = A.SHARD_PATTERN.format(index)
