@@ -83,7 +83,7 @@ def run_calibration(out: Reporter, model, dataset, text_file, samples, seq_len, 
     from llmq.runtime import models, text
 
     models.check_model_spec(model, revision)
-    loaded = text.load_text(dataset if dataset or text_file else text.Dataset.wikitext2, text_file, text.Split.calib)
+    loaded = text.load_text(dataset, text_file, text.Split.calib, default=text.Dataset.wikitext2)
     quiet_libraries(out.show_progress)
     source = models.resolve_model(model, revision=revision, progress=out.show_progress, log=out.info)
     out.info(f"model: {source.label}")

@@ -52,7 +52,7 @@ def kld(
     torch_dtype = resolve_dtype(dtype, torch_device)
     models.check_model_spec(model)
     models.check_model_spec(base)
-    loaded = text.load_text(dataset if dataset or text_file else text.Dataset.wikitext2, text_file, text.Split.eval)
+    loaded = text.load_text(dataset, text_file, text.Split.eval, default=text.Dataset.wikitext2)
     quiet_libraries(out.show_progress)
     sources = [models.resolve_model(spec, progress=out.show_progress, log=out.info) for spec in (model, base)]
     configs = [models.load_config(s, trust_remote_code) for s in sources]

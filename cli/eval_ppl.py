@@ -76,9 +76,7 @@ def ppl(
 
     # Cheap checks first: a bad MODEL path or --text-file fails before anything is downloaded or built.
     models.check_model_spec(model, revision)
-    loaded = text.load_text(
-        text.Dataset.wikitext2 if dataset is None and text_file is None else dataset, text_file, text.Split.eval
-    )
+    loaded = text.load_text(dataset, text_file, text.Split.eval, default=text.Dataset.wikitext2)
     source = models.resolve_model(model, revision=revision, progress=out.show_progress, log=out.info)
     out.info(f"model: {source.label}")
     config = models.load_config(source, trust_remote_code)

@@ -104,16 +104,16 @@ def _as_tensor(output) -> torch.Tensor:
 def _skeleton_with_embeddings(model_config, key_files: dict[str, Path]):
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
-    from safetensors import safe_open
     from transformers import AutoModelForCausalLM
+
+    from llmq.quant.pipeline import read_tensor
 
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
     name = "model.embed_tokens.weight"
     if name not in key_files:
         raise UsageError(f"calibration expects a Llama-style model with {name}; this checkpoint has none")
-    with safe_open(str(key_files[name]), framework="pt") as f:
-        set_module_tensor_to_device(model, name, "cpu", value=f.get_tensor(name).float())
+    set_module_tensor_to_device(model, name, "cpu", value=read_tensor(key_files, name).float())
     return model.eval()
 
 
@@ -142,14 +142,14 @@ def _first_layer_inputs(model, windows: torch.Tensor):
 
 def _load_layer(model, index: int, key_files: dict[str, Path]):
     from accelerate.utils import set_module_tensor_to_device
-    from safetensors import safe_open
+
+    from llmq.quant.pipeline import read_tensor
 
     prefix = f"model.layers.{index}."
     layer = model.model.layers[index]
     for name, _ in list(layer.named_parameters()):
         key = prefix + name
-        with safe_open(str(key_files[key]), framework="pt") as f:
-            set_module_tensor_to_device(model, key, "cpu", value=f.get_tensor(key).float())
+        set_module_tensor_to_device(model, key, "cpu", value=read_tensor(key_files, key).float())
     return layer
 
 

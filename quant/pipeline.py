@@ -92,12 +92,9 @@ def make_plan(
 
 def _channel_scores(linears, key_files, config: QuantConfig, stats) -> dict[str, torch.Tensor]:
     """One read of every selected weight: each channel's 2-bit-over-4-bit error (Hessian-weighted if known)."""
-    from safetensors import safe_open
-
     scores = {}
     for name, layout in linears.items():
-        with safe_open(str(key_files[f"{name}.weight"]), framework="pt") as f:
-            weight = f.get_tensor(f"{name}.weight").float()
+        weight = read_tensor(key_files, f"{name}.weight").float()
         scores[name] = hessian_score(weight, _hessian(stats, name, layout.in_features), config)
     return scores
 
@@ -129,6 +126,14 @@ def _source_keys(folder: Path) -> dict[str, Path]:
         except (SafetensorError, OSError) as err:
             raise ModelSourceError(f"{file}: unreadable safetensors file ({err})") from err
     return keys
+
+
+def read_tensor(key_files: dict[str, Path], name: str) -> torch.Tensor:
+    """One tensor from the memory-mapped source file that holds it; the mapping is closed again."""
+    from safetensors import safe_open
+
+    with safe_open(str(key_files[name]), framework="pt") as f:
+        return f.get_tensor(name)
 
 
 def _expected_params(skeleton, key_files: dict[str, Path]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
@@ -212,8 +217,6 @@ def _hessian(stats: CalibStats | None, linear: str, in_features: int) -> torch.T
 
 
 def _write_units(plan: Plan, config: QuantConfig, writer: ArtifactWriter, on_unit, stats) -> dict[str, str]:
-    from safetensors import safe_open
-
     shards: dict[str, str] = {}
     by_unit: dict[str, list[str]] = {u: [] for u in plan.units}
     for key in plan.key_files:
@@ -221,8 +224,7 @@ def _write_units(plan: Plan, config: QuantConfig, writer: ArtifactWriter, on_uni
     for index, unit in enumerate(plan.units):
         tensors: dict[str, torch.Tensor] = {}
         for key in sorted(by_unit[unit]):
-            with safe_open(str(plan.key_files[key]), framework="pt") as f:
-                value = f.get_tensor(key)
+            value = read_tensor(plan.key_files, key)
             linear = key.removesuffix(".weight")
             if key.endswith(".weight") and linear in plan.linears:
                 hessian = _hessian(stats, linear, plan.linears[linear].in_features)

@@ -3,18 +3,13 @@
 A stripe is a set of whole input channels (columns of ``W [N, K]``) shared by every output row,
 so the 4-bit part is a dense ``[N, k4]`` matrix that the kernels load without straddling the
 2-bit part. The number of 4-bit channels is a multiple of ``g4`` (whole 4-bit groups). Which
-channels: the ones a scorer ranks highest. Scorers are pluggable, so calibration statistics can
-drive the choice later; the data-free default is range-based.
+channels: the ones with the highest score, data-free :func:`range_score` here, or the
+Hessian-weighted ``llmq.quant.linear.hessian_score`` when calibration statistics exist.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-
-# (weight [N, K] fp32, g1) -> score [K]; higher means "more 2-bit error, promote to 4-bit first".
-ChannelScorer = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 def range_score(weight: torch.Tensor, g1: int) -> torch.Tensor:

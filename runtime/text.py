@@ -51,10 +51,12 @@ _WIKITEXT = ("Salesforce/wikitext", "wikitext-2-raw-v1")
 _WIKITEXT_SPLITS = {Split.eval: "test", Split.calib: "train"}
 
 
-def load_text(dataset: Dataset | None, text_file: Path | None, split: Split) -> Text:
-    """Load exactly one of ``dataset`` or ``text_file``; the caller supplies the default dataset."""
+def load_text(dataset: Dataset | None, text_file: Path | None, split: Split, default: Dataset | None = None) -> Text:
+    """Load exactly one of ``dataset`` or ``text_file``; ``default`` when neither is given."""
     if dataset is not None and text_file is not None:
         raise UsageError("give either --dataset or --text-file, not both")
+    if dataset is None and text_file is None:
+        dataset = default
     if text_file is not None:
         return _load_file(text_file)
     if dataset == Dataset.austen:

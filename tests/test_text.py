@@ -46,6 +46,13 @@ def test_neither_source_is_a_usage_error():
         load_text(None, None, Split.eval)
 
 
+def test_default_applies_only_when_neither_source_is_given(tmp_path):
+    assert load_text(None, None, Split.eval, default=Dataset.austen).source == "austen:persuasion"
+    path = tmp_path / "t.txt"
+    path.write_text("text")
+    assert load_text(None, path, Split.eval, default=Dataset.austen).source == f"file:{path}"
+
+
 def test_wikitext_rows_are_joined_with_blank_lines():
     assert text.join_wikitext_rows(["a", "", " = b = ", "c"]) == "a\n\n\n\n = b = \n\nc"
 
