@@ -54,6 +54,10 @@ class Reporter:
         if not self.quiet:
             self.err.print(message, markup=False, soft_wrap=True)
 
+    def warn(self, message: str) -> None:
+        """Shown even with --quiet: something the user should act on."""
+        self.err.print(f"warning: {message}", markup=False, soft_wrap=True)
+
     def result(self, text: str) -> None:
         if not self.json_mode:
             sys.stdout.write(text + "\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Annotated
 
@@ -34,6 +35,13 @@ def kld(
         int | None, typer.Option("--stride", min=1, help="Window start spacing (default: --seq-len).")
     ] = None,
     max_tokens: Annotated[int | None, typer.Option("--max-tokens", min=2, help="Use only the first N tokens.")] = None,
+    cache_base: Annotated[
+        bool,
+        typer.Option(
+            "--cache-base",
+            help="Keep BASE's log-probs in the cache directory and reuse them; a hit skips loading BASE.",
+        ),
+    ] = False,
     device: Device = "auto",
     dtype: DTypeOpt = DType.auto,
     trust_remote_code: TrustRemoteCode = False,
@@ -65,12 +73,18 @@ def kld(
     perplexity.require_one_window(len(ids[0]), seq_len, loaded.source)
     out.info(f"model: {sources[0].label}")
     out.info(f"base:  {sources[1].label}")
-    lms = [
-        models.load_model(s, c, torch_device, torch_dtype, trust_remote_code)
-        for s, c in zip(sources, configs, strict=True)
-    ]
-    with out.progress("kl divergence") as update:
-        result = kl_divergence(lms[1], lms[0], ids[0], seq_len, stride, max_tokens, on_window=update)
+    lm = models.load_model(sources[0], configs[0], torch_device, torch_dtype, trust_remote_code)
+    protocol = {
+        "seq_len": seq_len, "stride": stride, "max_tokens": max_tokens,
+        "dtype": dtype_name(torch_dtype), "device": torch_device.type,
+    }  # fmt: skip
+
+    def load_base():
+        return models.load_model(sources[1], configs[1], torch_device, torch_dtype, trust_remote_code)
+
+    with _base_log_probs(out, sources[1], configs[1], ids[1], protocol, cache_base, load_base) as base_lp:
+        with out.progress("kl divergence") as update:
+            result = kl_divergence(base_lp, lm, ids[0], seq_len, stride, max_tokens, on_window=update)
     document = {
         "command": "eval kld",
         "llmq_version": __version__,
@@ -84,6 +98,7 @@ def kld(
             "stride": stride,
             "max_tokens": max_tokens,
             "kl": "KL(P_base || P_model) per scored token, fp32",
+            "base_log_probs": "cached, float16" if cache_base else "computed",
         },
         "result": {
             "kl_mean": result.mean,
@@ -110,3 +125,34 @@ def kld(
         f"(ppl {result.ppl_quant:.3f} vs base {result.ppl_base:.3f}; "
         f"{loaded.source}, {result.tokens_scored} tokens, {result.seconds:.1f} s)"
     )
+
+
+@contextlib.contextmanager
+def _base_log_probs(out, source, config, ids, protocol: dict, cache_base: bool, load):
+    """The base side of the KL: ``load()``'s model, or its log-probs from (or recorded into) the cache.
+
+    ``protocol`` (seq_len, stride, max_tokens, dtype, device) is part of the cache key."""
+    from llmq.runtime import logit_cache
+    from llmq.runtime.kld import model_log_probs, scored_tokens
+
+    scored = scored_tokens(len(ids), protocol["seq_len"], protocol["stride"], protocol["max_tokens"])
+    if not cache_base:
+        yield model_log_probs(load())
+        return
+    key = logit_cache.base_key(source.path, ids, protocol)
+    path = logit_cache.cache_path(key)
+    cached = logit_cache.load(path, key, sum(scored))
+    if cached is not None:
+        out.info(f"base log-probs: reusing {path}")
+        yield logit_cache.cached_base(cached, scored)
+        return
+    size = logit_cache.size_bytes(sum(scored), config.vocab_size)
+    if size > logit_cache.LARGE_BYTES:
+        out.warn(f"caching the base log-probs writes {size / 1e9:.2f} GB to {path.parent}")
+    recorder = logit_cache.Recorder(path, key, sum(scored), config.vocab_size)
+    try:
+        yield logit_cache.recording_base(model_log_probs(load()), recorder)
+        recorder.commit()
+        out.info(f"base log-probs: cached in {path}")
+    finally:
+        recorder.discard()

@@ -21,7 +21,7 @@ from llmq.cli.common import (
     render_accounting,
     source_json,
 )
-from llmq.quant.config import DEFAULT_PRESET, PRESETS, Rounding
+from llmq.quant.config import DEFAULT_PRESET, PRESETS, Rounding, Selection
 
 _PRESET_HELP = "Starting point: " + "; ".join(f"{p.name}: {p.summary}" for p in PRESETS.values()) + "."
 _DENSE_DTYPES = {"auto": None, "fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
@@ -44,6 +44,10 @@ def quantize(
         float | None, typer.Option("--outliers", help="Share of 2-bit weights kept as fp16 corrections (0-0.05).")
     ] = None,
     rounding: Annotated[Rounding | None, typer.Option("--rounding", help="Group scale/zero choice.")] = None,
+    selection: Annotated[
+        Selection | None,
+        typer.Option("--selection", help="Stripe channel ranking; auto = hessian with calibration, else range."),
+    ] = None,
     include: Annotated[
         list[str] | None, typer.Option("--include", help="fnmatch pattern of Linear names to quantize (repeatable).")
     ] = None,
@@ -93,11 +97,13 @@ def quantize(
         raise UsageError(f"--dense-dtype {dense_dtype!r} must be one of {', '.join(_DENSE_DTYPES)}")
     config = preset_config(
         preset, g1=g1, g2=g2, g4=g4, stripe_fraction=stripe_fraction, scale_bits=scale_bits,
-        outlier_fraction=outliers, rounding=rounding, gptq_damp=damp,
+        outlier_fraction=outliers, rounding=rounding, selection=selection, gptq_damp=damp,
         include=tuple(include) if include else None, exclude=tuple(exclude) if exclude else None,
     )  # fmt: skip
     if calib is not None and calib_data is not None:
         raise UsageError("give --calib (a stats file) or --calib-data (calibrate now), not both")
+    if config.selection == Selection.hessian and calib is None and calib_data is None:
+        raise UsageError("--selection hessian ranks channels with calibration statistics; add --calib or --calib-data")
     if target_bits is not None and stripe_fraction is not None:
         raise UsageError("--target-bits chooses the stripes per Linear; drop --stripe-fraction")
     if not dry_run:

@@ -22,6 +22,14 @@ class Rounding(str, enum.Enum):
     search = "search"  # the min/max candidates and shrunken ranges, keep the lowest squared error
 
 
+class Selection(str, enum.Enum):
+    """How the input channels of the 4-bit stripes are ranked."""
+
+    auto = "auto"  # hessian when calibration statistics are given, range otherwise
+    range = "range"  # data-free: how far each channel stretches its 2-bit groups' ranges
+    hessian = "hessian"  # 2-bit-over-4-bit error weighted by E[x_c^2]; needs calibration
+
+
 # Linears inside the decoder blocks; embeddings, norms and the LM head stay 16-bit by default.
 DEFAULT_INCLUDE = ("*.layers.*",)
 
@@ -35,6 +43,7 @@ class QuantConfig:
     scale_bits: int = 6  # first-order scale code width (the meta byte has room for 6)
     outlier_fraction: float = 0.0  # share of 2-bit weights kept as sparse fp16 corrections
     rounding: Rounding = Rounding.search
+    selection: Selection = Selection.auto
     gptq_damp: float = 0.01  # GPTQ dampening, as a fraction of the Hessian's mean diagonal
     include: tuple[str, ...] = DEFAULT_INCLUDE  # fnmatch patterns on Linear module names
     exclude: tuple[str, ...] = field(default_factory=tuple)
@@ -67,6 +76,7 @@ class QuantConfig:
     def to_json(self) -> dict:
         data = asdict(self)
         data["rounding"] = self.rounding.value
+        data["selection"] = self.selection.value
         data["include"], data["exclude"] = list(self.include), list(self.exclude)
         return data
 
@@ -79,6 +89,8 @@ class QuantConfig:
         values = dict(data)
         if "rounding" in values:
             values["rounding"] = Rounding(values["rounding"])
+        if "selection" in values:
+            values["selection"] = Selection(values["selection"])
         for key in ("include", "exclude"):
             if key in values:
                 values[key] = tuple(values[key])

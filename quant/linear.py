@@ -7,7 +7,7 @@ from dataclasses import replace
 import torch
 
 from llmq.errors import LlmqError
-from llmq.quant.config import QuantConfig, Rounding
+from llmq.quant.config import QuantConfig, Rounding, Selection
 from llmq.quant.gptq import gptq_round
 from llmq.quant.groups import TwoBit, quantize_2bit, quantize_4bit
 from llmq.quant.select import range_score, select_channels, stripe_width
@@ -37,9 +37,10 @@ def quantize_weight(
     """``weight`` ``[N, K]`` (any float dtype) -> its layout and packed tensors (name suffix -> tensor).
 
     Without ``hessian`` (``[K, K]``, ``E[x xᵀ]`` of the layer's inputs) this is round-to-nearest
-    with range-based stripes. With it, stripes are ranked by Hessian-weighted error and the codes
-    come from GPTQ on the same grids. ``layout`` and ``scores`` ([K]) come from a bit budget, which
-    has already chosen this Linear's stripe width and scored its channels.
+    with range-based stripes. With it, stripes are ranked by Hessian-weighted error (unless the
+    config asks for range selection) and the codes come from GPTQ on the same grids. ``layout``
+    and ``scores`` ([K]) come from a bit budget, which has already chosen this Linear's stripe
+    width and scored its channels.
     """
     w = weight.detach().to(torch.float32)
     if not torch.isfinite(w).all():
@@ -47,7 +48,8 @@ def quantize_weight(
         raise NonFiniteWeightError(f"tensor {name} has {bad} NaN/Inf value(s); fix the checkpoint before quantizing")
     layout = layout or plan_layout(*w.shape, config)
     if scores is None:
-        scores = range_score(w, config.g1) if hessian is None else hessian_score(w, hessian, config)
+        by_hessian = hessian is not None and config.selection != Selection.range
+        scores = hessian_score(w, hessian, config) if by_hessian else range_score(w, config.g1)
     perm = select_channels(scores, layout.k4)
     packed = w[:, perm.long()]
     two = _fit_2bit(packed[:, : layout.k2], layout, config) if layout.k2 else None

@@ -19,7 +19,7 @@ import torch
 from llmq import __version__
 from llmq.errors import LlmqError, ModelSourceError
 from llmq.quant.budget import allocate
-from llmq.quant.config import QuantConfig
+from llmq.quant.config import QuantConfig, Selection
 from llmq.quant.linear import NonFiniteWeightError, hessian_score, plan_layout, quantize_weight
 from llmq.quant.statsfile import CalibStats, StatsFileError
 from llmq.quant.writer import ArtifactWriter, check_output, remove_stale_staging
@@ -228,7 +228,9 @@ def _write_units(plan: Plan, config: QuantConfig, writer: ArtifactWriter, on_uni
             linear = key.removesuffix(".weight")
             if key.endswith(".weight") and linear in plan.linears:
                 hessian = _hessian(stats, linear, plan.linears[linear].in_features)
-                scores = plan.scores.get(linear) if plan.scores else None
+                # The budget's scores pick the channels too, unless range selection was asked for.
+                by_budget = plan.scores and config.selection != Selection.range
+                scores = plan.scores.get(linear) if by_budget else None
                 layout, packed = quantize_weight(key, value, config, hessian, plan.linears[linear], scores)
                 assert layout == plan.linears[linear]
                 tensors.update({f"{linear}.{suffix}": t for suffix, t in packed.items()})

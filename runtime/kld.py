@@ -3,6 +3,8 @@
 For every scored token, ``KL(P_base || P_quant) = Σ_v p_base(v) (log p_base(v) - log p_quant(v))``
 over the vocabulary, computed in fp32 from both models' logits on the same window. Also the
 share of tokens whose most likely next token agrees, and both perplexities on the same tokens.
+The base side is any :data:`BaseLogProbs`: the base model itself, or its log-probs read back
+from :mod:`llmq.runtime.logit_cache`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from llmq.runtime.perplexity import plan_windows, require_one_window
+
+# (window index, window token ids [T], tokens scored S) -> base log-probs [S, vocab], fp32
+BaseLogProbs = Callable[[int, torch.Tensor, int], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -33,7 +38,7 @@ class KldResult:
 
 @torch.inference_mode()
 def kl_divergence(
-    base,
+    base: BaseLogProbs,
     quant,
     ids: torch.Tensor,
     seq_len: int,
@@ -41,7 +46,8 @@ def kl_divergence(
     max_tokens: int | None = None,
     on_window: Callable[[int, int], None] | None = None,
 ) -> KldResult:
-    """Score ``ids`` (1-D int64) with both models; ``on_window(done, total)`` reports progress."""
+    """Score ``ids`` (1-D int64) with the base log-probs and the ``quant`` model; ``on_window(done,
+    total)`` reports progress."""
     used = ids[:max_tokens] if max_tokens is not None else ids
     require_one_window(len(used), seq_len)
     windows = plan_windows(len(used), seq_len, stride)
@@ -50,8 +56,8 @@ def kl_divergence(
     for i, w in enumerate(windows):
         chunk = used[w.begin : w.end]
         targets = chunk[-w.scored :]
-        log_p = _log_probs(base, chunk, w.scored)
         log_q = _log_probs(quant, chunk, w.scored)
+        log_p = base(i, chunk, w.scored).to(log_q.device)
         kls.append((log_p.exp() * (log_p - log_q)).sum(-1).clamp(min=0).double())
         agree.append(log_p.argmax(-1) == log_q.argmax(-1))
         nll_base.append(-log_p.gather(-1, targets[:, None].to(log_p.device)).squeeze(-1).double())
@@ -71,6 +77,16 @@ def kl_divergence(
         windows=len(windows),
         seconds=time.perf_counter() - start,
     )
+
+
+def scored_tokens(n_tokens: int, seq_len: int, stride: int, max_tokens: int | None) -> list[int]:
+    """Tokens scored in each window of the protocol, in order."""
+    used = n_tokens if max_tokens is None else min(n_tokens, max_tokens)
+    return [w.scored for w in plan_windows(used, seq_len, stride)]
+
+
+def model_log_probs(model) -> BaseLogProbs:
+    return lambda _i, chunk, scored: _log_probs(model, chunk, scored)
 
 
 def _log_probs(model, chunk: torch.Tensor, scored: int) -> torch.Tensor:

@@ -150,3 +150,30 @@ def test_calib_and_calib_data_together_is_a_usage_error(cli, tiny_model, stats_f
         "austen",
     )
     assert result.code == 2 and "not both" in result.stderr
+
+
+def _perms(artifact) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for shard in artifact.glob("shard-*.safetensors"):
+        tensors.update({k: v for k, v in load_file(shard).items() if k.endswith(".perm")})
+    return tensors
+
+
+def test_selection_range_with_calibration_keeps_the_data_free_stripes(cli, tiny_model, stats_file, tmp_path):
+    rtn, by_range, by_hessian = tmp_path / "rtn.llmq", tmp_path / "range.llmq", tmp_path / "hessian.llmq"
+    base = ("quantize", str(tiny_model), "--g4", "16", "-q")
+    calib = ("--calib", str(stats_file))
+    assert cli(*base, "-o", str(rtn)).code == 0
+    assert cli(*base, "-o", str(by_range), *calib, "--selection", "range").code == 0
+    assert cli(*base, "-o", str(by_hessian), *calib, "--selection", "hessian").code == 0
+    rtn_perms, range_perms, hessian_perms = _perms(rtn), _perms(by_range), _perms(by_hessian)
+    assert rtn_perms.keys() == range_perms.keys() and rtn_perms
+    assert all(torch.equal(rtn_perms[k], range_perms[k]) for k in rtn_perms)
+    assert any(not torch.equal(rtn_perms[k], hessian_perms[k]) for k in rtn_perms)
+    assert json.loads((by_range / "manifest.json").read_text())["quantization"]["selection"] == "range"
+
+
+def test_selection_hessian_needs_calibration(cli, tiny_model, tmp_path):
+    result = cli("quantize", str(tiny_model), "-o", str(tmp_path / "x.llmq"), "--selection", "hessian")
+    assert result.code == 2 and "--calib" in result.stderr
+    assert not (tmp_path / "x.llmq").exists()

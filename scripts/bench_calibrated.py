@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""Calibrated perplexity against bits per weight on the demo model (llmq's own configurations).
+
+    python scripts/bench_calibrated.py --out docs/data/calibrated.json             # ~40 min on 2 cores
+    python scripts/bench_calibrated.py --out docs/data/calibrated.json --only NAME  # re-run one point, merge
+    python scripts/bench_peers.py --out docs/data/calibrated.json                  # HQQ and plain GPTQ, merged
+    python scripts/plot_quality.py docs/data/calibrated.json docs/img/ppl_vs_bits_calibrated.png
+
+One stats file (`llmq calibrate demo -o STATS --dataset austen`: 64 x 512 tokens of *Pride and
+Prejudice*, seed 0) serves every calibrated point, so the points differ only in their options.
+Each point is the real path: `llmq quantize demo -o OUT --calib STATS <options>`, then `llmq
+eval ppl OUT` on the first 16,384 tokens of *Persuasion*. Families:
+
+- gptq: Hessian-ranked stripes + GPTQ, uniform stripe fraction per Linear;
+- rtn: the same options without calibration (round-to-nearest, range-ranked stripes);
+- gptq-range: GPTQ, but the stripes ranked by the data-free range score;
+- gptq-budget: GPTQ with `--target-bits`, stripes spread over Linears by sensitivity;
+- gptq-outliers: GPTQ plus `--outliers`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from benchlib import artifact_point, baseline_point, merge, record
+
+
+def _groups(fraction: float, g1: int, g4: int = 64) -> list[str]:
+    return ["--stripe-fraction", str(fraction), "--g1", str(g1), "--g2", "16", "--g4", str(g4)]
+
+
+# name -> options (all with --g2 16, the default)
+CONFIGS = {
+    "2bit g64": _groups(0.0, 64),
+    "2bit g32": _groups(0.0, 32),
+    "mixed 12.5% g64": _groups(0.125, 64),
+    "mixed 12.5% g32": _groups(0.125, 32),
+    "2bit g16": _groups(0.0, 16),
+    "mixed 25% g64": _groups(0.25, 64),
+    "mixed 25% g32": _groups(0.25, 32),
+    "mixed 12.5% g16 (default)": _groups(0.125, 16),
+    "mixed 25% g16": _groups(0.25, 16),
+    "mixed 37.5% g32": _groups(0.375, 32),
+    "mixed 37.5% g16": _groups(0.375, 16),
+    "mixed 50% g32": _groups(0.5, 32),
+    "mixed 75% g16": _groups(0.75, 16),
+    "4bit g128": _groups(1.0, 16, 128),
+    "4bit g64": _groups(1.0, 16),
+}
+RTN = ["2bit g32", "mixed 12.5% g32", "mixed 12.5% g16 (default)", "mixed 25% g16", "mixed 37.5% g32",
+       "mixed 75% g16", "4bit g64"]  # fmt: skip
+RANGE = ["mixed 12.5% g32", "mixed 12.5% g16 (default)", "mixed 25% g16", "mixed 37.5% g32"]
+BUDGET = {
+    "budget 2.58 g32": ["--g1", "32", "--target-bits", "2.58"],
+    "budget 2.85 g16": ["--target-bits", "2.85"],
+    "budget 3.06 g16": ["--target-bits", "3.06"],
+    "budget 3.07 g32": ["--g1", "32", "--target-bits", "3.07"],
+}
+OUTLIERS = {
+    "default + 0.25% outliers": ["--outliers", "0.0025"],
+    "default + 0.5% outliers": ["--outliers", "0.005"],
+    "mixed 12.5% g32 + 0.5% outliers": [*CONFIGS["mixed 12.5% g32"], "--outliers", "0.005"],
+}
+CALIBRATE = ["calibrate", "demo", "--dataset", "austen", "--samples", "64", "--seq-len", "512", "--seed", "0"]
+
+
+def plan(stats: Path) -> dict[str, tuple[str, list[str]]]:
+    """Every point: name -> (family, llmq quantize options)."""
+    calib = ["--calib", str(stats)]
+    points = {f"gptq {name}": ("gptq", [*calib, *options]) for name, options in CONFIGS.items()}
+    points.update({f"rtn {name}": ("rtn", CONFIGS[name]) for name in RTN})
+    points.update({f"range {n}": ("gptq-range", [*calib, *CONFIGS[n], "--selection", "range"]) for n in RANGE})
+    points.update({f"gptq {name}": ("gptq-budget", [*calib, *options]) for name, options in BUDGET.items()})
+    points.update({f"gptq {name}": ("gptq-outliers", [*calib, *options]) for name, options in OUTLIERS.items()})
+    return points
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--max-tokens", type=int, default=16384)
+    parser.add_argument("--stats", type=Path, help="reuse this stats file instead of calibrating")
+    parser.add_argument("--only", action="append", help="run just these points and merge them into --out")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        stats = args.stats or Path(tmp) / "demo.stats"
+        if args.stats is None:
+            cmd = [sys.executable, "-m", "llmq.cli", *CALIBRATE, "-o", str(stats), "-q"]
+            subprocess.run(cmd, check=True)
+        points_plan = plan(stats)
+        unknown = set(args.only or []) - set(points_plan)
+        if unknown:
+            raise SystemExit(f"unknown point(s) {sorted(unknown)}; choose from {sorted(points_plan)}")
+        points = [] if args.only else [baseline_point(args.max_tokens)]
+        for name in args.only or points_plan:
+            family, options = points_plan[name]
+            point = artifact_point(name, family, options, args.max_tokens, Path(tmp))
+            point["command"] = point["command"].replace(str(stats), "STATS")
+            print(json.dumps(point), file=sys.stderr)
+            if args.only:
+                merge(args.out, [point])
+            else:  # rewritten after every point, so an interrupted sweep keeps what it measured
+                points.append(point)
+                calibration = "llmq " + " ".join(CALIBRATE) + " -o STATS"
+                document = record(points, args.max_tokens, calibration=calibration)
+                args.out.write_text(json.dumps(document, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

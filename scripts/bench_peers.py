@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""Peers at the same bits on the demo model: HQQ (PyPI) and plain GPTQ without mixed precision.
+
+    python scripts/bench_peers.py --out docs/data/calibrated.json     # ~15 min on 2 cores; merges its points
+
+The script installs its peers itself, into a separate environment (`.venv-peers`, built by
+scripts/setup.sh plus `hqq`), and re-runs itself there; nothing here is a test dependency.
+Both peers are simulated on the fp32 demo model (weights quantized, then dequantized in place)
+and scored with the same text, windows and perplexity code as llmq's artifacts. Bits per weight
+count what each format stores per quantized Linear:
+
+- hqq: `hqq.core.quantize.Quantizer` with HQQ's own settings for `BaseQuantizeConfig(nbits,
+  group_size)` (axis 1, half-quadratic optimisation, zero rounded for 4-bit), on CPU. Stored:
+  the packed codes as HQQ packs them (3-bit: 10 codes per int32) plus an fp16 scale and fp16
+  zero per group; scale and zero are rounded to fp16 before dequantizing, as HQQ stores them.
+- plain-gptq: llmq's GPTQ core (`llmq.quant.gptq.gptq_round`, same Hessians, same damping) on a
+  uniform b-bit grid: asymmetric min/max per group of g input channels, natural column order,
+  no stripes, no second-order scales. Stored as AutoGPTQ does: b-bit codes, an fp16 scale and a
+  b-bit zero per group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PEERS_VENV = ROOT / ".venv-peers"
+HQQ = "hqq==0.2.8.post1"
+HQQ_POINTS = [(2, 16), (2, 32), (2, 64), (3, 64), (3, 128), (4, 64), (4, 128)]  # (bits, group)
+GPTQ_POINTS = [(2, 16), (2, 32), (2, 64), (3, 64), (3, 128), (4, 64), (4, 128)]
+
+
+def ensure_peer_environment() -> None:
+    """Re-run this script inside .venv-peers, creating it first (idempotent)."""
+    if Path(sys.prefix).resolve() == PEERS_VENV.resolve():
+        return
+    env = {**os.environ, "LLMQ_VENV": str(PEERS_VENV)}
+    subprocess.run(["bash", str(ROOT / "scripts" / "setup.sh")], check=True, env=env)
+    python = PEERS_VENV / "bin" / "python"
+    if subprocess.run([str(python), "-c", "import hqq.core.quantize"], capture_output=True).returncode != 0:
+        # DISABLE_CUDA: hqq's setup would otherwise try to build its CUDA extension.
+        pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", HQQ]
+        subprocess.run(pip, check=True, env={**os.environ, "DISABLE_CUDA": "1"})
+    os.execv(str(python), [str(python), *sys.argv])
+
+
+def hqq_point(bits: int, group: int, max_tokens: int) -> dict:
+    import torch
+    from benchlib import simulated_ppl
+    from hqq.core.quantize import Quantizer
+
+    totals = {"bits": 0, "weights": 0}
+
+    def transform(_name, w):
+        w_q, meta = Quantizer.quantize(
+            w, nbits=bits, channel_wise=True, group_size=group, optimize=True,
+            round_zero=bits == 4, axis=1, device="cpu",
+        )  # fmt: skip
+        meta["scale"] = meta["scale"].half().float()
+        meta["zero"] = meta["zero"].half().float()
+        meta["compute_dtype"] = torch.float32
+        stored = w_q.numel() * w_q.element_size() * 8 + 16 * (meta["scale"].numel() + meta["zero"].numel())
+        totals["bits"] += stored
+        totals["weights"] += w.numel()
+        return Quantizer.dequantize(w_q, meta).reshape(w.shape)
+
+    ppl, stderr = simulated_ppl(transform, max_tokens)
+    return {
+        "name": f"hqq {bits}-bit g{group}",
+        "kind": "hqq",
+        "command": f"scripts/bench_peers.py: {HQQ} Quantizer.quantize(nbits={bits}, group_size={group}, axis=1)",
+        "bits_per_weight": totals["bits"] / totals["weights"],
+        "ppl": ppl,
+        "ppl_stderr": stderr,
+    }
+
+
+def plain_gptq_point(bits: int, group: int, stats_path: Path, max_tokens: int) -> dict:
+    import torch
+    from benchlib import simulated_ppl
+
+    from llmq.quant.config import QuantConfig
+    from llmq.quant.gptq import gptq_round
+    from llmq.quant.statsfile import model_fingerprint, read_stats
+    from llmq.runtime import models
+
+    source = models.resolve_model("demo", progress=False)
+    stats = read_stats(stats_path, model_fingerprint(source.path))
+    qmax = 2**bits - 1
+    damp = QuantConfig().gptq_damp
+    totals = {"bits": 0, "weights": 0}
+
+    def transform(name, w):
+        n, k = w.shape
+        pad = (-k) % group
+        grouped = torch.nn.functional.pad(w, (0, pad), value=float("nan")).reshape(n, -1, group)
+        lo = grouped.nan_to_num(float("inf")).amin(-1).clamp(max=0)
+        hi = grouped.nan_to_num(float("-inf")).amax(-1).clamp(min=0)
+        scale = ((hi - lo) / qmax).clamp(min=1e-8).half().float()
+        zero = torch.round(-lo / scale).clamp(0, qmax)
+        scale_k = scale.repeat_interleave(group, 1)[:, :k]
+        zero_k = zero.repeat_interleave(group, 1)[:, :k]
+        codes = gptq_round(w, stats.hessian(name), scale_k, zero_k, torch.full((k,), float(qmax)), damp)
+        totals["bits"] += n * (k * bits + math.ceil(k / group) * (16 + bits))
+        totals["weights"] += n * k
+        return scale_k * (codes - zero_k)
+
+    ppl, stderr = simulated_ppl(transform, max_tokens)
+    return {
+        "name": f"plain GPTQ {bits}-bit g{group}",
+        "kind": "plain-gptq",
+        "command": f"scripts/bench_peers.py: GPTQ, uniform {bits}-bit, min/max groups of {group}, STATS",
+        "bits_per_weight": totals["bits"] / totals["weights"],
+        "ppl": ppl,
+        "ppl_stderr": stderr,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="a record from bench_calibrated.py to merge into")
+    parser.add_argument("--max-tokens", type=int, default=16384)
+    parser.add_argument("--stats", type=Path, help="reuse this stats file instead of calibrating")
+    parser.add_argument("--skip-hqq", action="store_true")
+    parser.add_argument("--skip-gptq", action="store_true")
+    args = parser.parse_args()
+    if not args.out.is_file():
+        raise SystemExit(f"{args.out} does not exist; run scripts/bench_calibrated.py --out {args.out} first")
+    ensure_peer_environment()
+    from bench_calibrated import CALIBRATE
+    from benchlib import merge
+
+    with tempfile.TemporaryDirectory() as tmp:
+        stats = args.stats or Path(tmp) / "demo.stats"
+        if args.stats is None and not args.skip_gptq:
+            subprocess.run([sys.executable, "-m", "llmq.cli", *CALIBRATE, "-o", str(stats), "-q"], check=True)
+        jobs = [] if args.skip_hqq else [lambda b=b, g=g: hqq_point(b, g, args.max_tokens) for b, g in HQQ_POINTS]
+        if not args.skip_gptq:
+            jobs += [lambda b=b, g=g: plain_gptq_point(b, g, stats, args.max_tokens) for b, g in GPTQ_POINTS]
+        for job in jobs:
+            point = job()
+            print(json.dumps(point), file=sys.stderr)
+            merge(args.out, [point])
+
+
+if __name__ == "__main__":
+    main()
