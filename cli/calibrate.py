@@ -11,6 +11,7 @@ import typer
 from llmq import __version__
 from llmq.cli.common import (
     DatasetOpt,
+    Device,
     Json,
     ModelArg,
     Quiet,
@@ -37,6 +38,7 @@ def calibrate(
     seq_len: CalibSeqLen = DEFAULT_SEQ_LEN,
     seed: CalibSeed = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing stats file.")] = False,
+    device: Device = "auto",
     revision: Revision = None,
     trust_remote_code: TrustRemoteCode = False,
     json: Json = False,
@@ -54,7 +56,7 @@ def calibrate(
     if output.exists() and not force:
         raise LlmqError(f"{output} already exists; pass --force to replace it")
     source, model_config, calibration, meta = run_calibration(
-        out, model, dataset, text_file, samples, seq_len, seed, revision, trust_remote_code
+        out, model, dataset, text_file, samples, seq_len, seed, revision, trust_remote_code, device=device
     )
     write_stats(output, calibration, meta)
     seconds = round(time.perf_counter() - start, 2)
@@ -76,21 +78,26 @@ def calibrate(
     )
 
 
-def run_calibration(out: Reporter, model, dataset, text_file, samples, seq_len, seed, revision, trust_remote_code):
-    """Shared by `calibrate` and `quantize --calib-data`: resolve, load text, collect stats."""
+def run_calibration(
+    out: Reporter, model, dataset, text_file, samples, seq_len, seed, revision, trust_remote_code, device="auto"
+):
+    """Shared by `calibrate` and `quantize --calib-data`: resolve, load text, collect stats on ``device``."""
     from llmq.quant.calibrate import calibrate_model
     from llmq.quant.config import QuantConfig
     from llmq.runtime import models, text
+    from llmq.runtime.device import resolve_device
 
+    torch_device = resolve_device(device)
     models.check_model_spec(model, revision)
     loaded = text.load_text(dataset, text_file, text.Split.calib, default=text.Dataset.wikitext2)
     quiet_libraries(out.show_progress)
     source = models.resolve_model(model, revision=revision, progress=out.show_progress, log=out.info)
     out.info(f"model: {source.label}")
-    out.info(f"calibration: {loaded.source}, {samples} samples x {seq_len} tokens, seed {seed}")
+    out.info(f"calibration: {loaded.source}, {samples} samples x {seq_len} tokens, seed {seed}, on {torch_device}")
     model_config = models.load_config(source, trust_remote_code)
     with out.progress("calibrating layers") as update:
         calibration, meta = calibrate_model(
-            source, model_config, QuantConfig(), loaded.source, loaded.text, samples, seq_len, seed, on_layer=update
-        )
+            source, model_config, QuantConfig(), loaded.source, loaded.text, samples, seq_len, seed,
+            on_layer=update, device=torch_device,
+        )  # fmt: skip
     return source, model_config, calibration, meta

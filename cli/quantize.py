@@ -78,6 +78,16 @@ def quantize(
     damp: Annotated[
         float | None, typer.Option("--damp", help="GPTQ dampening, share of the mean Hessian diagonal.")
     ] = None,
+    act_order: Annotated[
+        bool | None,
+        typer.Option("--act-order/--no-act-order", help="GPTQ in descending activation energy within each part."),
+    ] = None,
+    gptq_block: Annotated[
+        int | None, typer.Option("--gptq-block", help="GPTQ columns per lazy-update block (speed only).")
+    ] = None,
+    device: Annotated[
+        str, typer.Option("--device", help="Where calibration and GPTQ run: auto (cuda if present), cpu, cuda[:N].")
+    ] = "auto",
     revision: Revision = None,
     trust_remote_code: TrustRemoteCode = False,
     json: Json = False,
@@ -90,20 +100,25 @@ def quantize(
     from llmq.quant import pipeline, writer
     from llmq.quant.config import preset_config
     from llmq.runtime import models
+    from llmq.runtime.device import resolve_device
 
     start = time.perf_counter()
     out = Reporter(json, quiet)
+    torch_device = resolve_device(device)
     if dense_dtype not in _DENSE_DTYPES:
         raise UsageError(f"--dense-dtype {dense_dtype!r} must be one of {', '.join(_DENSE_DTYPES)}")
     config = preset_config(
         preset, g1=g1, g2=g2, g4=g4, stripe_fraction=stripe_fraction, scale_bits=scale_bits,
-        outlier_fraction=outliers, rounding=rounding, selection=selection, gptq_damp=damp,
+        outlier_fraction=outliers, rounding=rounding, selection=selection,
+        gptq_damp=damp, gptq_block=gptq_block, act_order=act_order,
         include=tuple(include) if include else None, exclude=tuple(exclude) if exclude else None,
     )  # fmt: skip
     if calib is not None and calib_data is not None:
         raise UsageError("give --calib (a stats file) or --calib-data (calibrate now), not both")
     if config.selection == Selection.hessian and calib is None and calib_data is None:
         raise UsageError("--selection hessian ranks channels with calibration statistics; add --calib or --calib-data")
+    if config.act_order and calib is None and calib_data is None:
+        raise UsageError("--act-order orders GPTQ by calibration statistics; add --calib or --calib-data")
     if target_bits is not None and stripe_fraction is not None:
         raise UsageError("--target-bits chooses the stripes per Linear; drop --stripe-fraction")
     if not dry_run:
@@ -119,7 +134,7 @@ def quantize(
     stats = None
     if not dry_run or calib is not None:
         stats = _calibration(
-            out, source, model, calib, calib_data, samples, calib_seq_len, seed, revision, trust_remote_code
+            out, source, model, calib, calib_data, samples, calib_seq_len, seed, revision, trust_remote_code, device
         )
     if dry_run and calib_data is not None and target_bits is not None:
         out.info("dry run: stripes allocated without calibration data; the real run ranks them with its Hessians")
@@ -143,7 +158,8 @@ def quantize(
         # SIGTERM (a scheduler's kill) unwinds like Ctrl-C, so the staging directory is removed.
         signal.signal(signal.SIGTERM, _interrupt)
         with out.progress("quantizing layers") as update:
-            pipeline.quantize_model(source, output, config, plan, force, lambda d, t, _: update(d, t), stats)
+            on_unit = lambda d, t, _: update(d, t)  # noqa: E731
+            pipeline.quantize_model(source, output, config, plan, force, on_unit, stats, torch_device)
     document["seconds"] = round(time.perf_counter() - start, 2)
     if json:
         out.emit_json(document)
@@ -165,7 +181,7 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _calibration(out, source, model, calib, calib_data, samples, seq_len, seed, revision, trust_remote_code):
+def _calibration(out, source, model, calib, calib_data, samples, seq_len, seed, revision, trust_remote_code, device):
     """The stats to quantize with: read from --calib, collected now for --calib-data, or none (RTN)."""
     from llmq.quant import statsfile
 
@@ -179,6 +195,6 @@ def _calibration(out, source, model, calib, calib_data, samples, seq_len, seed, 
     names = {d.value: d for d in Dataset}
     dataset, text_file = (names[calib_data], None) if calib_data in names else (None, Path(calib_data))
     _, _, calibration, meta = run_calibration(
-        out, model, dataset, text_file, samples, seq_len, seed, revision, trust_remote_code
+        out, model, dataset, text_file, samples, seq_len, seed, revision, trust_remote_code, device=device
     )
     return statsfile.in_memory(calibration, meta)

@@ -37,10 +37,10 @@ class InputStats:
         self.rows += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
-        return (self.xtx / max(self.rows, 1)).to(torch.float32)
+        return (self.xtx / max(self.rows, 1)).to(torch.float32).cpu()
 
     def sq_mean(self) -> torch.Tensor:
-        return (self.sq / max(self.rows, 1)).to(torch.float32)
+        return (self.sq / max(self.rows, 1)).to(torch.float32).cpu()
 
 
 @dataclass
@@ -75,17 +75,22 @@ def collect(
     config: QuantConfig,
     windows: torch.Tensor,
     on_layer: Callable[[int, int], None] | None = None,
+    device: torch.device | None = None,
 ) -> Calibration:
-    """Run ``windows`` ([S, L] token ids) through the model layer by layer, collecting Linear input stats."""
+    """Run ``windows`` ([S, L] token ids) through the model layer by layer, collecting Linear input stats.
+
+    Layers and activations live on ``device`` (default: the CPU); the statistics come back on the CPU.
+    """
     from llmq.quant.pipeline import _source_keys
 
+    device = device or torch.device("cpu")
     key_files = _source_keys(source.path)
-    model = _skeleton_with_embeddings(model_config, key_files)
-    hidden, kwargs = _first_layer_inputs(model, windows)
+    model = _skeleton_with_embeddings(model_config, key_files, device)
+    hidden, kwargs = _first_layer_inputs(model, windows.to(device))
     layers = model.model.layers
     calibration = Calibration(tokens=windows.numel())
     for index in range(len(layers)):
-        layer = _load_layer(model, index, key_files)
+        layer = _load_layer(model, index, key_files, device)
         hooks = _attach_hooks(layer, f"model.layers.{index}", config, calibration)
         with torch.inference_mode():
             hidden = [_as_tensor(layer(h, **kwargs)) for h in hidden]
@@ -101,7 +106,7 @@ def _as_tensor(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
-def _skeleton_with_embeddings(model_config, key_files: dict[str, Path]):
+def _skeleton_with_embeddings(model_config, key_files: dict[str, Path], device: torch.device):
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
     from transformers import AutoModelForCausalLM
@@ -113,7 +118,9 @@ def _skeleton_with_embeddings(model_config, key_files: dict[str, Path]):
     name = "model.embed_tokens.weight"
     if name not in key_files:
         raise UsageError(f"calibration expects a Llama-style model with {name}; this checkpoint has none")
-    set_module_tensor_to_device(model, name, "cpu", value=read_tensor(key_files, name).float())
+    set_module_tensor_to_device(model, name, device, value=read_tensor(key_files, name).float())
+    for buffer_name, buffer in list(model.named_buffers()):  # e.g. rotary inverse frequencies
+        set_module_tensor_to_device(model, buffer_name, device, value=buffer)
     return model.eval()
 
 
@@ -140,7 +147,7 @@ def _first_layer_inputs(model, windows: torch.Tensor):
     return captured, kwargs
 
 
-def _load_layer(model, index: int, key_files: dict[str, Path]):
+def _load_layer(model, index: int, key_files: dict[str, Path], device: torch.device):
     from accelerate.utils import set_module_tensor_to_device
 
     from llmq.quant.pipeline import read_tensor
@@ -149,7 +156,7 @@ def _load_layer(model, index: int, key_files: dict[str, Path]):
     layer = model.model.layers[index]
     for name, _ in list(layer.named_parameters()):
         key = prefix + name
-        set_module_tensor_to_device(model, key, "cpu", value=read_tensor(key_files, key).float())
+        set_module_tensor_to_device(model, key, device, value=read_tensor(key_files, key).float())
     return layer
 
 
@@ -171,9 +178,9 @@ def _attach_hooks(layer, prefix: str, config: QuantConfig, calibration: Calibrat
             canonical = seen.setdefault(id(x), (x, full))[1]
             calibration.aliases[full] = canonical
             if canonical == full:
-                stats = calibration.stats.setdefault(
-                    full, InputStats(torch.zeros(k, k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64))
-                )
+                zeros = {"dtype": torch.float64, "device": x.device}
+                fresh = InputStats(torch.zeros(k, k, **zeros), torch.zeros(k, **zeros))
+                stats = calibration.stats.setdefault(full, fresh)
                 stats.add(x)
 
         hooks.append(module.register_forward_pre_hook(hook))
@@ -190,6 +197,7 @@ def calibrate_model(
     seq_len: int,
     seed: int,
     on_layer: Callable[[int, int], None] | None = None,
+    device: torch.device | None = None,
 ) -> tuple[Calibration, dict]:
     """Tokenize ``text``, sample windows, collect stats; returns them and the stats-file manifest."""
     from llmq.quant.statsfile import model_fingerprint
@@ -198,7 +206,7 @@ def calibrate_model(
 
     ids = tokenize_stream(load_tokenizer(source), text)
     windows = sample_windows(ids, samples, seq_len, seed)
-    calibration = collect(source, model_config, config, windows, on_layer)
+    calibration = collect(source, model_config, config, windows, on_layer, device)
     meta = {
         "model": source.label,
         "model_fingerprint": model_fingerprint(source.path),

@@ -45,6 +45,8 @@ class QuantConfig:
     rounding: Rounding = Rounding.search
     selection: Selection = Selection.auto
     gptq_damp: float = 0.01  # GPTQ dampening, as a fraction of the Hessian's mean diagonal
+    gptq_block: int = 128  # columns per lazy-update block (speed only: the result is the same up to rounding)
+    act_order: bool = False  # GPTQ in descending E[x^2] order within each part (stored in the permutation)
     include: tuple[str, ...] = DEFAULT_INCLUDE  # fnmatch patterns on Linear module names
     exclude: tuple[str, ...] = field(default_factory=tuple)
 
@@ -66,6 +68,8 @@ class QuantConfig:
             raise UsageError(f"--outliers {self.outlier_fraction} must be between 0 and 0.05 (5% of 2-bit weights)")
         if not 0.0 < self.gptq_damp <= 1.0:
             raise UsageError(f"--damp {self.gptq_damp} must be in (0, 1]")
+        if self.gptq_block < 1:
+            raise UsageError(f"--gptq-block {self.gptq_block} must be at least 1")
         if not self.include:
             raise UsageError("--include needs at least one pattern")
 

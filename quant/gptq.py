@@ -28,10 +28,11 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float, retries: int = 6)
     dead = torch.diag(h) <= 0
     h[dead, dead] = 1.0
     mean_diag = float(torch.diag(h).mean())
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     for attempt in range(retries):
         lam = damp * (10**attempt) * mean_diag
         try:
-            lower = torch.linalg.cholesky(h + lam * torch.eye(h.shape[0], dtype=h.dtype))
+            lower = torch.linalg.cholesky(h + lam * eye)
             inverse = torch.cholesky_inverse(lower)
             return torch.linalg.cholesky(inverse, upper=True).to(torch.float32)
         except torch.linalg.LinAlgError:
@@ -49,18 +50,23 @@ def gptq_round(
     qmax: torch.Tensor,
     damp: float = 0.01,
     block: int = 128,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
     """Codes for ``weight`` ``[N, K]`` on the grids ``scale * (q - zero)``, ``0 <= q <= qmax``.
 
     ``scale``/``zero`` are ``[N, K]`` (each column's group parameters), ``qmax`` is ``[K]`` (3 or 15),
-    ``hessian`` is ``[K, K]`` in the same column order as ``weight``.
+    ``hessian`` is ``[K, K]`` in the same column order as ``weight``. Runs on ``device`` (default:
+    the weight's); the codes come back on the weight's device.
     """
+    home = weight.device
+    device = home if device is None else device
+    weight, hessian, scale, zero, qmax = (t.to(device) for t in (weight, hessian, scale, zero, qmax))
     w = weight.to(torch.float32).clone()
     dead = torch.diag(hessian) <= 0
     w[:, dead] = 0.0
     hinv = inverse_hessian_factor(hessian, damp)
     n, k = w.shape
-    codes = torch.zeros(n, k, dtype=torch.float32)
+    codes = torch.zeros(n, k, dtype=torch.float32, device=device)
     for start in range(0, k, block):
         end = min(start + block, k)
         w1 = w[:, start:end].clone()
@@ -74,4 +80,4 @@ def gptq_round(
             w1[:, i:] -= err.unsqueeze(1) * h1[i, i:].unsqueeze(0)
             errors[:, i] = err
         w[:, end:] -= errors @ hinv[start:end, end:]
-    return codes.long()
+    return codes.long().to(home)

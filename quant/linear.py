@@ -33,6 +33,7 @@ def quantize_weight(
     hessian: torch.Tensor | None = None,
     layout: L.LinearLayout | None = None,
     scores: torch.Tensor | None = None,
+    device: torch.device | None = None,
 ) -> tuple[L.LinearLayout, dict[str, torch.Tensor]]:
     """``weight`` ``[N, K]`` (any float dtype) -> its layout and packed tensors (name suffix -> tensor).
 
@@ -40,7 +41,8 @@ def quantize_weight(
     with range-based stripes. With it, stripes are ranked by Hessian-weighted error (unless the
     config asks for range selection) and the codes come from GPTQ on the same grids. ``layout``
     and ``scores`` ([K]) come from a bit budget, which has already chosen this Linear's stripe
-    width and scored its channels.
+    width and scored its channels. GPTQ runs on ``device`` (default: the CPU); everything
+    returned is on the CPU.
     """
     w = weight.detach().to(torch.float32)
     if not torch.isfinite(w).all():
@@ -50,12 +52,13 @@ def quantize_weight(
     if scores is None:
         by_hessian = hessian is not None and config.selection != Selection.range
         scores = hessian_score(w, hessian, config) if by_hessian else range_score(w, config.g1)
-    perm = select_channels(scores, layout.k4)
+    order_key = torch.diag(hessian) if hessian is not None and config.act_order else None
+    perm = select_channels(scores, layout.k4, order_key)
     packed = w[:, perm.long()]
     two = _fit_2bit(packed[:, : layout.k2], layout, config) if layout.k2 else None
     four = quantize_4bit(packed[:, layout.k2 :], layout.g4, config.rounding) if layout.k4 else None
     if hessian is not None:
-        two, four = _gptq(packed, hessian[perm.long()][:, perm.long()], two, four, layout, config)
+        two, four = _gptq(packed, hessian[perm.long()][:, perm.long()], two, four, layout, config, device)
     tensors: dict[str, torch.Tensor] = {"perm": perm}
     if two is not None:
         tensors.update(_pack_2bit(two, layout))
@@ -92,7 +95,7 @@ def hessian_score(w: torch.Tensor, hessian: torch.Tensor | None, config: QuantCo
     return energy * (err2 - err4).sum(0)
 
 
-def _gptq(packed, hessian, two, four, layout: L.LinearLayout, config: QuantConfig):
+def _gptq(packed, hessian, two, four, layout: L.LinearLayout, config: QuantConfig, device=None):
     """Re-derive the codes of both parts with GPTQ on their fixed grids, in packed column order."""
     scales, zeros, qmax = [], [], []
     if two is not None:
@@ -105,7 +108,8 @@ def _gptq(packed, hessian, two, four, layout: L.LinearLayout, config: QuantConfi
         scales.append(scale)
         zeros.append(zero)
         qmax.append(torch.full((layout.k4,), 15.0))
-    codes = gptq_round(packed, hessian, torch.cat(scales, 1), torch.cat(zeros, 1), torch.cat(qmax), config.gptq_damp)
+    grid = torch.cat(scales, 1), torch.cat(zeros, 1), torch.cat(qmax)
+    codes = gptq_round(packed, hessian, *grid, config.gptq_damp, config.gptq_block, device)
     if two is not None:
         two_codes = two.codes.clone()
         two_codes[:, : layout.k2] = codes[:, : layout.k2]

@@ -95,7 +95,8 @@ def _channel_scores(linears, key_files, config: QuantConfig, stats) -> dict[str,
     scores = {}
     for name, layout in linears.items():
         weight = read_tensor(key_files, f"{name}.weight").float()
-        scores[name] = hessian_score(weight, _hessian(stats, name, layout.in_features), config)
+        hessian = _hessian(stats, name, layout.in_features)
+        scores[name] = hessian_score(weight, hessian, config)
     return scores
 
 
@@ -182,8 +183,9 @@ def quantize_model(
     force: bool = False,
     on_unit: Callable[[int, int, str], None] | None = None,
     stats: CalibStats | None = None,
+    device: torch.device | None = None,
 ) -> dict:
-    """Run the plan and write the artifact atomically; returns the manifest.
+    """Run the plan and write the artifact atomically; returns the manifest. GPTQ runs on ``device``.
 
     With ``stats`` every Linear is quantized with its Hessian (ranked stripes + GPTQ); a Linear
     the stats do not cover is an error, never a silent fall back to round-to-nearest.
@@ -192,13 +194,14 @@ def quantize_model(
     remove_stale_staging(out)
     writer = ArtifactWriter(out, force)
     try:
-        linear_shards = _write_units(plan, config, writer, on_unit, stats)
+        linear_shards = _write_units(plan, config, writer, on_unit, stats, device)
         for file in _hf_files(source.path):
             writer.copy_file(file)
         manifest = _manifest(source, config, plan, linear_shards)
         if stats is not None:
             manifest["calibration"] = {k: v for k, v in stats.meta.items() if k != "aliases"} | {
-                "file": stats.path.name
+                "file": stats.path.name,
+                "gptq_device": str(device or torch.device("cpu")),
             }
         writer.commit(manifest)
     except BaseException:
@@ -216,7 +219,7 @@ def _hessian(stats: CalibStats | None, linear: str, in_features: int) -> torch.T
     return hessian
 
 
-def _write_units(plan: Plan, config: QuantConfig, writer: ArtifactWriter, on_unit, stats) -> dict[str, str]:
+def _write_units(plan: Plan, config: QuantConfig, writer: ArtifactWriter, on_unit, stats, device) -> dict[str, str]:
     shards: dict[str, str] = {}
     by_unit: dict[str, list[str]] = {u: [] for u in plan.units}
     for key in plan.key_files:
@@ -231,7 +234,7 @@ def _write_units(plan: Plan, config: QuantConfig, writer: ArtifactWriter, on_uni
                 # The budget's scores pick the channels too, unless range selection was asked for.
                 by_budget = plan.scores and config.selection != Selection.range
                 scores = plan.scores.get(linear) if by_budget else None
-                layout, packed = quantize_weight(key, value, config, hessian, plan.linears[linear], scores)
+                layout, packed = quantize_weight(key, value, config, hessian, plan.linears[linear], scores, device)
                 assert layout == plan.linears[linear]
                 tensors.update({f"{linear}.{suffix}": t for suffix, t in packed.items()})
                 shards[linear] = A.SHARD_PATTERN.format(index)

@@ -41,10 +41,18 @@ def stripe_width(in_features: int, fraction: float, g4: int) -> int:
     return min(groups, in_features // g4) * g4
 
 
-def select_channels(scores: torch.Tensor, k4: int) -> torch.Tensor:
-    """The permutation: 2-bit channels in their original order, then the ``k4`` top-scored channels (sorted)."""
+def select_channels(scores: torch.Tensor, k4: int, order_key: torch.Tensor | None = None) -> torch.Tensor:
+    """The permutation: the 2-bit channels, then the ``k4`` top-scored channels.
+
+    Within each part, channels keep their original order, or with ``order_key`` ([K], e.g. the
+    Hessian diagonal for GPTQ's activation ordering) go in descending key order, so the groups
+    are formed along that order too.
+    """
     k = scores.numel()
     chosen = torch.topk(scores, k4).indices.sort().values if k4 else torch.empty(0, dtype=torch.long)
     keep = torch.ones(k, dtype=torch.bool)
     keep[chosen] = False
-    return torch.cat([torch.arange(k)[keep], chosen]).to(torch.int32)
+    parts = [torch.arange(k)[keep], chosen]
+    if order_key is not None:
+        parts = [p[torch.argsort(order_key[p], descending=True, stable=True)] for p in parts]
+    return torch.cat(parts).to(torch.int32)

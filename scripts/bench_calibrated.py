@@ -3,6 +3,7 @@
 
     python scripts/bench_calibrated.py --out docs/data/calibrated.json             # ~40 min on 2 cores
     python scripts/bench_calibrated.py --out docs/data/calibrated.json --only NAME  # re-run one point, merge
+    python scripts/bench_calibrated.py --out docs/data/calibrated.json --resume     # finish an interrupted sweep
     python scripts/bench_peers.py --out docs/data/calibrated.json                  # HQQ and plain GPTQ, merged
     python scripts/plot_quality.py docs/data/calibrated.json docs/img/ppl_vs_bits_calibrated.png
 
@@ -15,7 +16,8 @@ eval ppl OUT` on the first 16,384 tokens of *Persuasion*. Families:
 - rtn: the same options without calibration (round-to-nearest, range-ranked stripes);
 - gptq-range: GPTQ, but the stripes ranked by the data-free range score;
 - gptq-budget: GPTQ with `--target-bits`, stripes spread over Linears by sensitivity;
-- gptq-outliers: GPTQ plus `--outliers`.
+- gptq-outliers: GPTQ plus `--outliers`;
+- gptq-act-order: GPTQ with `--act-order` (columns in descending E[x²] within each part).
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ OUTLIERS = {
     "default + 0.5% outliers": ["--outliers", "0.005"],
     "mixed 12.5% g32 + 0.5% outliers": [*CONFIGS["mixed 12.5% g32"], "--outliers", "0.005"],
 }
+ACT_ORDER = ["mixed 12.5% g32", "mixed 12.5% g16 (default)", "mixed 25% g16"]
 CALIBRATE = ["calibrate", "demo", "--dataset", "austen", "--samples", "64", "--seq-len", "512", "--seed", "0"]
 
 
@@ -77,6 +80,7 @@ def plan(stats: Path) -> dict[str, tuple[str, list[str]]]:
     points.update({f"range {n}": ("gptq-range", [*calib, *CONFIGS[n], "--selection", "range"]) for n in RANGE})
     points.update({f"gptq {name}": ("gptq-budget", [*calib, *options]) for name, options in BUDGET.items()})
     points.update({f"gptq {name}": ("gptq-outliers", [*calib, *options]) for name, options in OUTLIERS.items()})
+    points.update({f"act-order {n}": ("gptq-act-order", [*calib, *CONFIGS[n], "--act-order"]) for n in ACT_ORDER})
     return points
 
 
@@ -86,7 +90,10 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16384)
     parser.add_argument("--stats", type=Path, help="reuse this stats file instead of calibrating")
     parser.add_argument("--only", action="append", help="run just these points and merge them into --out")
+    parser.add_argument("--resume", action="store_true", help="run only the points --out does not hold yet")
     args = parser.parse_args()
+    done = {p["name"] for p in json.loads(args.out.read_text())["points"]} if args.resume else set()
+    incremental = bool(args.only) or args.resume
     with tempfile.TemporaryDirectory() as tmp:
         stats = args.stats or Path(tmp) / "demo.stats"
         if args.stats is None:
@@ -96,13 +103,13 @@ def main() -> None:
         unknown = set(args.only or []) - set(points_plan)
         if unknown:
             raise SystemExit(f"unknown point(s) {sorted(unknown)}; choose from {sorted(points_plan)}")
-        points = [] if args.only else [baseline_point(args.max_tokens)]
-        for name in args.only or points_plan:
+        points = [] if incremental else [baseline_point(args.max_tokens)]
+        for name in args.only or [n for n in points_plan if n not in done]:
             family, options = points_plan[name]
             point = artifact_point(name, family, options, args.max_tokens, Path(tmp))
             point["command"] = point["command"].replace(str(stats), "STATS")
             print(json.dumps(point), file=sys.stderr)
-            if args.only:
+            if incremental:
                 merge(args.out, [point])
             else:  # rewritten after every point, so an interrupted sweep keeps what it measured
                 points.append(point)

@@ -1,7 +1,12 @@
 #!/usr/bin/env python3
-"""Plot perplexity against bits per weight from scripts/bench_quality.py's JSON.
+"""Plot perplexity against bits per weight from a benchmark record, and print its markdown table.
 
-python scripts/plot_quality.py docs/data/quality.json docs/img/ppl_vs_bits.png
+    python scripts/plot_quality.py docs/data/quality.json docs/img/ppl_vs_bits.png
+    python scripts/plot_quality.py docs/data/calibrated.json docs/img/ppl_vs_bits_calibrated.png
+
+Records come from scripts/bench_quality.py (round-to-nearest), bench_calibrated.py and
+bench_peers.py. The table marks the Pareto front: points that no other measured point beats on
+both bits per weight and perplexity (the fp32 baseline and the unaligned reference excluded).
 """
 
 from __future__ import annotations
@@ -9,6 +14,36 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+
+# kind -> (marker, colour, legend label)
+STYLES = {
+    "aligned": ("o", "tab:blue", "llmq, round-to-nearest (aligned 4-bit stripes)"),
+    "unaligned": ("x", "tab:red", "4-bit chosen freely per row (reference)"),
+    "gptq": ("o", "tab:blue", "llmq + GPTQ (Hessian-ranked stripes)"),
+    "gptq-act-order": ("P", "tab:cyan", "llmq + GPTQ, --act-order"),
+    "gptq-range": ("^", "tab:orange", "llmq + GPTQ, range-ranked stripes"),
+    "gptq-budget": ("D", "tab:green", "llmq + GPTQ, --target-bits budget"),
+    "gptq-outliers": ("v", "tab:purple", "llmq + GPTQ + outliers"),
+    "rtn": ("s", "tab:gray", "llmq, round-to-nearest"),
+    "hqq": ("x", "tab:brown", "HQQ 0.2.8 (no calibration)"),
+    "plain-gptq": ("+", "black", "plain GPTQ, uniform bits (no stripes)"),
+}
+
+
+def pareto(points: list[dict]) -> set[str]:
+    """Names of the points not beaten on both bits and perplexity by another point."""
+    front = set()
+    for p in points:
+        beaten = any(
+            q is not p
+            and q["bits_per_weight"] <= p["bits_per_weight"]
+            and q["ppl"] <= p["ppl"]
+            and (q["bits_per_weight"], q["ppl"]) != (p["bits_per_weight"], p["ppl"])
+            for q in points
+        )
+        if not beaten:
+            front.add(p["name"])
+    return front
 
 
 def main(data_path: Path, image_path: Path) -> None:
@@ -20,14 +55,12 @@ def main(data_path: Path, image_path: Path) -> None:
     record = json.loads(data_path.read_text())
     points = record["points"]
     base = next(p for p in points if p["kind"] == "baseline")
-    fig, ax = plt.subplots(figsize=(10, 5), dpi=120)
-    styles = {
-        "aligned": ("o", "tab:blue", "llmq (aligned 4-bit stripes)"),
-        "unaligned": ("x", "tab:red", "4-bit chosen freely per row (reference)"),
-    }
-    numbered = sorted((p for p in points if p["kind"] in styles), key=lambda q: q["bits_per_weight"])
-    for kind, (marker, color, label) in styles.items():
+    fig, ax = plt.subplots(figsize=(12, 6), dpi=120)
+    numbered = sorted((p for p in points if p["kind"] in STYLES), key=lambda q: q["bits_per_weight"])
+    for kind, (marker, color, label) in STYLES.items():
         chosen = [p for p in numbered if p["kind"] == kind]
+        if not chosen:
+            continue
         ax.errorbar(
             [p["bits_per_weight"] for p in chosen],
             [p["ppl"] for p in chosen],
@@ -40,21 +73,18 @@ def main(data_path: Path, image_path: Path) -> None:
     # Points crowd at 2.6-3.1 bits, so they carry numbers and the names go in a key beside the plot.
     for number, p in enumerate(numbered, start=1):
         ax.annotate(
-            str(number), (p["bits_per_weight"], p["ppl"]), fontsize=7, xytext=(4, 3), textcoords="offset points"
+            str(number), (p["bits_per_weight"], p["ppl"]), fontsize=6, xytext=(4, 3), textcoords="offset points"
         )
     key = "\n".join(f"{n:>2}  {p['name']}" for n, p in enumerate(numbered, start=1))
-    fig.text(0.74, 0.5, key, fontsize=7, family="monospace", va="center")
-    fig.subplots_adjust(right=0.72)
+    fig.text(0.70, 0.5, key, fontsize=6 if len(numbered) > 25 else 7, family="monospace", va="center")
+    fig.subplots_adjust(right=0.68)
     ax.axhline(base["ppl"], color="gray", linestyle="--", label=f"fp32 baseline ({base['ppl']:.1f})")
     ax.set_yscale("log")
     ax.set_xlabel("bits per weight (quantized Linears, everything counted)")
     ax.set_ylabel("perplexity (log scale)")
-    ax.set_title(
-        f"{record['model'].split(':')[0]} model, {record['text']}\n{record['date']}, round-to-nearest (no calibration)",
-        fontsize=9,
-    )
+    ax.set_title(f"{record['model'].split(':')[0]} model, {record['text']}\nmeasured {record['date']}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     image_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(image_path)
 
@@ -63,13 +93,17 @@ def markdown_table(data_path: Path) -> str:
     points = sorted(
         json.loads(data_path.read_text())["points"], key=lambda p: (p["kind"] != "baseline", p["bits_per_weight"])
     )
-    rows = ["| config | kind | bits/weight | ppl ± stderr | × fp32 |", "|---|---|---|---|---|"]
+    # The unaligned reference leaves out its per-row index bits, so it does not compete for the front.
+    front = pareto([p for p in points if p["kind"] not in ("baseline", "unaligned")])
+    rows = ["| config | kind | bits/weight | ppl ± stderr | × fp32 | Pareto |", "|---|---|---|---|---|---|"]
     for p in points:
         bits = f"{p['bits_per_weight']:.3f}"
         if "bits_per_weight_with_row_indices" in p:
             bits += f" ({p['bits_per_weight_with_row_indices']:.2f} with row indices)"
+        mark = "✓" if p["name"] in front else ""
         rows.append(
-            f"| {p['name']} | {p['kind']} | {bits} | {p['ppl']:.1f} ± {p['ppl_stderr']:.1f} | {p['ppl_ratio']:.2f} |"
+            f"| {p['name']} | {p['kind']} | {bits} | {p['ppl']:.1f} ± {p['ppl_stderr']:.1f} | "
+            f"{p['ppl_ratio']:.2f} | {mark} |"
         )
     return "\n".join(rows)
 

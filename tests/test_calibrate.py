@@ -74,6 +74,7 @@ def test_quantize_with_stats_records_provenance(cli, tiny_model, stats_file, tmp
     assert result.code == 0, result.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["calibration"]["samples"] == 4 and manifest["calibration"]["file"] == stats_file.name
+    assert manifest["calibration"]["gptq_device"] == "cpu"  # no GPU here: auto resolves to the CPU
     assert cli("eval", "ppl", str(out), "--dataset", "austen", "--seq-len", "64", "--max-tokens", "128", "-q").code == 0
 
 
