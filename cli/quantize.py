@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -80,7 +81,9 @@ def quantize(
     ] = None,
     act_order: Annotated[
         bool | None,
-        typer.Option("--act-order/--no-act-order", help="GPTQ in descending activation energy within each part."),
+        typer.Option(
+            "--act-order/--no-act-order", help="GPTQ in descending activation energy within each part (default on)."
+        ),
     ] = None,
     gptq_block: Annotated[
         int | None, typer.Option("--gptq-block", help="GPTQ columns per lazy-update block (speed only).")
@@ -117,8 +120,10 @@ def quantize(
         raise UsageError("give --calib (a stats file) or --calib-data (calibrate now), not both")
     if config.selection == Selection.hessian and calib is None and calib_data is None:
         raise UsageError("--selection hessian ranks channels with calibration statistics; add --calib or --calib-data")
-    if config.act_order and calib is None and calib_data is None:
-        raise UsageError("--act-order orders GPTQ by calibration statistics; add --calib or --calib-data")
+    if calib is None and calib_data is None:
+        if act_order:
+            raise UsageError("--act-order orders GPTQ by calibration statistics; add --calib or --calib-data")
+        config = replace(config, act_order=False)  # round-to-nearest has no column order to choose
     if target_bits is not None and stripe_fraction is not None:
         raise UsageError("--target-bits chooses the stripes per Linear; drop --stripe-fraction")
     if not dry_run:

@@ -46,7 +46,7 @@ class QuantConfig:
     selection: Selection = Selection.auto
     gptq_damp: float = 0.01  # GPTQ dampening, as a fraction of the Hessian's mean diagonal
     gptq_block: int = 128  # columns per lazy-update block (speed only: the result is the same up to rounding)
-    act_order: bool = False  # GPTQ in descending E[x^2] order within each part (stored in the permutation)
+    act_order: bool = True  # with calibration: GPTQ in descending E[x^2] order within each part (the permutation)
     include: tuple[str, ...] = DEFAULT_INCLUDE  # fnmatch patterns on Linear module names
     exclude: tuple[str, ...] = field(default_factory=tuple)
 

@@ -51,22 +51,29 @@ def gptq_round(
     damp: float = 0.01,
     block: int = 128,
     device: torch.device | None = None,
-) -> torch.Tensor:
+    exact: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Codes for ``weight`` ``[N, K]`` on the grids ``scale * (q - zero)``, ``0 <= q <= qmax``.
 
     ``scale``/``zero`` are ``[N, K]`` (each column's group parameters), ``qmax`` is ``[K]`` (3 or 15),
     ``hessian`` is ``[K, K]`` in the same column order as ``weight``. Runs on ``device`` (default:
-    the weight's); the codes come back on the weight's device.
+    the weight's); results come back on the weight's device.
+
+    ``exact`` (bool ``[N, K]``) marks weights that will be stored exactly elsewhere (outliers): they
+    carry no rounding error, so none is pushed onto later columns, and the second result holds,
+    at those positions, the (error-updated) values to store. Returns ``(codes, exact values)``.
     """
     home = weight.device
     device = home if device is None else device
     weight, hessian, scale, zero, qmax = (t.to(device) for t in (weight, hessian, scale, zero, qmax))
+    exact = None if exact is None else exact.to(device)
     w = weight.to(torch.float32).clone()
     dead = torch.diag(hessian) <= 0
     w[:, dead] = 0.0
     hinv = inverse_hessian_factor(hessian, damp)
     n, k = w.shape
     codes = torch.zeros(n, k, dtype=torch.float32, device=device)
+    targets = None if exact is None else torch.zeros(n, k, dtype=torch.float32, device=device)
     for start in range(0, k, block):
         end = min(start + block, k)
         w1 = w[:, start:end].clone()
@@ -76,8 +83,12 @@ def gptq_round(
             col = start + i
             q = torch.clamp(torch.round(w1[:, i] / scale[:, col] + zero[:, col]), 0, qmax[col])
             codes[:, col] = q
-            err = (w1[:, i] - scale[:, col] * (q - zero[:, col])) / h1[i, i]
+            decoded = scale[:, col] * (q - zero[:, col])
+            if exact is not None:
+                decoded = torch.where(exact[:, col], w1[:, i], decoded)
+                targets[:, col] = torch.where(exact[:, col], w1[:, i], 0.0)
+            err = (w1[:, i] - decoded) / h1[i, i]
             w1[:, i:] -= err.unsqueeze(1) * h1[i, i:].unsqueeze(0)
             errors[:, i] = err
         w[:, end:] -= errors @ hinv[start:end, end:]
-    return codes.long().to(home)
+    return codes.long().to(home), None if targets is None else targets.to(home)

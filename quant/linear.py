@@ -57,14 +57,21 @@ def quantize_weight(
     packed = w[:, perm.long()]
     two = _fit_2bit(packed[:, : layout.k2], layout, config) if layout.k2 else None
     four = quantize_4bit(packed[:, layout.k2 :], layout.g4, config.rounding) if layout.k4 else None
-    if hessian is not None:
-        two, four = _gptq(packed, hessian[perm.long()][:, perm.long()], two, four, layout, config, device)
     tensors: dict[str, torch.Tensor] = {"perm": perm}
+    outliers = None
+    if hessian is not None:
+        packed_h = hessian[perm.long()][:, perm.long()]
+        two, four, _ = _gptq(packed, packed_h, two, four, layout, config, device)
+        if two is not None and layout.n_outliers:
+            two, four, outliers = _gptq_with_outliers(packed, packed_h, two, four, layout, config, device)
+    elif two is not None and layout.n_outliers:
+        residual = packed[:, : layout.k2] - two.decode(layout.g1, layout.g2)[:, : layout.k2]
+        rows, cols = _largest(residual**2, layout.n_outliers)
+        outliers = _csr(rows, cols, residual[rows, cols], layout.out_features)
     if two is not None:
         tensors.update(_pack_2bit(two, layout))
-        if layout.n_outliers:
-            energy = None if hessian is None else torch.diag(hessian)[perm[: layout.k2].long()].clamp(min=0)
-            tensors.update(_outliers(packed[:, : layout.k2], two, layout, energy))
+    if outliers is not None:
+        tensors.update(outliers)
     if four is not None:
         tensors["qweight4"] = L.pack_codes(four.codes, 4)
         tensors["scale4"] = four.scale
@@ -95,8 +102,10 @@ def hessian_score(w: torch.Tensor, hessian: torch.Tensor | None, config: QuantCo
     return energy * (err2 - err4).sum(0)
 
 
-def _gptq(packed, hessian, two, four, layout: L.LinearLayout, config: QuantConfig, device=None):
-    """Re-derive the codes of both parts with GPTQ on their fixed grids, in packed column order."""
+def _gptq(packed, hessian, two, four, layout: L.LinearLayout, config: QuantConfig, device=None, exact=None):
+    """Re-derive the codes of both parts with GPTQ on their fixed grids, in packed column order.
+
+    Returns the updated parts and, with ``exact`` (bool ``[N, K]``), the values to store there."""
     scales, zeros, qmax = [], [], []
     if two is not None:
         scale, zero = two.column_grid(layout.g1, layout.g2)
@@ -109,14 +118,48 @@ def _gptq(packed, hessian, two, four, layout: L.LinearLayout, config: QuantConfi
         zeros.append(zero)
         qmax.append(torch.full((layout.k4,), 15.0))
     grid = torch.cat(scales, 1), torch.cat(zeros, 1), torch.cat(qmax)
-    codes = gptq_round(packed, hessian, *grid, config.gptq_damp, config.gptq_block, device)
+    codes, targets = gptq_round(packed, hessian, *grid, config.gptq_damp, config.gptq_block, device, exact)
     if two is not None:
         two_codes = two.codes.clone()
         two_codes[:, : layout.k2] = codes[:, : layout.k2]
         two = replace(two, codes=two_codes)
     if four is not None:
         four = replace(four, codes=codes[:, layout.k2 :])
-    return two, four
+    return two, four, targets
+
+
+def _gptq_with_outliers(packed, hessian, two, four, layout: L.LinearLayout, config: QuantConfig, device):
+    """Outliers chosen by their error contribution after a first GPTQ pass, then a second pass
+    that treats them as exact, so no compensation is spent on errors the corrections remove.
+
+    Contribution is the squared residual times the channel's input energy ``H[c, c]``: the
+    output error each correction removes. Returns the parts and the CSR outlier tensors.
+    """
+    k2 = layout.k2
+    residual = packed[:, :k2] - two.decode(layout.g1, layout.g2)[:, :k2]
+    rows, cols = _largest(residual**2 * torch.diag(hessian)[:k2].clamp(min=0), layout.n_outliers)
+    exact = torch.zeros(packed.shape, dtype=torch.bool)
+    exact[rows, cols] = True
+    two, four, targets = _gptq(packed, hessian, two, four, layout, config, device, exact)
+    values = targets[rows, cols] - two.decode(layout.g1, layout.g2)[rows, cols]
+    return two, four, _csr(rows, cols, values, layout.out_features)
+
+
+def _largest(contribution: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column of the ``count`` largest entries of ``[N, k2]``, in row-major (CSR) order."""
+    k2 = contribution.shape[1]
+    flat = torch.topk(contribution.flatten(), count).indices.sort().values
+    return flat // k2, flat % k2
+
+
+def _csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, n_rows: int) -> dict[str, torch.Tensor]:
+    counts = torch.bincount(rows, minlength=n_rows)
+    rowptr = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    return {
+        "outlier_rowptr": rowptr.to(torch.int32),
+        "outlier_col": cols.to(torch.int32),
+        "outlier_val": values.half(),
+    }
 
 
 def _fit_2bit(w2: torch.Tensor, layout: L.LinearLayout, config: QuantConfig) -> TwoBit:
@@ -137,25 +180,4 @@ def _pack_2bit(two: TwoBit, layout: L.LinearLayout) -> dict[str, torch.Tensor]:
         "meta2": L.pack_meta2(two.zero, two.scale_code),
         "scale2": two.block_scale,
         "szero2": two.block_zero.to(torch.uint8),
-    }
-
-
-def _outliers(
-    w2: torch.Tensor, two: TwoBit, layout: L.LinearLayout, energy: torch.Tensor | None
-) -> dict[str, torch.Tensor]:
-    """The 2-bit weights whose remaining error contributes most, stored as fp16 corrections in CSR order.
-
-    Contribution is the squared residual, times the channel's input energy ``H[c, c]`` when a
-    Hessian is known (so, after GPTQ, the output error each correction removes).
-    """
-    residual = w2 - two.decode(layout.g1, layout.g2)[:, : layout.k2]
-    contribution = residual**2 if energy is None else residual**2 * energy
-    flat = torch.topk(contribution.flatten(), layout.n_outliers).indices.sort().values  # row-major = CSR order
-    rows, cols = flat // layout.k2, flat % layout.k2
-    counts = torch.bincount(rows, minlength=layout.out_features)
-    rowptr = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
-    return {
-        "outlier_rowptr": rowptr.to(torch.int32),
-        "outlier_col": cols.to(torch.int32),
-        "outlier_val": residual[rows, cols].half(),
     }

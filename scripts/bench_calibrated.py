@@ -32,11 +32,11 @@ from pathlib import Path
 from benchlib import artifact_point, baseline_point, merge, record
 
 
-def _groups(fraction: float, g1: int, g4: int = 64) -> list[str]:
-    return ["--stripe-fraction", str(fraction), "--g1", str(g1), "--g2", "16", "--g4", str(g4)]
+def _groups(fraction: float, g1: int, g4: int = 64, g2: int = 16) -> list[str]:
+    return ["--stripe-fraction", str(fraction), "--g1", str(g1), "--g2", str(g2), "--g4", str(g4)]
 
 
-# name -> options (all with --g2 16, the default)
+# name -> options (--g2 16, the default, unless the name says otherwise)
 CONFIGS = {
     "2bit g64": _groups(0.0, 64),
     "2bit g32": _groups(0.0, 32),
@@ -46,6 +46,8 @@ CONFIGS = {
     "mixed 25% g64": _groups(0.25, 64),
     "mixed 25% g32": _groups(0.25, 32),
     "mixed 12.5% g16 (default)": _groups(0.125, 16),
+    "mixed 25% g32 g2=8": _groups(0.25, 32, g2=8),
+    "mixed 30% g64": _groups(0.3, 64),
     "mixed 25% g16": _groups(0.25, 16),
     "mixed 37.5% g32": _groups(0.375, 32),
     "mixed 37.5% g16": _groups(0.375, 16),
@@ -68,7 +70,7 @@ OUTLIERS = {
     "default + 0.5% outliers": ["--outliers", "0.005"],
     "mixed 12.5% g32 + 0.5% outliers": [*CONFIGS["mixed 12.5% g32"], "--outliers", "0.005"],
 }
-ACT_ORDER = ["mixed 12.5% g32", "mixed 12.5% g16 (default)", "mixed 25% g16"]
+ACT_ORDER = ["mixed 12.5% g32", "mixed 25% g32", "mixed 12.5% g16 (default)", "mixed 30% g64", "mixed 25% g16"]
 CALIBRATE = ["calibrate", "demo", "--dataset", "austen", "--samples", "64", "--seq-len", "512", "--seed", "0"]
 
 

@@ -107,7 +107,7 @@ def plain_gptq_point(bits: int, group: int, stats_path: Path, max_tokens: int) -
         zero = torch.round(-lo / scale).clamp(0, qmax)
         scale_k = scale.repeat_interleave(group, 1)[:, :k]
         zero_k = zero.repeat_interleave(group, 1)[:, :k]
-        codes = gptq_round(w, stats.hessian(name), scale_k, zero_k, torch.full((k,), float(qmax)), damp)
+        codes, _ = gptq_round(w, stats.hessian(name), scale_k, zero_k, torch.full((k,), float(qmax)), damp)
         totals["bits"] += n * (k * bits + math.ceil(k / group) * (16 + bits))
         totals["weights"] += n * k
         return scale_k * (codes - zero_k)
