@@ -79,7 +79,17 @@ def calibrate(
 
 
 def run_calibration(
-    out: Reporter, model, dataset, text_file, samples, seq_len, seed, revision, trust_remote_code, device="auto"
+    out: Reporter,
+    model,
+    dataset,
+    text_file,
+    samples,
+    seq_len,
+    seed,
+    revision,
+    trust_remote_code,
+    device="auto",
+    show_model: bool = True,
 ):
     """Shared by `calibrate` and `quantize --calib-data`: resolve, load text, collect stats on ``device``."""
     from llmq.quant.calibrate import calibrate_model
@@ -92,7 +102,8 @@ def run_calibration(
     loaded = text.load_text(dataset, text_file, text.Split.calib, default=text.Dataset.wikitext2)
     quiet_libraries(out.show_progress)
     source = models.resolve_model(model, revision=revision, progress=out.show_progress, log=out.info)
-    out.info(f"model: {source.label}")
+    if show_model:  # `quantize --calib-data` has said it already
+        out.info(f"model: {source.label}")
     out.info(f"calibration: {loaded.source}, {samples} samples x {seq_len} tokens, seed {seed}, on {torch_device}")
     model_config = models.load_config(source, trust_remote_code)
     with out.progress("calibrating layers") as update:

@@ -141,6 +141,11 @@ def quantize(
         stats = _calibration(
             out, source, model, calib, calib_data, samples, calib_seq_len, seed, revision, trust_remote_code, device
         )
+    if stats is None and not dry_run:
+        out.info(
+            "no calibration data: rounding to nearest, which loses far more accuracy at 2-3 bits than GPTQ "
+            "(docs/benchmarks.md); add --calib-data or --calib"
+        )
     if dry_run and calib_data is not None and target_bits is not None:
         out.info("dry run: stripes allocated without calibration data; the real run ranks them with its Hessians")
     plan = pipeline.make_plan(source, model_config, config, dense, target_bits, stats)
@@ -200,6 +205,7 @@ def _calibration(out, source, model, calib, calib_data, samples, seq_len, seed, 
     names = {d.value: d for d in Dataset}
     dataset, text_file = (names[calib_data], None) if calib_data in names else (None, Path(calib_data))
     _, _, calibration, meta = run_calibration(
-        out, model, dataset, text_file, samples, seq_len, seed, revision, trust_remote_code, device=device
-    )
+        out, model, dataset, text_file, samples, seq_len, seed, revision, trust_remote_code, device=device,
+        show_model=False,
+    )  # fmt: skip
     return statsfile.in_memory(calibration, meta)

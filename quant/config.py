@@ -36,10 +36,10 @@ DEFAULT_INCLUDE = ("*.layers.*",)
 
 @dataclass(frozen=True)
 class QuantConfig:
-    g1: int = 16  # 2-bit group size along the input dimension
+    g1: int = 32  # 2-bit group size along the input dimension
     g2: int = 16  # first-order scales per FP16 second-order scale
     g4: int = 64  # 4-bit group size; also the width unit of a 4-bit stripe
-    stripe_fraction: float = 0.125  # share of input channels kept in 4-bit stripes
+    stripe_fraction: float = 0.25  # share of input channels kept in 4-bit stripes
     scale_bits: int = 6  # first-order scale code width (the meta byte has room for 6)
     outlier_fraction: float = 0.0  # share of 2-bit weights kept as sparse fp16 corrections
     rounding: Rounding = Rounding.search
@@ -113,9 +113,9 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
-        Preset("mixed", "2-bit g16 + 12.5% 4-bit stripes, 2.85 bpw (default)", QuantConfig()),
-        Preset("mixed-wide", "2-bit g16 + 25% 4-bit stripes, 3.06 bpw", QuantConfig(stripe_fraction=0.25)),
-        Preset("2bit", "pure 2-bit g16 with second-order scales, 2.66 bpw", QuantConfig(stripe_fraction=0.0)),
+        Preset("mixed", "2-bit g32 + 25% 4-bit stripes, 2.83 bpw (default)", QuantConfig()),
+        Preset("mixed-wide", "2-bit g16 + 25% 4-bit stripes, 3.06 bpw", QuantConfig(g1=16)),
+        Preset("2bit", "pure 2-bit g16 with second-order scales, 2.66 bpw", QuantConfig(g1=16, stripe_fraction=0.0)),
         Preset("4bit", "pure 4-bit g64, 4.42 bpw", QuantConfig(stripe_fraction=1.0)),
     )
 }

@@ -14,8 +14,9 @@ count what each format stores per quantized Linear:
   the packed codes as HQQ packs them (3-bit: 10 codes per int32) plus an fp16 scale and fp16
   zero per group; scale and zero are rounded to fp16 before dequantizing, as HQQ stores them.
 - plain-gptq: llmq's GPTQ core (`llmq.quant.gptq.gptq_round`, same Hessians, same damping) on a
-  uniform b-bit grid: asymmetric min/max per group of g input channels, natural column order,
-  no stripes, no second-order scales. Stored as AutoGPTQ does: b-bit codes, an fp16 scale and a
+  uniform b-bit grid: asymmetric min/max per group of g input channels, no stripes, no
+  second-order scales; natural column order, and for some points activation ordering with
+  static groups. Stored as AutoGPTQ does: b-bit codes, an fp16 scale and a
   b-bit zero per group.
 """
 
@@ -35,6 +36,7 @@ PEERS_VENV = ROOT / ".venv-peers"
 HQQ = "hqq==0.2.8.post1"
 HQQ_POINTS = [(2, 16), (2, 32), (2, 64), (3, 64), (3, 128), (4, 64), (4, 128)]  # (bits, group)
 GPTQ_POINTS = [(2, 16), (2, 32), (2, 64), (3, 64), (3, 128), (4, 64), (4, 128)]
+GPTQ_ACT_ORDER_POINTS = [(2, 16), (3, 64), (3, 128)]  # the same with GPTQ's activation ordering
 
 
 def ensure_peer_environment() -> None:
@@ -82,7 +84,7 @@ def hqq_point(bits: int, group: int, max_tokens: int) -> dict:
     }
 
 
-def plain_gptq_point(bits: int, group: int, stats_path: Path, max_tokens: int) -> dict:
+def plain_gptq_point(bits: int, group: int, stats_path: Path, max_tokens: int, act_order: bool = False) -> dict:
     import torch
     from benchlib import simulated_ppl
 
@@ -107,16 +109,22 @@ def plain_gptq_point(bits: int, group: int, stats_path: Path, max_tokens: int) -
         zero = torch.round(-lo / scale).clamp(0, qmax)
         scale_k = scale.repeat_interleave(group, 1)[:, :k]
         zero_k = zero.repeat_interleave(group, 1)[:, :k]
-        codes, _ = gptq_round(w, stats.hessian(name), scale_k, zero_k, torch.full((k,), float(qmax)), damp)
+        hessian, qmax_k = stats.hessian(name), torch.full((k,), float(qmax))
+        # Act-order with static groups (AutoGPTQ's desc_act + static_groups): groups stay in the
+        # original column order, only the rounding order follows descending E[x^2].
+        order = torch.argsort(torch.diag(hessian), descending=True) if act_order else torch.arange(k)
+        codes, _ = gptq_round(w[:, order], hessian[order][:, order], scale_k[:, order], zero_k[:, order], qmax_k, damp)
+        codes = codes[:, torch.argsort(order)]
         totals["bits"] += n * (k * bits + math.ceil(k / group) * (16 + bits))
         totals["weights"] += n * k
         return scale_k * (codes - zero_k)
 
     ppl, stderr = simulated_ppl(transform, max_tokens)
+    suffix = " act-order" if act_order else ""
     return {
-        "name": f"plain GPTQ {bits}-bit g{group}",
+        "name": f"plain GPTQ {bits}-bit g{group}{suffix}",
         "kind": "plain-gptq",
-        "command": f"scripts/bench_peers.py: GPTQ, uniform {bits}-bit, min/max groups of {group}, STATS",
+        "command": f"scripts/bench_peers.py: GPTQ{suffix}, uniform {bits}-bit, min/max groups of {group}, STATS",
         "bits_per_weight": totals["bits"] / totals["weights"],
         "ppl": ppl,
         "ppl_stderr": stderr,
@@ -130,6 +138,7 @@ def main() -> None:
     parser.add_argument("--stats", type=Path, help="reuse this stats file instead of calibrating")
     parser.add_argument("--skip-hqq", action="store_true")
     parser.add_argument("--skip-gptq", action="store_true")
+    parser.add_argument("--only-act-order", action="store_true", help="just the act-order GPTQ points")
     args = parser.parse_args()
     if not args.out.is_file():
         raise SystemExit(f"{args.out} does not exist; run scripts/bench_calibrated.py --out {args.out} first")
@@ -141,9 +150,12 @@ def main() -> None:
         stats = args.stats or Path(tmp) / "demo.stats"
         if args.stats is None and not args.skip_gptq:
             subprocess.run([sys.executable, "-m", "llmq.cli", *CALIBRATE, "-o", str(stats), "-q"], check=True)
-        jobs = [] if args.skip_hqq else [lambda b=b, g=g: hqq_point(b, g, args.max_tokens) for b, g in HQQ_POINTS]
-        if not args.skip_gptq:
-            jobs += [lambda b=b, g=g: plain_gptq_point(b, g, stats, args.max_tokens) for b, g in GPTQ_POINTS]
+        hqq = [] if args.skip_hqq or args.only_act_order else HQQ_POINTS
+        gptq = [] if args.skip_gptq or args.only_act_order else GPTQ_POINTS
+        gptq_ao = [] if args.skip_gptq else GPTQ_ACT_ORDER_POINTS
+        jobs = [lambda b=b, g=g: hqq_point(b, g, args.max_tokens) for b, g in hqq]
+        jobs += [lambda b=b, g=g: plain_gptq_point(b, g, stats, args.max_tokens) for b, g in gptq]
+        jobs += [lambda b=b, g=g: plain_gptq_point(b, g, stats, args.max_tokens, act_order=True) for b, g in gptq_ao]
         for job in jobs:
             point = job()
             print(json.dumps(point), file=sys.stderr)

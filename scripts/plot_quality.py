@@ -46,6 +46,31 @@ def pareto(points: list[dict]) -> set[str]:
     return front
 
 
+def _draw(ax, numbered: list[dict], base: dict) -> None:
+    for kind, (marker, color, label) in STYLES.items():
+        chosen = [p for p in numbered if p["kind"] == kind]
+        if chosen:
+            ax.errorbar(
+                [p["bits_per_weight"] for p in chosen],
+                [p["ppl"] for p in chosen],
+                yerr=[p["ppl_stderr"] for p in chosen],
+                fmt=marker,
+                color=color,
+                label=label,
+                capsize=3,
+            )
+    # Points crowd at 2.6-3.1 bits, so they carry numbers and the names go in a key below.
+    for number, p in enumerate(numbered, start=1):
+        ax.annotate(
+            str(number), (p["bits_per_weight"], p["ppl"]), fontsize=6, xytext=(3, 2), textcoords="offset points"
+        )
+    ax.axhline(base["ppl"], color="gray", linestyle="--", label=f"fp32 baseline ({base['ppl']:.1f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per weight (quantized Linears, everything counted)")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.grid(True, which="both", alpha=0.3)
+
+
 def main(data_path: Path, image_path: Path) -> None:
     import matplotlib
 
@@ -55,38 +80,29 @@ def main(data_path: Path, image_path: Path) -> None:
     record = json.loads(data_path.read_text())
     points = record["points"]
     base = next(p for p in points if p["kind"] == "baseline")
-    fig, ax = plt.subplots(figsize=(12, 6), dpi=120)
     numbered = sorted((p for p in points if p["kind"] in STYLES), key=lambda q: q["bits_per_weight"])
-    for kind, (marker, color, label) in STYLES.items():
-        chosen = [p for p in numbered if p["kind"] == kind]
-        if not chosen:
-            continue
-        ax.errorbar(
-            [p["bits_per_weight"] for p in chosen],
-            [p["ppl"] for p in chosen],
-            yerr=[p["ppl_stderr"] for p in chosen],
-            fmt=marker,
-            color=color,
-            label=label,
-            capsize=3,
-        )
-    # Points crowd at 2.6-3.1 bits, so they carry numbers and the names go in a key beside the plot.
-    for number, p in enumerate(numbered, start=1):
-        ax.annotate(
-            str(number), (p["bits_per_weight"], p["ppl"]), fontsize=6, xytext=(4, 3), textcoords="offset points"
-        )
-    key = "\n".join(f"{n:>2}  {p['name']}" for n, p in enumerate(numbered, start=1))
-    fig.text(0.70, 0.5, key, fontsize=6 if len(numbered) > 25 else 7, family="monospace", va="center")
-    fig.subplots_adjust(right=0.68)
-    ax.axhline(base["ppl"], color="gray", linestyle="--", label=f"fp32 baseline ({base['ppl']:.1f})")
-    ax.set_yscale("log")
-    ax.set_xlabel("bits per weight (quantized Linears, everything counted)")
-    ax.set_ylabel("perplexity (log scale)")
-    ax.set_title(f"{record['model'].split(':')[0]} model, {record['text']}\nmeasured {record['date']}", fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    fig = plt.figure(figsize=(14, 10), dpi=110)
+    grid = fig.add_gridspec(2, 2, height_ratios=[3, 1.6], hspace=0.25)
+    full, zoom = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
+    _draw(full, numbered, base)
+    _draw(zoom, numbered, base)
+    full.set_title("all points", fontsize=9)
+    # The zoom: everything within 4x of the baseline below 3.5 bits, where the choices are made.
+    close = [p for p in numbered if p["ppl"] < 4 * base["ppl"] and p["bits_per_weight"] < 3.5]
+    if close:
+        zoom.set_xlim(min(p["bits_per_weight"] for p in close) - 0.05, max(p["bits_per_weight"] for p in close) + 0.05)
+        zoom.set_ylim(0.9 * base["ppl"], 4 * base["ppl"])
+    zoom.set_title("zoom: within 4x of fp32, below 3.5 bits", fontsize=9)
+    full.legend(fontsize=7, loc="upper right")
+    fig.suptitle(f"{record['model'].split(':')[0]} model, {record['text']}, measured {record['date']}", fontsize=10)
+    names = [f"{n:>2} {p['name']}" for n, p in enumerate(numbered, start=1)]
+    columns = 4
+    per_column = -(-len(names) // columns)
+    for c in range(columns):
+        chunk = "\n".join(names[c * per_column : (c + 1) * per_column])
+        fig.text(0.06 + c * 0.23, 0.33, chunk, fontsize=6.5, family="monospace", va="top")
     image_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(image_path)
+    fig.savefig(image_path, bbox_inches="tight")
 
 
 def markdown_table(data_path: Path) -> str:

@@ -125,7 +125,8 @@ def test_odd_shapes_quantize_and_run(cli, tmp_path):
 
     folder = build_tiny_model(tmp_path / "odd", hidden=40, intermediate=100, heads=2)
     out = tmp_path / "odd.llmq"
-    result = cli("quantize", str(folder), "-o", str(out), "--g4", "8", "--stripe-fraction", "0.25", "--json")
+    options = ("--g1", "16", "--g4", "8", "--stripe-fraction", "0.25", "--json")
+    result = cli("quantize", str(folder), "-o", str(out), *options)
     assert result.code == 0, result.stderr
     layers = {layer["name"]: layer for layer in json.loads(result.stdout)["accounting"]["layers"]}
     down = layers["model.layers.0.mlp.down_proj"]

@@ -47,7 +47,7 @@ def test_stripes_go_where_the_scores_are():
 
 def test_unreachable_targets_name_the_range():
     low, high = achievable_range(_factories(SHAPES))
-    assert 2.5 < low < high < 4.6
+    assert 2.3 < low < high < 4.6
     for target in (low - 0.1, high + 0.1):
         with pytest.raises(LlmqError, match=f"{low:.3f} \\(pure 2-bit\\) to {high:.3f}"):
             allocate(_factories(SHAPES), {n: torch.ones(k) for n, (_, k) in SHAPES.items()}, target)
@@ -55,7 +55,9 @@ def test_unreachable_targets_name_the_range():
 
 def test_cli_target_bits(cli, tiny_model, tmp_path):
     out = tmp_path / "b.llmq"
-    result = cli("quantize", str(tiny_model), "-o", str(out), "--g4", "16", "--target-bits", "3.6", "--json")
+    # g1 16: on these tiny shapes one g4 step at g1 32 can exceed the 0.02 tolerance (real models: ~0.003)
+    options = ("--g1", "16", "--g4", "16", "--target-bits", "3.6", "--json")
+    result = cli("quantize", str(tiny_model), "-o", str(out), *options)
     assert result.code == 0, result.stderr
     accounting = json.loads(result.stdout)["accounting"]
     assert 3.58 <= accounting["bits_per_weight"] <= 3.6
