@@ -49,6 +49,7 @@ CONFIGS = {
     "mixed 12.5% g16": _groups(0.125, 16),
     "mixed 25% g32 g2=8": _groups(0.25, 32, g2=8),
     "mixed 30% g64": _groups(0.3, 64),
+    "mixed 25% g32 g4=32": _groups(0.25, 32, g4=32),
     "mixed 25% g16": _groups(0.25, 16),
     "mixed 37.5% g32": _groups(0.375, 32),
     "mixed 37.5% g16": _groups(0.375, 16),
@@ -72,7 +73,7 @@ OUTLIERS = {
     "default + 1% outliers": ["--outliers", "0.01"],
 }
 ACT_ORDER = ["mixed 12.5% g32", "mixed 25% g32", "mixed 25% g32 g2=8", "mixed 12.5% g16", "mixed 30% g64",
-             "mixed 25% g16", "mixed 37.5% g16"]  # fmt: skip
+             "mixed 25% g16", "mixed 37.5% g16", "mixed 25% g32 g4=32"]  # fmt: skip
 CALIBRATE = ["calibrate", "demo", "--dataset", "austen", "--samples", "64", "--seq-len", "512", "--seed", "0"]
 # The gptq, range and budget families were measured before activation ordering became the
 # default; they keep it off so that each family differs from the others in one option only.
