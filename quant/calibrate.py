@@ -178,9 +178,10 @@ def _attach_hooks(layer, prefix: str, config: QuantConfig, calibration: Calibrat
             canonical = seen.setdefault(id(x), (x, full))[1]
             calibration.aliases[full] = canonical
             if canonical == full:
-                zeros = {"dtype": torch.float64, "device": x.device}
-                fresh = InputStats(torch.zeros(k, k, **zeros), torch.zeros(k, **zeros))
-                stats = calibration.stats.setdefault(full, fresh)
+                stats = calibration.stats.get(full)
+                if stats is None:  # created once, not per window: a [K, K] fp64 buffer is megabytes
+                    zeros = {"dtype": torch.float64, "device": x.device}
+                    stats = calibration.stats[full] = InputStats(torch.zeros(k, k, **zeros), torch.zeros(k, **zeros))
                 stats.add(x)
 
         hooks.append(module.register_forward_pre_hook(hook))
