@@ -95,8 +95,7 @@ def _channel_scores(linears, key_files, config: QuantConfig, stats) -> dict[str,
     scores = {}
     for name, layout in linears.items():
         weight = read_tensor(key_files, f"{name}.weight").float()
-        hessian = _hessian(stats, name, layout.in_features)
-        scores[name] = hessian_score(weight, hessian, config)
+        scores[name] = hessian_score(weight, _hessian(stats, name, layout.in_features), config)
     return scores
 
 

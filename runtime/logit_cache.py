@@ -58,7 +58,10 @@ def load(path: Path, key: dict, tokens_scored: int) -> np.ndarray | None:
         raise LlmqError(f"{meta_path} is corrupt ({err}); delete it and {path.name} to rebuild the cache") from err
     if meta != key:
         return None
-    array = np.load(path, mmap_mode="r", allow_pickle=False)
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise LlmqError(f"{path} is corrupt ({err}); delete it and {meta_path.name} to rebuild the cache") from err
     if array.dtype != np.float16 or array.ndim != 2 or array.shape[0] != tokens_scored:
         raise LlmqError(f"{path} has shape {array.shape} {array.dtype}; delete it to rebuild the cache")
     return array

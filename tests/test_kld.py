@@ -143,3 +143,11 @@ def test_a_corrupt_cache_manifest_is_a_clear_error(cli, tiny_model, two_bit):
     manifest.write_text("{not json")
     result = cli("eval", "kld", str(two_bit), "--base", str(tiny_model), *EVAL, "--cache-base")
     assert result.code == 1 and "corrupt" in result.stderr and "delete" in result.stderr
+
+
+def test_a_truncated_cache_file_is_a_clear_error(cli, tiny_model, two_bit):
+    _kld_json(cli, two_bit, tiny_model, "--cache-base")
+    (cached,) = (logit_cache.cache_dir() / "kld-base").glob("*.npy")
+    cached.write_bytes(cached.read_bytes()[:100])
+    result = cli("eval", "kld", str(two_bit), "--base", str(tiny_model), *EVAL, "--cache-base")
+    assert result.code == 1 and "corrupt" in result.stderr and "delete" in result.stderr
