@@ -5,7 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 set +e
-"${LLMQ_VENV:-.venv}/bin/python" -m pytest "$@"
+# The pytest entry point, not `python -m pytest`: `-m` puts the repo root on sys.path, and then the
+# repo's cuda/ folder (llmq.cuda) shadows NVIDIA's top-level `cuda` package that CuPy imports.
+"${LLMQ_VENV:-.venv}/bin/pytest" "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

@@ -48,3 +48,16 @@ def test_json_stdout_is_pure_in_a_real_process(tiny_model):
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["new_tokens"] == 3 or json.loads(proc.stdout)["stop_reason"] == "eos"
+
+
+def test_the_repo_cuda_folder_does_not_shadow_nvidia_cuda():
+    """CuPy imports NVIDIA's top-level ``cuda`` package; llmq's kernels live in ``llmq.cuda`` only."""
+    import importlib.util
+    from pathlib import Path
+
+    import llmq
+
+    spec = importlib.util.find_spec("cuda")
+    repo_cuda = (Path(llmq.__file__).parent / "cuda").resolve()
+    found = [Path(p).resolve() for p in (spec.submodule_search_locations or [])] if spec else []
+    assert repo_cuda not in found, "the repo root is on sys.path; run tests through the pytest entry point"
