@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchlib import EVAL, llmq
 
 
 def forward_seconds(samples: int, seq_len: int, seed: int) -> float:
@@ -48,39 +48,10 @@ def main() -> None:
     forward = forward_seconds(samples, seq_len, seed)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "demo-gptq.llmq"
-        cmd = [
-            sys.executable,
-            "-m",
-            "llmq.cli",
-            "quantize",
-            "demo",
-            "-o",
-            str(out),
-            "--calib-data",
-            "austen",
-            "--json",
-            "-q",
-        ]
         start = time.perf_counter()
-        quant = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+        quant = llmq("quantize", "demo", "-o", str(out), "--calib-data", "austen")
         quantize = time.perf_counter() - start
-        ppl_cmd = [
-            sys.executable,
-            "-m",
-            "llmq.cli",
-            "eval",
-            "ppl",
-            str(out),
-            "--dataset",
-            "austen",
-            "--seq-len",
-            "2048",
-            "--max-tokens",
-            "16384",
-            "--json",
-            "-q",
-        ]
-        ppl = json.loads(subprocess.run(ppl_cmd, check=True, capture_output=True, text=True).stdout)["result"]
+        ppl = llmq("eval", "ppl", str(out), *EVAL, "--max-tokens", "16384")["result"]
     record = {
         "date": datetime.date.today().isoformat(),
         "command": "llmq quantize demo -o OUT --calib-data austen   (64 x 512 tokens, seed 0)",

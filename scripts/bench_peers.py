@@ -84,17 +84,22 @@ def hqq_point(bits: int, group: int, max_tokens: int) -> dict:
     }
 
 
-def plain_gptq_point(bits: int, group: int, stats_path: Path, max_tokens: int, act_order: bool = False) -> dict:
+def read_demo_stats(stats_path: Path):
+    """The stats file, checked against the demo model; read once for every GPTQ point."""
+    from llmq.quant.statsfile import model_fingerprint, read_stats
+    from llmq.runtime import models
+
+    return read_stats(stats_path, model_fingerprint(models.resolve_model("demo", progress=False).path))
+
+
+def plain_gptq_point(bits: int, group: int, stats, max_tokens: int, act_order: bool = False) -> dict:
+    """``stats``: the demo's :class:`llmq.quant.statsfile.CalibStats`."""
     import torch
     from benchlib import simulated_ppl
 
     from llmq.quant.config import QuantConfig
     from llmq.quant.gptq import gptq_round
-    from llmq.quant.statsfile import model_fingerprint, read_stats
-    from llmq.runtime import models
 
-    source = models.resolve_model("demo", progress=False)
-    stats = read_stats(stats_path, model_fingerprint(source.path))
     qmax = 2**bits - 1
     damp = QuantConfig().gptq_damp
     totals = {"bits": 0, "weights": 0}
@@ -143,19 +148,21 @@ def main() -> None:
     if not args.out.is_file():
         raise SystemExit(f"{args.out} does not exist; run scripts/bench_calibrated.py --out {args.out} first")
     ensure_peer_environment()
-    from bench_calibrated import CALIBRATE
-    from benchlib import merge
+    from benchlib import calibrate_demo, merge
 
     with tempfile.TemporaryDirectory() as tmp:
         stats = args.stats or Path(tmp) / "demo.stats"
         if args.stats is None and not args.skip_gptq:
-            subprocess.run([sys.executable, "-m", "llmq.cli", *CALIBRATE, "-o", str(stats), "-q"], check=True)
+            calibrate_demo(stats)
+        gptq_stats = None if args.skip_gptq else read_demo_stats(stats)
         hqq = [] if args.skip_hqq or args.only_act_order else HQQ_POINTS
         gptq = [] if args.skip_gptq or args.only_act_order else GPTQ_POINTS
         gptq_ao = [] if args.skip_gptq else GPTQ_ACT_ORDER_POINTS
         jobs = [lambda b=b, g=g: hqq_point(b, g, args.max_tokens) for b, g in hqq]
-        jobs += [lambda b=b, g=g: plain_gptq_point(b, g, stats, args.max_tokens) for b, g in gptq]
-        jobs += [lambda b=b, g=g: plain_gptq_point(b, g, stats, args.max_tokens, act_order=True) for b, g in gptq_ao]
+        jobs += [lambda b=b, g=g: plain_gptq_point(b, g, gptq_stats, args.max_tokens) for b, g in gptq]
+        jobs += [
+            lambda b=b, g=g: plain_gptq_point(b, g, gptq_stats, args.max_tokens, act_order=True) for b, g in gptq_ao
+        ]
         for job in jobs:
             point = job()
             print(json.dumps(point), file=sys.stderr)

