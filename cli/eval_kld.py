@@ -135,10 +135,10 @@ def _base_log_probs(out, source, config, ids, protocol: dict, cache_base: bool, 
     from llmq.runtime import logit_cache
     from llmq.runtime.kld import model_log_probs, scored_tokens
 
-    scored = scored_tokens(len(ids), protocol["seq_len"], protocol["stride"], protocol["max_tokens"])
     if not cache_base:
         yield model_log_probs(load())
         return
+    scored = scored_tokens(len(ids), protocol["seq_len"], protocol["stride"], protocol["max_tokens"])
     key = logit_cache.base_key(source.path, ids, protocol)
     path = logit_cache.cache_path(key)
     cached = logit_cache.load(path, key, sum(scored))

@@ -65,7 +65,7 @@ def quantize_weight(
         if two is not None and layout.n_outliers:
             two, four, outliers = _gptq_with_outliers(packed, packed_h, two, four, layout, config, device)
     elif two is not None and layout.n_outliers:
-        residual = packed[:, : layout.k2] - two.decode(layout.g1, layout.g2)[:, : layout.k2]
+        residual = _residual_2bit(packed, two, layout)
         rows, cols = _largest(residual**2, layout.n_outliers)
         outliers = _csr(rows, cols, residual[rows, cols], layout.out_features)
     if two is not None:
@@ -135,14 +135,18 @@ def _gptq_with_outliers(packed, hessian, two, four, layout: L.LinearLayout, conf
     Contribution is the squared residual times the channel's input energy ``H[c, c]``: the
     output error each correction removes. Returns the parts and the CSR outlier tensors.
     """
-    k2 = layout.k2
-    residual = packed[:, :k2] - two.decode(layout.g1, layout.g2)[:, :k2]
-    rows, cols = _largest(residual**2 * torch.diag(hessian)[:k2].clamp(min=0), layout.n_outliers)
+    residual = _residual_2bit(packed, two, layout)
+    rows, cols = _largest(residual**2 * torch.diag(hessian)[: layout.k2].clamp(min=0), layout.n_outliers)
     exact = torch.zeros(packed.shape, dtype=torch.bool)
     exact[rows, cols] = True
     two, four, targets = _gptq(packed, hessian, two, four, layout, config, device, exact)
     values = targets[rows, cols] - two.decode(layout.g1, layout.g2)[rows, cols]
     return two, four, _csr(rows, cols, values, layout.out_features)
+
+
+def _residual_2bit(packed: torch.Tensor, two: TwoBit, layout: L.LinearLayout) -> torch.Tensor:
+    """``[N, k2]``: the 2-bit part's weights minus their decoded values (padding dropped)."""
+    return packed[:, : layout.k2] - two.decode(layout.g1, layout.g2)[:, : layout.k2]
 
 
 def _largest(contribution: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:

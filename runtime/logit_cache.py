@@ -84,12 +84,15 @@ class Recorder:
         self.array = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np.float16, shape=(tokens_scored, vocab))
         self.filled = 0
 
-    def write(self, log_probs: torch.Tensor) -> None:
+    def write(self, log_probs: torch.Tensor) -> np.ndarray:
+        """Store the next rows; returns them as stored (float16), i.e. as a cached run will read them."""
         rows = log_probs.shape[0]
         if log_probs.shape[1] != self.array.shape[1]:
             raise LlmqError(f"the base model gives {log_probs.shape[1]} logits, its config says {self.array.shape[1]}")
-        self.array[self.filled : self.filled + rows] = log_probs.to(torch.float16).cpu().numpy()
+        stored = self.array[self.filled : self.filled + rows]
+        stored[:] = log_probs.to(torch.float16).cpu().numpy()
         self.filled += rows
+        return stored
 
     def commit(self) -> None:
         assert self.filled == self.array.shape[0], (self.filled, self.array.shape)
@@ -124,8 +127,6 @@ def recording_base(model_base, recorder: Recorder):
     as a later cached run will read them, so both runs report the same KL."""
 
     def run(i: int, chunk: torch.Tensor, n: int) -> torch.Tensor:
-        log_p = model_base(i, chunk, n)
-        recorder.write(log_p)
-        return renormalized(log_p.to(torch.float16).cpu().numpy())
+        return renormalized(recorder.write(model_base(i, chunk, n)))
 
     return run
