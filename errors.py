@@ -43,3 +43,7 @@ class NumericsError(LlmqError):
 
 class ArtifactError(LlmqError):
     """An artifact is missing, corrupt, or inconsistent with its manifest."""
+
+
+class KernelCompileError(LlmqError):
+    """A CUDA kernel could not be found or compiled; the message carries NVRTC's log."""

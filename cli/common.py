@@ -17,12 +17,20 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from llmq.runtime.device import DType
+from llmq.runtime.device import Backend, DType
 from llmq.runtime.text import Dataset
 
 Device = Annotated[str, typer.Option("--device", help="auto (cuda if present, else cpu), cpu, cuda, cuda:N or mps.")]
 DTypeOpt = Annotated[
     DType, typer.Option("--dtype", help="Weights and activations dtype; auto is fp32 on cpu, fp16 on a GPU.")
+]
+BackendOpt = Annotated[
+    Backend,
+    typer.Option(
+        "--backend",
+        help="Quantized matmuls of an artifact: cuda (CuPy kernels), torch (exact reference), "
+        "auto (cuda when CuPy and a GPU are present, else torch with a notice).",
+    ),
 ]
 Seed = Annotated[int, typer.Option("--seed", min=0, help="Random seed (sampling, and anything else random).")]
 Json = Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout.")]
@@ -128,3 +136,21 @@ def quiet_libraries(show_progress: bool) -> None:
     if not show_progress:
         transformers.utils.logging.disable_progress_bar()
         disable_progress_bars()
+
+
+def pick_backend(source, requested: Backend, device, dtype, out: Reporter) -> Backend | None:
+    """The backend for ``source``'s quantized Linears, or None when it has none (a plain HF model)."""
+    from llmq.errors import UsageError
+    from llmq.runtime.device import resolve_backend
+    from llmq.runtime.models import SourceKind
+
+    if source.kind != SourceKind.artifact:
+        if requested == Backend.cuda:
+            raise UsageError(
+                f"--backend cuda applies to llmq artifacts, and {source.spec} is a {source.kind.value} model"
+            )
+        return None
+    chosen, notice = resolve_backend(requested, device, dtype)
+    if notice:
+        out.info(notice)
+    return chosen

@@ -10,6 +10,7 @@ import typer
 
 from llmq import __version__
 from llmq.cli.common import (
+    BackendOpt,
     DatasetOpt,
     Device,
     DTypeOpt,
@@ -19,10 +20,11 @@ from llmq.cli.common import (
     Reporter,
     TextFile,
     TrustRemoteCode,
+    pick_backend,
     quiet_libraries,
     source_json,
 )
-from llmq.runtime.device import DType
+from llmq.runtime.device import Backend, DType
 
 
 def kld(
@@ -44,6 +46,7 @@ def kld(
     ] = False,
     device: Device = "auto",
     dtype: DTypeOpt = DType.auto,
+    backend: BackendOpt = Backend.auto,
     trust_remote_code: TrustRemoteCode = False,
     json: Json = False,
     quiet: Quiet = False,
@@ -73,14 +76,19 @@ def kld(
     perplexity.require_one_window(len(ids[0]), seq_len, loaded.source)
     out.info(f"model: {sources[0].label}")
     out.info(f"base:  {sources[1].label}")
-    lm = models.load_model(sources[0], configs[0], torch_device, torch_dtype, trust_remote_code)
+    backends = [pick_backend(s, backend, torch_device, torch_dtype, out) for s in sources]
+    lm = models.load_model(
+        sources[0], configs[0], torch_device, torch_dtype, trust_remote_code, backends[0] or Backend.torch
+    )
     protocol = {
         "seq_len": seq_len, "stride": stride, "max_tokens": max_tokens,
         "dtype": dtype_name(torch_dtype), "device": torch_device.type,
     }  # fmt: skip
 
     def load_base():
-        return models.load_model(sources[1], configs[1], torch_device, torch_dtype, trust_remote_code)
+        return models.load_model(
+            sources[1], configs[1], torch_device, torch_dtype, trust_remote_code, backends[1] or Backend.torch
+        )
 
     with _base_log_probs(out, sources[1], configs[1], ids[1], protocol, cache_base, load_base) as base_lp:
         with out.progress("kl divergence") as update:
@@ -92,6 +100,7 @@ def kld(
         "base": source_json(sources[1]),
         "device": str(torch_device),
         "dtype": dtype_name(torch_dtype),
+        "backend": backends[0].value if backends[0] else None,
         "text": {"source": loaded.source, "tokens": len(ids[0])},
         "protocol": {
             "seq_len": seq_len,

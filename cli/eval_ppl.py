@@ -9,6 +9,7 @@ import typer
 
 from llmq import __version__
 from llmq.cli.common import (
+    BackendOpt,
     DatasetOpt,
     Device,
     DTypeOpt,
@@ -20,10 +21,11 @@ from llmq.cli.common import (
     Seed,
     TextFile,
     TrustRemoteCode,
+    pick_backend,
     quiet_libraries,
     source_json,
 )
-from llmq.runtime.device import DType
+from llmq.runtime.device import Backend, DType
 
 DEFAULT_SEQ_LEN = 2048
 
@@ -55,6 +57,7 @@ def ppl(
     ] = None,
     device: Device = "auto",
     dtype: DTypeOpt = DType.auto,
+    backend: BackendOpt = Backend.auto,
     seed: Seed = 0,
     revision: Revision = None,
     trust_remote_code: TrustRemoteCode = False,
@@ -94,7 +97,8 @@ def ppl(
     perplexity.require_one_window(len(ids), seq_len, loaded.source)
 
     load_start = time.perf_counter()
-    lm = models.load_model(source, config, torch_device, torch_dtype, trust_remote_code)
+    chosen = pick_backend(source, backend, torch_device, torch_dtype, out)
+    lm = models.load_model(source, config, torch_device, torch_dtype, trust_remote_code, chosen or Backend.torch)
     load_seconds = time.perf_counter() - load_start
     out.info(f"text: {loaded.source}, {len(ids)} tokens; windows of {seq_len}, stride {stride}")
     out.info(f"running {dtype_name(torch_dtype)} on {torch_device}")
@@ -102,6 +106,7 @@ def ppl(
         result = perplexity.perplexity(lm, ids, seq_len, stride, max_tokens, on_window=update)
 
     document = _document(source, torch_device, dtype_name(torch_dtype), loaded.source, result)
+    document["backend"] = chosen.value if chosen else None
     document["protocol"] = {
         "seq_len": seq_len,
         "stride": stride,

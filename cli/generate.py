@@ -10,6 +10,7 @@ import typer
 
 from llmq import __version__
 from llmq.cli.common import (
+    BackendOpt,
     Device,
     DTypeOpt,
     Json,
@@ -19,11 +20,12 @@ from llmq.cli.common import (
     Revision,
     Seed,
     TrustRemoteCode,
+    pick_backend,
     quiet_libraries,
     source_json,
 )
 from llmq.errors import UsageError
-from llmq.runtime.device import DType
+from llmq.runtime.device import Backend, DType
 
 
 def generate(
@@ -47,6 +49,7 @@ def generate(
     ] = None,
     device: Device = "auto",
     dtype: DTypeOpt = DType.auto,
+    backend: BackendOpt = Backend.auto,
     seed: Seed = 0,
     revision: Revision = None,
     trust_remote_code: TrustRemoteCode = False,
@@ -84,7 +87,8 @@ def generate(
             f"the prompt ({input_ids.shape[1]} tokens) plus --max-new-tokens {max_new_tokens} exceeds the model's "
             f"context of {context} tokens"
         )
-    lm = models.load_model(source, config, torch_device, torch_dtype, trust_remote_code)
+    chosen = pick_backend(source, backend, torch_device, torch_dtype, out)
+    lm = models.load_model(source, config, torch_device, torch_dtype, trust_remote_code, chosen or Backend.torch)
 
     stream = None if json else _stdout_writer
     result = run_generate(lm, tokenizer, input_ids, options, on_text=stream)
@@ -97,6 +101,7 @@ def generate(
                 "model": source_json(source),
                 "device": str(torch_device),
                 "dtype": dtype_name(torch_dtype),
+                "backend": chosen.value if chosen else None,
                 "prompt": prompt,
                 "chat": chat,
                 "sampling": {

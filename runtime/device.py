@@ -12,6 +12,14 @@ from typing import TYPE_CHECKING
 from llmq.errors import DeviceError, UsageError
 
 
+class Backend(str, enum.Enum):
+    """How quantized Linears compute: CuPy kernels, or the exact torch reference."""
+
+    auto = "auto"
+    cuda = "cuda"
+    torch = "torch"
+
+
 class DType(str, enum.Enum):
     auto = "auto"
     fp32 = "fp32"
@@ -62,3 +70,22 @@ def resolve_dtype(dtype: DType, device: torch.device) -> torch.dtype:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return {v: k.value for k, v in _torch_dtypes().items()}[dtype]
+
+
+def resolve_backend(requested: Backend, device: torch.device, dtype: torch.dtype) -> tuple[Backend, str | None]:
+    """The backend to use and, when ``auto`` could not pick ``cuda``, a one-line notice saying why.
+
+    ``cuda`` asked for explicitly on a machine where it cannot run is an error, never a switch.
+    """
+    if requested == Backend.torch:
+        return Backend.torch, None
+    from llmq.runtime.cuda_backend import cuda_unavailable_reason
+
+    reason = cuda_unavailable_reason(device, dtype)
+    if requested == Backend.cuda:
+        if reason is not None:
+            raise DeviceError(f"--backend cuda cannot run here: {reason}; use --backend torch")
+        return Backend.cuda, None
+    if reason is not None:
+        return Backend.torch, f"backend: torch (exact reference decoder), because {reason}"
+    return Backend.cuda, None

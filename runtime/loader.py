@@ -12,10 +12,15 @@ import torch
 
 from llmq.errors import ArtifactError
 from llmq.runtime import artifact as A
+from llmq.runtime.device import Backend
 from llmq.runtime.qlinear import QuantLinear
 
 
-def load_quantized_model(manifest: A.Manifest, config, device: torch.device, dtype: torch.dtype):
+def load_quantized_model(
+    manifest: A.Manifest, config, device: torch.device, dtype: torch.dtype, backend: Backend = Backend.torch
+):
+    """The artifact as a transformers model; its Linears compute with ``backend`` (``cuda`` or ``torch``)."""
+    assert backend in (Backend.cuda, Backend.torch), "resolve auto with device.resolve_backend first"
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
     from transformers import AutoModelForCausalLM
@@ -30,7 +35,10 @@ def load_quantized_model(manifest: A.Manifest, config, device: torch.device, dty
         packed = {suffix: tensors.pop(f"{name}.{suffix}").to(device) for suffix in entry.layout.tensor_specs()}
         bias = tensors.pop(entry.bias).to(device, dtype) if entry.bias else None
         module = QuantLinear(entry.layout, packed, bias)
-        module.materialize(dtype)
+        if backend == Backend.cuda:
+            module.use_cuda()
+        else:
+            module.materialize(dtype)
         setattr(parent, child, module)
     known = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
     for name, tensor in tensors.items():

@@ -25,6 +25,7 @@ import torch
 
 from llmq.errors import HubUnreachableError, ModelSourceError
 from llmq.runtime import artifact, demo
+from llmq.runtime.device import Backend
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 # Config, tokenizer and safetensors weights only; *.bin / *.pt pickles are never downloaded.
@@ -182,15 +183,25 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
         raise ModelSourceError(f"the tokenizer in {source.path} cannot be loaded: {err}") from err
 
 
-def load_model(source: ModelSource, config, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False):
-    """Build the causal LM from safetensors (or a quantized artifact) in ``dtype`` on ``device``, in eval mode."""
+def load_model(
+    source: ModelSource,
+    config,
+    device: torch.device,
+    dtype: torch.dtype,
+    trust_remote_code: bool = False,
+    backend: Backend = Backend.torch,
+):
+    """Build the causal LM from safetensors (or a quantized artifact) in ``dtype`` on ``device``, in eval mode.
+
+    ``backend`` (``cuda`` or ``torch``, already resolved) applies to an artifact's quantized Linears.
+    """
     from transformers import AutoModelForCausalLM
 
     if source.kind == SourceKind.artifact:
         from llmq.runtime.loader import load_quantized_model
 
         # The checksums were verified when the source was resolved.
-        return load_quantized_model(artifact.read_manifest(source.path), config, device, dtype)
+        return load_quantized_model(artifact.read_manifest(source.path), config, device, dtype, backend)
 
     try:
         model = AutoModelForCausalLM.from_pretrained(

@@ -1,9 +1,12 @@
 """``QuantLinear``: a Linear whose weight lives in the packed layout.
 
-The packed tensors stay resident as buffers (this is what a CUDA backend consumes). The
-``torch`` backend decodes them once, exactly (:func:`llmq.runtime.layout.dequantize`), into a
-dense weight in the activation dtype, so evaluation runs at the speed of the unquantized model
-while computing with precisely the quantized values.
+The packed tensors stay resident as buffers. Two backends compute with them:
+
+* ``torch`` decodes them once, exactly (:func:`llmq.runtime.layout.dequantize`), into a dense
+  weight in the activation dtype, so evaluation runs at the speed of the unquantized model while
+  computing with precisely the quantized values;
+* ``cuda`` keeps only the packed tensors on the GPU and multiplies with the CuPy kernels
+  (:class:`llmq.runtime.cuda_backend.CudaLinear`), so the weights take about the artifact's size.
 """
 
 from __future__ import annotations
@@ -23,6 +26,11 @@ class QuantLinear(nn.Module):
             self.register_buffer(f"packed_{suffix}", tensor, persistent=False)
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
         self.register_buffer("weight", torch.empty(0), persistent=False)
+        self.kernels = None  # a CudaLinear once use_cuda() ran
+
+    @property
+    def backend(self) -> str:
+        return "cuda" if self.kernels is not None else "torch"
 
     def packed(self) -> dict[str, torch.Tensor]:
         return {suffix: getattr(self, f"packed_{suffix}") for suffix in self.layout.tensor_specs()}
@@ -30,10 +38,23 @@ class QuantLinear(nn.Module):
     def materialize(self, dtype: torch.dtype) -> None:
         """Decode the packed weight once into ``self.weight`` ([N, K], ``dtype``) for the torch backend."""
         self.weight = dequantize(self.packed(), self.layout).to(dtype)
+        self.kernels = None
+
+    def use_cuda(self) -> None:
+        """Compute with the CUDA kernels from the packed tensors (already on a GPU); no dense weight."""
+        from llmq.runtime.cuda_backend import CudaLinear
+
+        self.kernels = CudaLinear(self.layout, self.packed())
+        self.weight = torch.empty(0, device=self.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels is not None:
+            return self.kernels(x, self.bias)
         return nn.functional.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         lay = self.layout
-        return f"in={lay.in_features}, out={lay.out_features}, k4={lay.k4}, bpw={lay.bits_per_weight():.3f}"
+        return (
+            f"in={lay.in_features}, out={lay.out_features}, k4={lay.k4}, bpw={lay.bits_per_weight():.3f}, "
+            f"backend={self.backend}"
+        )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,6 +141,23 @@ def tiny_chat_model(tmp_path_factory) -> Path:
 def demo_cache(tmp_path_factory) -> Path:
     """A cache directory holding the demo model, converted once for the whole session."""
     return tmp_path_factory.mktemp("demo-cache")
+
+
+@pytest.fixture(scope="session")
+def demo_artifact_path() -> Path:
+    """The demo artifact that ``scripts/demo.sh`` builds, or ``$LLMQ_DEMO_ARTIFACT``.
+
+    GPU machines cannot build it (they have no ``gguf`` package and no network), so it has to
+    be built on a CPU machine and brought along; a missing artifact fails the test, it does not skip.
+    """
+    default = Path(__file__).resolve().parents[1] / ".llmq-demo" / "demo.llmq"
+    path = Path(os.environ.get("LLMQ_DEMO_ARTIFACT", default))
+    if not (path / "manifest.json").is_file():
+        pytest.fail(
+            f"no demo artifact at {path}: build it with `bash scripts/demo.sh` on a CPU machine and copy "
+            ".llmq-demo/demo.llmq here, or set LLMQ_DEMO_ARTIFACT"
+        )
+    return path
 
 
 def pytest_collection_modifyitems(config, items):

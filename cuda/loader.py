@@ -1,0 +1,229 @@
+"""The one place kernels are read, compiled and cached.
+
+Each ``.cu`` file in this package is one translation unit. Its ``#include "x.cuh"`` lines are
+inlined here with ``#line`` directives, so an NVRTC error names the real file and line. The
+template instances each file provides are listed in :data:`INSTANCES`; NVRTC compiles exactly
+those (name expressions), for the architecture of the device at hand, through
+``cupy.RawModule``. Compiled modules are cached per device and file; nothing is compiled when
+this module is imported.
+
+:func:`compile_offline` runs NVRTC directly, without a GPU or a driver, for any ``sm_XX``; CI
+uses it to compile-check every kernel for sm_80 and sm_90 and to read the ptxas resource
+report (registers, spills, stack) that :func:`resource_report` parses.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import sys
+import threading
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from llmq.errors import DeviceError, KernelCompileError
+
+PACKAGE = "llmq.cuda"
+GEMV_MAX_BATCH = 8
+GEMV_ROWS = 2  # rows per warp in gemv.cu
+GEMV_VECS = (1, 4)  # words per lane load: 4 when a part's rows allow 16-byte loads
+GEMM_TILES = (1, 2, 4)  # m16 tiles per block in gemm.cu
+
+# Every kernel each file provides, spelled as NVRTC name expressions.
+INSTANCES: dict[str, tuple[str, ...]] = {
+    "gather.cu": ("llmq::gather_permuted",),
+    "gemv.cu": tuple(
+        f"llmq::gemv_mixed<{batch}, {GEMV_ROWS}, {vec2}, {vec4}>"
+        for batch in range(1, GEMV_MAX_BATCH + 1)
+        for vec2 in GEMV_VECS
+        for vec4 in GEMV_VECS
+    ),
+    "gemm.cu": tuple(f"llmq::gemm_mixed<{tiles}>" for tiles in GEMM_TILES),
+    "dequant.cu": ("llmq::dequant_packed", "llmq::outliers_add"),
+}
+OPTIONS = ("-std=c++17",)
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
+
+
+def read_source(name: str, _seen: set[str] | None = None) -> str:
+    """The translation unit of ``name``: local includes inlined once each, with ``#line`` markers."""
+    seen = set() if _seen is None else _seen
+    seen.add(name)
+    try:
+        text = resources.files(PACKAGE).joinpath(name).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise KernelCompileError(f"kernel source cuda/{name} is missing from the installed llmq package") from None
+    out = [f'#line 1 "cuda/{name}"']
+    for number, line in enumerate(text.splitlines(), start=1):
+        match = _INCLUDE.match(line)
+        if match:
+            header = match.group(1)
+            if header not in seen:
+                out.append(read_source(header, seen))
+            out.append(f'#line {number + 1} "cuda/{name}"')
+        elif line.strip() == "#pragma once":
+            out.append("")  # inlined once by construction; NVRTC warns about it in a main file
+        else:
+            out.append(line)
+    return "\n".join(out)
+
+
+def cuda_include_dir() -> Path:
+    """A directory holding ``cuda_fp16.h``: $CUDA_PATH, $CUDA_HOME, the pip CUDA runtime, /usr/local/cuda."""
+    candidates = [Path(os.environ[v]) / "include" for v in ("CUDA_PATH", "CUDA_HOME") if os.environ.get(v)]
+    spec = importlib.util.find_spec("nvidia")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        candidates += sorted(Path(root).glob("cu*/include")) + [Path(root) / "cuda_runtime" / "include"]
+    candidates.append(Path("/usr/local/cuda/include"))
+    for path in candidates:
+        if (path / "cuda_fp16.h").is_file():
+            return path
+    raise KernelCompileError(
+        "cannot find the CUDA headers (cuda_fp16.h) that the kernels include; install them with "
+        "`pip install 'nvidia-cuda-runtime==13.0.*'` or set CUDA_PATH to a CUDA toolkit"
+    )
+
+
+def import_cupy():
+    """Import CuPy, or raise DeviceError saying how to get it.
+
+    The repository root holds this package's ``cuda/`` folder; when the root is on ``sys.path``
+    (``python -m`` from a checkout) it would shadow NVIDIA's ``cuda`` namespace package, which
+    CuPy imports. Such entries are left out while CuPy is imported.
+    """
+    if "cupy" in sys.modules:
+        return sys.modules["cupy"]
+    ours = Path(__file__).resolve().parent
+    shadowing = [p for p in sys.path if (Path(p or ".").resolve() / "cuda") == ours]
+    saved = list(sys.path)
+    sys.path[:] = [p for p in sys.path if p not in shadowing]
+    if shadowing and "cuda" in sys.modules and getattr(sys.modules["cuda"], "__file__", None):
+        del sys.modules["cuda"]
+    try:
+        import cupy
+    except ImportError as err:
+        raise DeviceError(
+            f"the cuda backend needs CuPy ({err}); install it with `pip install 'llmq[cuda13]'` "
+            "(or llmq[cuda12]), or use --backend torch"
+        ) from err
+    finally:
+        sys.path[:] = saved
+    return cupy
+
+
+class _ModuleCache:
+    """Compiled ``cupy.RawModule`` per (device index, file); thread-safe, filled lazily."""
+
+    def __init__(self) -> None:
+        self._modules: dict[tuple[int, str], object] = {}
+        self._lock = threading.Lock()
+
+    def function(self, device_index: int, name: str, instance: str):
+        with self._lock:
+            key = (device_index, name)
+            if key not in self._modules:
+                self._modules[key] = _compile_for_device(device_index, name)
+            return self._modules[key].get_function(instance)
+
+
+_CACHE = _ModuleCache()
+
+
+def kernel(device_index: int, name: str, instance: str):
+    """The ``cupy.RawKernel`` for ``instance`` (one of ``INSTANCES[name]``) on CUDA device ``device_index``."""
+    if instance not in INSTANCES.get(name, ()):
+        raise KeyError(f"{instance!r} is not listed in INSTANCES[{name!r}]")
+    return _CACHE.function(device_index, name, instance)
+
+
+def _compile_for_device(device_index: int, name: str):
+    cupy = import_cupy()
+    source = read_source(name)
+    options = (*OPTIONS, f"-I{cuda_include_dir()}")
+    with cupy.cuda.Device(device_index):
+        try:
+            module = cupy.RawModule(code=source, options=options, name_expressions=list(INSTANCES[name]))
+            module.compile()
+        except cupy.cuda.compiler.CompileException as err:
+            raise KernelCompileError(f"NVRTC could not compile cuda/{name}:\n{err.get_message()}") from None
+    return module
+
+
+@dataclass(frozen=True)
+class OfflineBuild:
+    """What NVRTC made of one file for one architecture, without a GPU."""
+
+    name: str
+    arch: str
+    cubin: bytes
+    log: str
+    lowered: dict[str, str]  # name expression -> mangled symbol
+
+
+def compile_offline(name: str, arch: str, source: str | None = None) -> OfflineBuild:
+    """Compile ``cuda/NAME`` (or ``source`` under that name) to a cubin for ``arch`` (e.g. ``sm_90``)."""
+    if not re.fullmatch(r"sm_\d{2,3}a?", arch):
+        raise ValueError(f"arch {arch!r} is not of the form sm_80 / sm_90a")
+    import_cupy()  # keeps the cuda/ shadowing guard in one place
+    from cupy_backends.cuda.libs import nvrtc
+
+    text = read_source(name) if source is None else source
+    program = nvrtc.createProgram(text, name, [], [])
+    try:
+        for expression in INSTANCES.get(name, ()):
+            nvrtc.addNameExpression(program, expression)
+        options = [*OPTIONS, f"-I{cuda_include_dir()}", f"-arch={arch}", "-Xptxas=-v"]
+        try:
+            nvrtc.compileProgram(program, options)
+        except nvrtc.NVRTCError:
+            raise KernelCompileError(
+                f"NVRTC could not compile cuda/{name} for {arch}:\n{nvrtc.getProgramLog(program)}"
+            ) from None
+        lowered = {e: nvrtc.getLoweredName(program, e) for e in INSTANCES.get(name, ())}
+        return OfflineBuild(name, arch, nvrtc.getCUBIN(program), nvrtc.getProgramLog(program), lowered)
+    finally:
+        nvrtc.destroyProgram(program)
+
+
+@dataclass(frozen=True)
+class KernelResources:
+    symbol: str
+    registers: int
+    stack_bytes: int
+    spill_store_bytes: int
+    spill_load_bytes: int
+    shared_bytes: int
+
+
+_ENTRY = re.compile(r"Compiling entry function '([^']+)'")
+_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_USED = re.compile(r"Used (\d+) registers")
+_SMEM = re.compile(r"(\d+) bytes smem")
+
+
+def resource_report(log: str) -> list[KernelResources]:
+    """Parse ptxas ``-v`` output (from :func:`compile_offline`) into one record per kernel."""
+    records, current = [], None
+    for line in log.splitlines():
+        if m := _ENTRY.search(line):
+            current = {"symbol": m.group(1), "stack": 0, "stores": 0, "loads": 0, "regs": None, "smem": 0}
+        elif current is not None and (m := _FRAME.search(line)):
+            current["stack"], current["stores"], current["loads"] = map(int, m.groups())
+        elif current is not None and (m := _USED.search(line)):
+            current["regs"] = int(m.group(1))
+            if m := _SMEM.search(line):
+                current["smem"] = int(m.group(1))
+            records.append(
+                KernelResources(
+                    current["symbol"],
+                    current["regs"],
+                    current["stack"],
+                    current["stores"],
+                    current["loads"],
+                    current["smem"],
+                )
+            )
+            current = None
+    return records

@@ -1,0 +1,256 @@
+"""The ``cuda`` backend: the kernels of ``cuda/*.cu`` run on torch tensors.
+
+Kernels launch on torch's current stream and read torch's memory in place (raw pointers, no
+copies, no CuPy arrays). A :class:`CudaLinear` keeps only the packed tensors on the GPU, so the
+weights take about the artifact's size. Per call it gathers the activations into packed column
+order (``gather.cu``) and then picks one of three paths by batch size (rows of ``x``):
+
+* ``gemv``: ``gemv.cu`` for 1 to 8 rows, the decode case;
+* ``gemm``: ``gemm.cu``, tensor cores with dequantization into shared memory;
+* ``dequant``: ``dequant.cu`` to a transient fp16 weight, then cuBLAS (``torch.matmul``).
+
+:class:`Crossovers` holds the batch sizes where the paths change. The defaults are placeholders
+that have not been measured on a GPU yet; ``scripts/bench_kernels.py`` times every path per
+shape and batch and reports the measured crossovers.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from llmq.cuda import loader
+from llmq.errors import DeviceError
+from llmq.runtime.layout import LinearLayout
+
+MIN_CAPABILITY = (8, 0)  # cp.async and mma.sync.m16n8k16 with fp32 accumulation
+
+
+class Path(str, enum.Enum):
+    gemv = "gemv"
+    gemm = "gemm"
+    dequant = "dequant"
+
+
+@dataclass(frozen=True)
+class Crossovers:
+    gemv_max_batch: int = loader.GEMV_MAX_BATCH  # rows served by gemv.cu
+    gemm_max_batch: int = 512  # above this, dequantize once and let cuBLAS do the matmul (unmeasured)
+
+    def path(self, batch: int) -> Path:
+        if batch <= self.gemv_max_batch:
+            return Path.gemv
+        return Path.gemm if batch <= self.gemm_max_batch else Path.dequant
+
+
+CROSSOVERS = Crossovers()
+
+
+def packed_columns(layout: LinearLayout) -> np.ndarray:
+    """Indices of the real columns in the padded packed order ``[k2p + k4]`` (the 2-bit padding left out)."""
+    k2p = layout.k2_padded if layout.k2 > 0 else 0
+    return np.concatenate([np.arange(layout.k2), k2p + np.arange(layout.k4)])
+
+
+def _words_per_row(layout: LinearLayout) -> tuple[int, int]:
+    k2p = layout.k2_padded if layout.k2 > 0 else 0
+    return k2p // 16, layout.k4 // 8
+
+
+def gemv_vectors(layout: LinearLayout) -> tuple[int, int]:
+    """Words per lane load in the 2- and 4-bit parts: 4 (16-byte loads) when every row starts aligned."""
+    return tuple(4 if words % 4 == 0 else 1 for words in _words_per_row(layout))
+
+
+def cuda_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the cuda backend cannot run here, or None if it can."""
+    if device.type != "cuda":
+        return f"the device is {device.type}, and the kernels need a CUDA GPU"
+    if dtype != torch.float16:
+        return f"the kernels compute with fp16 activations, and the dtype is {str(dtype).removeprefix('torch.')}"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < MIN_CAPABILITY:
+        return f"the kernels need compute capability 8.0 or newer (cp.async, mma), and this GPU has {capability}"
+    try:
+        loader.import_cupy()
+    except DeviceError as err:
+        return str(err)
+    return None
+
+
+def _output(out: torch.Tensor | None, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """``out`` checked against what a kernel will write, or a fresh fp16 tensor."""
+    if out is None:
+        return torch.empty(shape, dtype=torch.float16, device=device)
+    if tuple(out.shape) != shape or out.dtype != torch.float16 or not out.is_contiguous() or out.device != device:
+        raise ValueError(
+            f"out must be a contiguous fp16 tensor of shape {shape} on {device}, got {out.dtype} {tuple(out.shape)}"
+        )
+    return out
+
+
+def _ptr(tensor: torch.Tensor | None) -> np.uint64:
+    return np.uint64(0 if tensor is None else tensor.data_ptr())
+
+
+def _i32(value: int) -> np.int32:
+    return np.int32(value)
+
+
+class _Streams:
+    """CuPy handles of torch streams, made once per (device, stream)."""
+
+    def __init__(self) -> None:
+        self._streams: dict[tuple[int, int], object] = {}
+
+    def current(self, device_index: int):
+        raw = torch.cuda.current_stream(device_index).cuda_stream
+        key = (device_index, raw)
+        if key not in self._streams:
+            cupy = loader.import_cupy()
+            self._streams[key] = cupy.cuda.ExternalStream(raw, device_index)
+        return self._streams[key]
+
+
+_STREAMS = _Streams()
+
+
+def launch(device_index: int, file: str, instance: str, grid: tuple[int, ...], block: tuple[int, ...], args) -> None:
+    """Launch ``instance`` of ``cuda/FILE`` on torch's current stream of the device."""
+    function = loader.kernel(device_index, file, instance)
+    with _STREAMS.current(device_index):
+        function(grid, block, args)
+
+
+class CudaLinear:
+    """The packed tensors of one layer on a GPU, and the calls that multiply by them.
+
+    layout   the layer's :class:`LinearLayout`
+    packed   name suffix -> tensor, as :meth:`LinearLayout.tensor_specs` lists them, on one CUDA device
+    """
+
+    def __init__(self, layout: LinearLayout, packed: dict[str, torch.Tensor]):
+        self.layout = layout
+        self.t = {name: tensor.contiguous() for name, tensor in packed.items()}
+        device = self.t["perm"].device
+        if device.type != "cuda":
+            raise DeviceError(f"the cuda backend needs the packed tensors on a GPU, not on {device}")
+        self.device_index = device.index if device.index is not None else torch.cuda.current_device()
+        self.k2p = layout.k2_padded if layout.k2 > 0 else 0
+        self.kx = self.k2p + layout.k4
+        aligned = all(t.data_ptr() % 16 == 0 for n, t in self.t.items() if n.startswith("qweight"))
+        self.vectors = gemv_vectors(layout) if aligned else (1, 1)
+        self.columns = torch.from_numpy(packed_columns(layout)).to(device)
+
+    # -- the three steps a call is made of -------------------------------------------------
+    def gather(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x half [M, K] (rows contiguous) -> xp half [M, kx]: packed column order, 2-bit padding zeroed."""
+        m = x.shape[0]
+        xp = _output(out, (m, self.kx), x.device)
+        lay = self.layout
+        args = (_ptr(x), _i32(x.stride(0)), _ptr(self.t["perm"]), _ptr(xp), _i32(lay.k2), _i32(self.k2p), _i32(lay.k4))
+        launch(self.device_index, "gather.cu", "llmq::gather_permuted", ((self.kx + 255) // 256, m), (256,), args)
+        return xp
+
+    def _parts(self) -> tuple:
+        lay, t = self.layout, self.t
+        return (
+            _ptr(t.get("qweight2")),
+            _ptr(t.get("meta2")),
+            _ptr(t.get("scale2")),
+            _ptr(t.get("szero2")),
+            _i32(self.k2p),
+            _i32(lay.g1),
+            _i32(lay.g2),
+            _ptr(t.get("qweight4")),
+            _ptr(t.get("scale4")),
+            _ptr(t.get("zero4")),
+            _i32(lay.k4),
+            _i32(lay.g4),
+        )
+
+    def _outliers(self) -> tuple:
+        t = self.t
+        return (_ptr(t.get("outlier_rowptr")), _ptr(t.get("outlier_col")), _ptr(t.get("outlier_val")))
+
+    def gemv(self, xp: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
+        m, n = xp.shape[0], self.layout.out_features
+        if not 1 <= m <= loader.GEMV_MAX_BATCH:
+            raise ValueError(f"the gemv path serves 1 to {loader.GEMV_MAX_BATCH} rows, not {m}")
+        y = _output(out, (m, n), xp.device)
+        vec2, vec4 = self.vectors
+        instance = f"llmq::gemv_mixed<{m}, {loader.GEMV_ROWS}, {vec2}, {vec4}>"
+        grid = (-(-n // (4 * loader.GEMV_ROWS)),)  # gemv.cu: GEMV_WARPS = 4 warps per block
+        args = (_ptr(xp), _ptr(y), _ptr(bias), _i32(n), _i32(self.kx), *self._parts(), *self._outliers())
+        launch(self.device_index, "gemv.cu", instance, grid, (128,), args)
+        return y
+
+    def gemm(self, xp: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
+        m, n = xp.shape[0], self.layout.out_features
+        tiles = next((t for t in loader.GEMM_TILES if 16 * t >= m), loader.GEMM_TILES[-1])
+        y = _output(out, (m, n), xp.device)
+        grid = (-(-n // 64), -(-m // (16 * tiles)))
+        args = (_ptr(xp), _ptr(y), _ptr(bias), _i32(m), _i32(n), _i32(self.kx), *self._parts())
+        launch(self.device_index, "gemm.cu", f"llmq::gemm_mixed<{tiles}>", grid, (128,), args)
+        if self.layout.n_outliers:
+            self.add_outliers(xp, y)
+        return y
+
+    def add_outliers(self, xp: torch.Tensor, y: torch.Tensor) -> None:
+        n = self.layout.out_features
+        args = (_ptr(xp), _i32(self.kx), _ptr(y), _i32(xp.shape[0]), _i32(n), *self._outliers())
+        launch(self.device_index, "dequant.cu", "llmq::outliers_add", (-(-n // 4),), (128,), args)
+
+    def dequant_packed(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight as fp16 ``[N, k2p + k4]`` in packed column order, outliers included, padding zero."""
+        n = self.layout.out_features
+        wp = _output(out, (n, self.kx), self.t["perm"].device)
+        words = self.k2p // 16 + self.layout.k4 // 8
+        args = (_ptr(wp), _i32(n), _i32(self.layout.k2), *self._parts(), *self._outliers())
+        launch(self.device_index, "dequant.cu", "llmq::dequant_packed", (-(-n * words // 256),), (256,), args)
+        return wp
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight as fp16 ``[N, K]`` in the original column order (for tests and the torch path)."""
+        wp = self.dequant_packed()
+        weight = torch.empty(self.layout.out_features, self.layout.in_features, dtype=wp.dtype, device=wp.device)
+        weight[:, self.t["perm"].long()] = wp[:, self.columns]
+        return weight
+
+    # -- the matmul ------------------------------------------------------------------------
+    def __call__(
+        self,
+        x: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        path: Path | None = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """y = x Wᵀ + bias. x half [..., K] on this layer's device; y half [..., N].
+
+        ``path`` forces a path (benchmarks, tests); ``out`` (half ``[rows, N]``) receives y.
+        """
+        lay = self.layout
+        if x.dtype != torch.float16 or x.shape[-1] != lay.in_features:
+            raise DeviceError(
+                f"the cuda backend multiplies fp16 [..., {lay.in_features}] inputs, got {x.dtype} {tuple(x.shape)}"
+            )
+        lead = x.shape[:-1]
+        rows = x.reshape(-1, lay.in_features)
+        if rows.shape[0] == 0:
+            return x.new_empty(*lead, lay.out_features)
+        if rows.stride(-1) != 1:
+            rows = rows.contiguous()
+        xp = self.gather(rows)
+        path = path or CROSSOVERS.path(rows.shape[0])
+        if path == Path.gemv:
+            y = self.gemv(xp, bias, out)
+        elif path == Path.gemm:
+            y = self.gemm(xp, bias, out)
+        else:
+            wp = self.dequant_packed()
+            y = _output(out, (rows.shape[0], lay.out_features), x.device)
+            torch.matmul(xp, wp.T, out=y) if bias is None else torch.addmm(bias, xp, wp.T, out=y)
+        return y.reshape(*lead, lay.out_features)

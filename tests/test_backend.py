@@ -1,0 +1,73 @@
+"""Choosing the backend: auto falls back with a notice, an explicit cuda never falls back."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from llmq.errors import DeviceError
+from llmq.runtime.device import Backend, resolve_backend
+
+
+@pytest.fixture(scope="module")
+def tiny_artifact(tiny_model, tmp_path_factory):
+    from conftest import run_cli
+
+    out = tmp_path_factory.mktemp("backend") / "tiny.llmq"
+    assert run_cli("quantize", str(tiny_model), "-o", str(out), "--g4", "16", "-q").code == 0
+    return out
+
+
+def test_auto_on_a_cpu_picks_torch_and_says_why():
+    backend, notice = resolve_backend(Backend.auto, torch.device("cpu"), torch.float32)
+    assert backend == Backend.torch
+    assert notice.startswith("backend: torch") and "cpu" in notice
+
+
+def test_explicit_cuda_without_a_gpu_is_an_error_not_a_fallback():
+    with pytest.raises(DeviceError, match="--backend cuda cannot run here.*use --backend torch"):
+        resolve_backend(Backend.cuda, torch.device("cpu"), torch.float32)
+
+
+def test_torch_is_always_available():
+    assert resolve_backend(Backend.torch, torch.device("cpu"), torch.bfloat16) == (Backend.torch, None)
+
+
+def test_cli_reports_the_backend_and_the_notice(cli, tiny_artifact):
+    result = cli("generate", str(tiny_artifact), "-p", "hello", "-n", "2", "--json")
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["backend"] == "torch"
+    assert "backend: torch (exact reference decoder), because the device is cpu" in result.stderr
+    quiet = cli("generate", str(tiny_artifact), "-p", "hello", "-n", "2", "--backend", "torch", "--json")
+    assert "backend:" not in quiet.stderr
+
+
+def test_cli_backend_cuda_on_a_cpu_exits_1(cli, tiny_artifact):
+    result = cli("eval", "ppl", str(tiny_artifact), "--dataset", "austen", "--max-tokens", "64", "--seq-len", "32",
+                 "--backend", "cuda")  # fmt: skip
+    assert result.code == 1
+    assert "--backend cuda cannot run here" in result.stderr
+
+
+def test_cli_backend_cuda_on_a_plain_model_is_a_usage_error(cli, tiny_model):
+    result = cli("generate", str(tiny_model), "-p", "hi", "-n", "1", "--backend", "cuda")
+    assert result.code == 2
+    assert "applies to llmq artifacts" in result.stderr
+
+
+def test_a_plain_model_has_no_backend_in_json(cli, tiny_model):
+    result = cli("generate", str(tiny_model), "-p", "hi", "-n", "1", "--json")
+    assert json.loads(result.stdout)["backend"] is None
+
+
+def test_the_torch_backend_keeps_a_dense_weight_and_says_so(tiny_artifact):
+    from llmq.runtime import models
+    from llmq.runtime.qlinear import QuantLinear
+
+    source = models.resolve_model(str(tiny_artifact), progress=False)
+    lm = models.load_model(source, models.load_config(source), torch.device("cpu"), torch.float32)
+    layers = [m for m in lm.modules() if isinstance(m, QuantLinear)]
+    assert layers and all(m.backend == "torch" and m.weight.numel() > 0 for m in layers)
+    assert "backend=torch" in repr(layers[0])

@@ -1,0 +1,116 @@
+"""The CUDA kernels on a GPU, against the fp32 reference of the dequantized weights (``pytest -m gpu``).
+
+Every output buffer is poisoned with NaN before a kernel runs, so a kernel that skips a row or
+column fails; every path runs twice and must give bit-identical results (a difference means a
+race). Shapes come from ``kernel_cases`` and are not multiples of the tiles.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_cases import CASES, packed_layer
+
+from llmq.runtime import layout as L
+
+pytestmark = pytest.mark.gpu
+REL_ERROR = 1e-3  # fp16 activations and outputs, fp32 accumulation
+
+
+def _on_gpu(case, seed=0):
+    from llmq.runtime.cuda_backend import CudaLinear
+
+    layout, tensors, weight = packed_layer(case, seed)
+    return CudaLinear(layout, {k: v.cuda() for k, v in tensors.items()}), tensors, weight.cuda()
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want).norm() / want.norm())
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_dequant_and_gather_are_exact(case):
+    linear, tensors, weight = _on_gpu(case)
+    torch.cuda.synchronize()
+    assert torch.equal(linear.dequantize(), weight.half())
+    wp = linear.dequant_packed(out=torch.full((case.out_features, linear.kx), float("nan"), device="cuda").half())
+    assert torch.isfinite(wp).all()
+    x = torch.randn(5, case.in_features, device="cuda").half()
+    xp = linear.gather(x, out=torch.full((5, linear.kx), float("nan"), device="cuda").half())
+    assert torch.equal(xp[:, linear.columns], x[:, tensors["perm"].long().cuda()])
+    assert not xp[:, linear.layout.k2 : linear.k2p].any()
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize(
+    "path,batches", [("gemv", [1, 2, 3, 5, 8]), ("gemm", [1, 9, 16, 33, 64, 100]), ("dequant", [4, 70])]
+)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_every_path_matches_the_reference(case, path, batches, with_bias):
+    from llmq.runtime.cuda_backend import Path
+
+    linear, _, weight = _on_gpu(case)
+    gen = torch.Generator(device="cuda").manual_seed(hash((str(case), path)) % 2**31)
+    bias = torch.randn(case.out_features, device="cuda", generator=gen).half() if with_bias else None
+    for batch in batches:
+        x = torch.randn(batch, case.in_features, device="cuda", generator=gen).half()
+        want = x.float() @ weight.T + (bias.float() if bias is not None else 0)
+        runs = []
+        for _ in range(2):
+            y = torch.full((batch, case.out_features), float("nan"), device="cuda").half()
+            linear(x, bias, path=Path(path), out=y)
+            torch.cuda.synchronize()
+            runs.append(y.clone())
+        assert torch.isfinite(runs[0]).all(), f"{path} batch {batch}: NaN or Inf in the output"
+        assert _relative_error(runs[0], want) < REL_ERROR, f"{path} batch {batch}"
+        assert torch.equal(runs[0], runs[1]), f"{path} batch {batch}: two runs differ"
+
+
+def test_the_dispatcher_serves_any_leading_shape_and_noncontiguous_input():
+    linear, _, weight = _on_gpu(CASES[1])
+    x = torch.randn(3, 7, 2 * CASES[1].in_features, device="cuda").half()[..., ::2]
+    y = linear(x)
+    assert y.shape == (3, 7, CASES[1].out_features)
+    assert _relative_error(y.reshape(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]).float() @ weight.T) < REL_ERROR
+
+
+def test_kernels_run_on_torchs_current_stream():
+    linear, _, weight = _on_gpu(CASES[6])
+    x = torch.randn(2, CASES[6].in_features, device="cuda").half()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)  # keep the side stream busy: work on it must wait
+        y = linear(x)
+    side.synchronize()
+    assert _relative_error(y, x.float() @ weight.T) < REL_ERROR
+
+
+def test_packed_weights_take_about_the_artifact_size_on_the_gpu():
+    linear, tensors, _ = _on_gpu(CASES[6])
+    stored = sum(t.numel() * t.element_size() for t in linear.t.values())
+    assert stored == linear.layout.stored_bits() // 8
+    assert stored < 0.3 * CASES[6].out_features * CASES[6].in_features * 2  # well under fp16
+
+
+def test_demo_artifact_generates_the_same_tokens_on_both_backends(demo_artifact_path):
+    from llmq.runtime import models
+    from llmq.runtime.device import Backend
+
+    source = models.resolve_model(str(demo_artifact_path), progress=False)
+    config = models.load_config(source)
+    tokenizer = models.load_tokenizer(source)
+    ids = tokenizer("The first thing Anne Elliot noticed was", return_tensors="pt").input_ids.cuda()
+    tokens = {}
+    for backend in (Backend.torch, Backend.cuda):
+        lm = models.load_model(source, config, torch.device("cuda"), torch.float16, backend=backend)
+        with torch.no_grad():
+            out = lm.generate(ids, max_new_tokens=32, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        tokens[backend] = out[0, ids.shape[1] :].tolist()
+        del lm
+    assert tokens[Backend.cuda][:32] == tokens[Backend.torch][:32]
+
+
+def test_layout_reference_is_what_the_kernels_are_checked_against():
+    layout, tensors, weight = packed_layer(CASES[0])
+    assert torch.equal(L.dequantize(tensors, layout), weight)

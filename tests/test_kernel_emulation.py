@@ -1,0 +1,90 @@
+"""The numpy emulation of every kernel's index math decodes packed layers like the torch reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from kernel_cases import CASES, packed_layer
+
+from llmq.cuda import emulate as E
+from llmq.runtime import cuda_backend as B
+
+
+def _inputs(layout, batch: int, seed: int) -> np.ndarray:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, layout.in_features, generator=gen).half().double().numpy()
+
+
+def _relative_error(got: np.ndarray, want: np.ndarray) -> float:
+    assert not np.isnan(got).any(), "an output was never written"
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_gather_and_dequant_match_the_reference_exactly(case):
+    layout, tensors, weight = packed_layer(case)
+    p = E.Packed.from_torch(layout, tensors)
+    wp = E.dequant_packed(p)
+    assert not np.isnan(wp).any()
+    cols = B.packed_columns(layout)
+    want = weight[:, tensors["perm"].long()].half().numpy()
+    np.testing.assert_array_equal(wp[:, cols], want)  # bit-exact after the one fp16 rounding
+    assert not wp[:, layout.k2 : p.k2p].any()  # the 2-bit padding is zero
+    x = _inputs(layout, 3, seed=1)
+    xp = E.gather(x, p)
+    np.testing.assert_array_equal(xp[:, cols], x[:, tensors["perm"].long().numpy()])
+    assert not xp[:, layout.k2 : p.k2p].any()
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_gemv_emulation_matches_the_reference(case, batch):
+    layout, tensors, weight = packed_layer(case)
+    p = E.Packed.from_torch(layout, tensors)
+    x = _inputs(layout, batch, seed=2)
+    want = x @ weight.double().numpy().T
+    vec2, vec4 = B.gemv_vectors(layout)
+    got = E.gemv_mixed(E.gather(x, p), p, vec2, vec4)
+    assert _relative_error(got, want) < 1e-9
+    if (vec2, vec4) != (1, 1):  # the one-word path must agree too wherever 16-byte loads are used
+        assert _relative_error(E.gemv_mixed(E.gather(x, p), p, 1, 1), want) < 1e-9
+
+
+@pytest.mark.parametrize("case", CASES[:4] + CASES[5:6], ids=str)
+@pytest.mark.parametrize("batch,tiles", [(9, 1), (37, 2), (70, 4)])
+def test_gemm_emulation_matches_the_reference(case, batch, tiles):
+    layout, tensors, weight = packed_layer(case)
+    p = E.Packed.from_torch(layout, tensors)
+    x = _inputs(layout, batch, seed=3)
+    xp = E.gather(x, p)
+    got = E.gemm_mixed(xp, p, tiles)
+    if layout.n_outliers:
+        got = E.outliers_add(xp, got, p)
+    want = x @ weight.double().numpy().T
+    assert _relative_error(got, want) < 2e-3  # the tiles hold fp16 weights, as on the GPU
+
+
+def test_mma_fragment_tables_cover_each_tile_once():
+    for coords, shape, per_lane in (
+        (E.mma_a_coords, (16, 16), 8),
+        (E.mma_b_coords, (16, 8), 4),
+        (E.mma_c_coords, (16, 8), 4),
+    ):
+        seen = [c for lane in range(32) for c in coords(lane // 4, lane % 4)]
+        assert len(seen) == 32 * per_lane and len(set(seen)) == shape[0] * shape[1]
+        assert all(0 <= r < shape[0] and 0 <= c < shape[1] for r, c in seen)
+
+
+def test_a_wrong_fragment_mapping_is_caught():
+    """The emulation can fail: swap two A registers and the GEMM no longer matches."""
+    layout, tensors, weight = packed_layer(CASES[3])
+    p = E.Packed.from_torch(layout, tensors)
+    x = _inputs(layout, 16, seed=4)
+    original = E.mma_a_coords
+    try:
+        E.mma_a_coords = lambda g, t: [original(g, t)[i] for i in (2, 3, 0, 1, 4, 5, 6, 7)]
+        got = E.gemm_mixed(E.gather(x, p), p, 1)
+    finally:
+        E.mma_a_coords = original
+    assert _relative_error(got, x @ weight.double().numpy().T) > 0.1
