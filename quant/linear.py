@@ -41,9 +41,20 @@ def quantize_weight(
     with range-based stripes. With it, stripes are ranked by Hessian-weighted error (unless the
     config asks for range selection) and the codes come from GPTQ on the same grids. ``layout``
     and ``scores`` ([K]) come from a bit budget, which has already chosen this Linear's stripe
-    width and scored its channels. GPTQ runs on ``device`` (default: the CPU); everything
-    returned is on the CPU.
+    width and scored its channels. All of it (the scale search, rounding and GPTQ) runs on
+    ``device`` (default: the CPU); everything returned is on the CPU.
     """
+    if device is None or device.type == "cpu":
+        return _quantize_weight(name, weight, config, hessian, layout, scores, device)
+    # Factory calls without a device (torch.ones, torch.arange, ...) then allocate on `device` too.
+    hessian = None if hessian is None else hessian.to(device)
+    scores = None if scores is None else scores.to(device)
+    with torch.device(device):
+        layout, tensors = _quantize_weight(name, weight.to(device), config, hessian, layout, scores, device)
+    return layout, {suffix: tensor.cpu() for suffix, tensor in tensors.items()}
+
+
+def _quantize_weight(name, weight, config, hessian, layout, scores, device):
     w = weight.detach().to(torch.float32)
     if not torch.isfinite(w).all():
         bad = int((~torch.isfinite(w)).sum())

@@ -119,9 +119,14 @@ _STREAMS = _Streams()
 
 
 def launch(device_index: int, file: str, instance: str, grid: tuple[int, ...], block: tuple[int, ...], args) -> None:
-    """Launch ``instance`` of ``cuda/FILE`` on torch's current stream of the device."""
+    """Launch ``instance`` of ``cuda/FILE`` on torch's current stream of the device.
+
+    CuPy launches in its current device's context, which need not be torch's; the kernel's
+    device is made current for the launch.
+    """
     function = loader.kernel(device_index, file, instance)
-    with _STREAMS.current(device_index):
+    cupy = loader.import_cupy()
+    with cupy.cuda.Device(device_index), _STREAMS.current(device_index):
         function(grid, block, args)
 
 

@@ -172,6 +172,26 @@ class LinearLayout:
         return asdict(self)
 
 
+def random_packed(layout: LinearLayout, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Valid packed tensors with random codes and scales, straight from the table (tests, kernel benchmarks)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = layout.out_features
+    t: dict[str, torch.Tensor] = {"perm": torch.randperm(layout.in_features, generator=gen).to(torch.int32)}
+    if layout.k2:
+        t["qweight2"] = pack_codes(torch.randint(0, 4, (n, layout.k2_padded), generator=gen), 2)
+        t["meta2"] = pack_meta2(
+            torch.randint(0, 4, (n, layout.groups2), generator=gen),
+            torch.randint(0, 1 << layout.scale_bits, (n, layout.groups2), generator=gen),
+        )
+        t["scale2"] = (torch.rand(n, layout.blocks2, generator=gen) * 0.01).half()
+        t["szero2"] = torch.randint(0, 16, (n, layout.blocks2), generator=gen).to(torch.uint8)
+    if layout.k4:
+        t["qweight4"] = pack_codes(torch.randint(0, 16, (n, layout.k4), generator=gen), 4)
+        t["scale4"] = (torch.rand(n, layout.groups4, generator=gen) * 0.01).half()
+        t["zero4"] = torch.randint(0, 16, (n, layout.groups4), generator=gen).to(torch.uint8)
+    return t
+
+
 def dequantize(tensors: dict[str, torch.Tensor], layout: LinearLayout) -> torch.Tensor:
     """The exact reference decoder: packed tensors -> fp32 weight ``[N, K]`` in the original column order."""
     n, k = layout.out_features, layout.in_features

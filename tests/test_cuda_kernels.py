@@ -114,3 +114,41 @@ def test_demo_artifact_generates_the_same_tokens_on_both_backends(demo_artifact_
 def test_layout_reference_is_what_the_kernels_are_checked_against():
     layout, tensors, weight = packed_layer(CASES[0])
     assert torch.equal(L.dequantize(tensors, layout), weight)
+
+
+def test_a_call_can_be_captured_in_a_cuda_graph_and_replayed():
+    """The kernels launch on the capturing torch stream, so a graph replays them (issue 7 builds on this)."""
+    from llmq.runtime.cuda_backend import Path
+
+    linear, _, weight = _on_gpu(CASES[6])
+    x = torch.randn(1, CASES[6].in_features, device="cuda").half()
+    for path in (Path.gemv, Path.gemm):
+        linear(x, path=path)  # compile outside the capture
+        graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+            y = linear(x, path=path)
+        x.copy_(torch.randn_like(x))  # new input in place, then replay
+        graph.replay()
+        torch.cuda.synchronize()
+        assert _relative_error(y, x.float() @ weight.T) < REL_ERROR, path
+
+
+def test_profile_on_the_gpu_attributes_time_to_the_llmq_kernels(cli, tiny_model, tmp_path):
+    import json
+
+    artifact = tmp_path / "tiny.llmq"
+    assert cli("quantize", str(tiny_model), "-o", str(artifact), "--g4", "16", "-q").code == 0
+    result = cli("profile", str(artifact), "--batch", "1,9", "--prompt-len", "8", "--gen-len", "3", "--reps", "2",
+                 "--backend", "cuda", "--baseline", "--json")  # fmt: skip
+    assert result.code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    ours, dense = doc["runs"]
+    assert ours["backend"] == "cuda" and dense["backend"] == "torch"
+    assert ours["model_memory_bytes"] < dense["model_memory_bytes"]
+    for b in ours["batches"]:
+        assert b["breakdown_seconds_per_step"]["method"].startswith("gpu kernel time")
+        assert b["breakdown_seconds_per_step"]["quantized_matmul"] > 0
+    for b in dense["batches"]:
+        assert b["breakdown_seconds_per_step"]["quantized_matmul"] == 0
+        assert b["breakdown_seconds_per_step"]["dense_matmul"] > 0

@@ -108,6 +108,18 @@ def test_gptq_on_the_gpu_matches_the_cpu():
 
 
 @pytest.mark.gpu
+def test_round_to_nearest_on_the_gpu_matches_the_cpu():
+    """Without calibration the scale search and rounding run on the GPU too, with the same result."""
+    w = torch.randn(96, 200, generator=torch.Generator().manual_seed(5)) * 0.05
+    config = QuantConfig(g4=16)
+    lay, on_cpu = quantize_weight("w", w, config)
+    _, on_gpu = quantize_weight("w", w, config, device=torch.device("cuda"))
+    assert all(t.device.type == "cpu" for t in on_gpu.values())
+    cpu_err, gpu_err = (float(((L.dequantize(t, lay) - w) ** 2).mean()) for t in (on_cpu, on_gpu))
+    assert gpu_err == pytest.approx(cpu_err, rel=0.02)  # float rounding may flip a few codes, no more
+
+
+@pytest.mark.gpu
 def test_calibrate_and_quantize_on_the_gpu(cli, tiny_model, tmp_path):
     stats = tmp_path / "gpu.stats"
     calib = ("--dataset", "austen", "--samples", "4", "--seq-len", "64")

@@ -49,26 +49,6 @@ def test_meta2_round_trip(zero, code):
     assert (int(z), int(c)) == (zero, code)
 
 
-def _random_packed(layout: L.LinearLayout, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Valid packed tensors with random codes, built straight from the table."""
-    gen = torch.Generator().manual_seed(seed)
-    n = layout.out_features
-    t: dict[str, torch.Tensor] = {"perm": torch.randperm(layout.in_features, generator=gen).to(torch.int32)}
-    if layout.k2:
-        t["qweight2"] = L.pack_codes(torch.randint(0, 4, (n, layout.k2_padded), generator=gen), 2)
-        t["meta2"] = L.pack_meta2(
-            torch.randint(0, 4, (n, layout.groups2), generator=gen),
-            torch.randint(0, 1 << layout.scale_bits, (n, layout.groups2), generator=gen),
-        )
-        t["scale2"] = (torch.rand(n, layout.blocks2, generator=gen) * 0.01).half()
-        t["szero2"] = torch.randint(0, 16, (n, layout.blocks2), generator=gen).to(torch.uint8)
-    if layout.k4:
-        t["qweight4"] = L.pack_codes(torch.randint(0, 16, (n, layout.k4), generator=gen), 4)
-        t["scale4"] = (torch.rand(n, layout.groups4, generator=gen) * 0.01).half()
-        t["zero4"] = torch.randint(0, 16, (n, layout.groups4), generator=gen).to(torch.uint8)
-    return t
-
-
 def _slow_reference(t: dict[str, torch.Tensor], lay: L.LinearLayout) -> torch.Tensor:
     """The formula of runtime/layout.py's docstring, one weight at a time, in float64."""
     w = torch.zeros(lay.out_features, lay.in_features, dtype=torch.float64)
@@ -98,7 +78,7 @@ def test_reference_decoder_matches_the_formula(shape_k4):
     (n, k), k4 = shape_k4
     lay = L.LinearLayout(n, k, k4, g1=16, g2=2, g4=8, scale_bits=6)
     assert lay.check() == []
-    t = _random_packed(lay)
+    t = L.random_packed(lay)
     assert {name: (v.dtype, tuple(v.shape)) for name, v in t.items()} == lay.tensor_specs()
     decoded = L.dequantize(t, lay)
     assert decoded.dtype == torch.float32 and decoded.shape == (n, k)
@@ -107,7 +87,7 @@ def test_reference_decoder_matches_the_formula(shape_k4):
 
 def test_outliers_are_added_to_the_2bit_weight():
     lay = L.LinearLayout(3, 32, 0, g1=16, g2=2, g4=8, scale_bits=6, n_outliers=2)
-    t = _random_packed(lay)
+    t = L.random_packed(lay)
     base = L.dequantize(t, L.LinearLayout(3, 32, 0, 16, 2, 8, 6))
     t.update(
         outlier_rowptr=torch.tensor([0, 1, 1, 2], dtype=torch.int32),

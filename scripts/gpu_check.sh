@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Everything llmq needs checked on a GPU, in one run, with results written to OUT_DIR:
+#
+#   scripts/gpu_check.sh OUT_DIR
+#
+#   1. install llmq into the present environment with --no-deps (the GPU image has torch,
+#      CuPy, transformers, ...; it has no network and no `datasets`);
+#   2. `pytest -m gpu`: every kernel path against the fp32 reference (NaN-poisoned outputs,
+#      two runs bit-identical), the demo artifact's first 32 greedy tokens on both backends,
+#      GPTQ and rounding on the GPU (junit XML and log);
+#   3. scripts/bench_kernels.py: GEMV/GEMM/dequant paths against torch.matmul fp16 for the
+#      Llama-2-7B shapes at batch 1, 4, 16, 64 (kernels.json);
+#   4. scripts/bench_e2e.py: a random-weight Llama-2-7B-shaped model generated, quantized and
+#      profiled here, decode tokens/s against fp16 (e2e.json).
+#
+# Each step's exit code and time go to OUT_DIR/summary.json; a failing step does not stop the
+# later ones, and the script exits non-zero if any step failed. Budget: the step timeouts add
+# up to 9.5 minutes as a hard ceiling; the expected total on an H100 is about 5 minutes (an
+# estimate: this script has not run on a GPU yet). The demo artifact must be present at
+# .llmq-demo/demo.llmq (or $LLMQ_DEMO_ARTIFACT): build it with `bash scripts/demo.sh` on a CPU
+# machine, since the GPU image cannot (no gguf package, no network).
+set -uo pipefail
+OUT=${1:?usage: scripts/gpu_check.sh OUT_DIR}
+cd "$(dirname "$0")/.."
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+PYTHON=${PYTHON:-python}
+WORK=${LLMQ_GPU_WORK:-${TMPDIR:-/tmp}/llmq-gpu-check}
+SUMMARY="$OUT/summary.json"
+echo "[" > "$SUMMARY"
+failed=0
+first=1
+
+step() {  # step NAME TIMEOUT_SECONDS COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    echo "[gpu_check $(date -u +%H:%M:%S)] $name: $*" | tee -a "$OUT/gpu_check.log"
+    local start rc
+    start=$(date +%s)
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    rc=$?
+    local seconds=$(( $(date +%s) - start ))
+    echo "[gpu_check $(date -u +%H:%M:%S)] $name: exit $rc after ${seconds}s" | tee -a "$OUT/gpu_check.log"
+    tail -n 5 "$OUT/$name.log" | sed 's/^/    /' | tee -a "$OUT/gpu_check.log"
+    [ $first -eq 1 ] || echo "," >> "$SUMMARY"
+    first=0
+    printf '  {"step": "%s", "exit": %d, "seconds": %d, "log": "%s.log"}' "$name" "$rc" "$seconds" "$name" >> "$SUMMARY"
+    [ "$rc" -eq 0 ] || failed=1
+    return 0
+}
+
+step environment 30 bash -c "nvidia-smi; $PYTHON -P -c 'import torch, cupy, transformers; print(torch.__version__, torch.version.cuda, cupy.__version__, transformers.__version__, torch.cuda.get_device_name())'"
+step install 60 "$PYTHON" -m pip install --no-deps --no-build-isolation -e .
+# The pytest entry point, not `python -m pytest`: -m puts the repo root on sys.path, where the
+# root's cuda/ folder would shadow NVIDIA's `cuda` package that CuPy imports.
+PYTEST=$(dirname "$(command -v "$PYTHON")")/pytest
+[ -x "$PYTEST" ] || PYTEST=pytest
+step pytest_gpu 150 "$PYTEST" -m gpu -q -p no:cacheprovider --junitxml="$OUT/pytest-gpu.xml"
+step bench_kernels 90 "$PYTHON" scripts/bench_kernels.py --out "$OUT/kernels.json"
+step bench_e2e 240 "$PYTHON" scripts/bench_e2e.py --work "$WORK" --out "$OUT/e2e.json"
+echo "" >> "$SUMMARY"
+echo "]" >> "$SUMMARY"
+echo "[gpu_check] results in $OUT (summary.json); any step failed: $failed" | tee -a "$OUT/gpu_check.log"
+exit $failed

@@ -1,0 +1,56 @@
+"""The GPU check's scripts work end to end at a size a CPU can run, so the GPU run is not their first."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_e2e_builds_quantizes_and_profiles_a_small_random_llama(tmp_path):
+    out = tmp_path / "e2e.json"
+    tiny = ["--hidden", "64", "--intermediate", "128", "--heads", "4", "--vocab", "256", "--layers", "2"]
+    run = ["--prompt-len", "8", "--gen-len", "2", "--reps", "2", "--batches", "1,3"]
+    script = str(ROOT / "scripts" / "bench_e2e.py")
+    subprocess.run(
+        [sys.executable, script, "--work", str(tmp_path), "--out", str(out), *tiny, *run],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    doc = json.loads(out.read_text())
+    assert doc["model"]["config"]["num_hidden_layers"] == 2 and doc["quantize_seconds"] > 0
+    assert [s["batch"] for s in doc["profile"]["speedup"]] == [1, 3]
+    assert [r["label"] for r in doc["profile"]["runs"]] == ["llmq", "dense baseline"]
+    assert not (tmp_path / "random-llama").exists()  # the fp16 folder is removed unless --keep
+    assert (tmp_path / "random-llama.llmq" / "manifest.json").is_file()
+
+
+def test_bench_e2e_refuses_a_7b_model_on_a_cpu(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_e2e.py"), "--work", str(tmp_path), "--out", str(tmp_path / "x")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode != 0 and "no CUDA GPU here" in done.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_bench_kernels_table_from_a_recorded_row():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import bench_kernels
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    path = {"seconds": 2e-6, "gbps": 3000.0, "speedup_vs_fp16": 5.0, "rel_error": 2e-4}
+    row = {"n": 4096, "k": 4096, "batch": 1, "torch_fp16": {"seconds": 1e-5}, "paths": {"gemv": path, "auto": path}}
+    table = bench_kernels.markdown([row], copy_gbps=3000.0)
+    assert "| 4096x4096 | 1 | 10.0 | 2.0 | 5.00x | 3000 (100%) | 2.0 | — | — | 2.0e-04 |" in table
+
+
+def test_gpu_check_script_is_valid_bash_and_uses_the_pytest_entry_point():
+    script = ROOT / "scripts" / "gpu_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    assert "-m pytest" not in text.replace("`python -m pytest`", "")
+    assert '"$PYTEST" -m gpu' in text
