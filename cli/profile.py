@@ -120,8 +120,13 @@ def profile(
         "device_name": _device_name(torch_device),
         "dtype": dtype_name(torch_dtype),
         "protocol": {
-            "prompt_len": prompt_len, "gen_len": gen_len, "warmup": warmup, "reps": reps,
-            "breakdown_steps": breakdown_steps, "seed": seed, "prompt": "random token ids",
+            "prompt_len": prompt_len,
+            "gen_len": gen_len,
+            "warmup": warmup,
+            "reps": reps,
+            "breakdown_steps": breakdown_steps,
+            "seed": seed,
+            "prompt": "random token ids",
             "decode": "greedy argmax, KV cache, one token per sequence per step",
         },  # fmt: skip
         "copy_bandwidth_gbps": copy_gbps,

@@ -14,6 +14,7 @@ report (registers, spills, stack) that :func:`resource_report` parses.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import re
@@ -165,6 +166,59 @@ def _compile_for_device(device_index: int, name: str):
             hint = "" if include else f"\n({HEADER_HINT})"
             raise KernelCompileError(f"NVRTC could not compile cuda/{name}:\n{err.get_message()}{hint}") from None
     return module
+
+
+@dataclass(frozen=True)
+class Parameter:
+    name: str
+    pointer: bool  # a device pointer; otherwise a 32-bit int
+
+
+def kernel_parameters(name: str, instance: str) -> tuple[Parameter, ...]:
+    """The parameters of the ``__global__`` function behind ``instance``, read from ``cuda/NAME``.
+
+    Callers bind their arguments by these names (:func:`bind_arguments`), so a launch cannot
+    pass them in the wrong order when a kernel's signature changes.
+    """
+    return _parameters(name, instance.removeprefix("llmq::").split("<")[0])
+
+
+@functools.cache
+def _parameters(name: str, function: str) -> tuple[Parameter, ...]:
+    text = resources.files(PACKAGE).joinpath(name).read_text(encoding="utf-8")
+    match = re.search(r"__global__[^;{]*?\b" + re.escape(function) + r"\s*\(([^)]*)\)\s*\{", text, re.S)
+    if match is None:
+        raise KernelCompileError(f"cuda/{name} has no __global__ function {function}")
+    params = []
+    for declaration in match.group(1).split(","):
+        words = re.findall(r"[A-Za-z_]\w*", declaration)
+        if not words or not (declaration.count("*") == 1 or words[-2:-1] == ["int"]):
+            problem = f"{function} parameter {declaration.strip()!r} is not a pointer or an int"
+            raise KernelCompileError(f"cuda/{name}: {problem}")
+        params.append(Parameter(words[-1], "*" in declaration))
+    return tuple(params)
+
+
+def bind_arguments(params: tuple[Parameter, ...], arguments: dict) -> tuple:
+    """Kernel arguments in signature order: tensors or None for pointers (as uint64), ints as int32."""
+    import numpy as np
+
+    missing = [p.name for p in params if p.name not in arguments]
+    extra = sorted(set(arguments) - {p.name for p in params})
+    if missing or extra:
+        raise TypeError(f"kernel arguments do not match the signature: missing {missing}, unexpected {extra}")
+    bound = []
+    for p in params:
+        value = arguments[p.name]
+        if p.pointer:
+            if value is not None and not hasattr(value, "data_ptr"):
+                raise TypeError(f"kernel argument {p.name} must be a tensor or None, got {type(value).__name__}")
+            bound.append(np.uint64(0 if value is None else value.data_ptr()))
+        else:
+            if not isinstance(value, int) or not -(2**31) <= value < 2**31:
+                raise TypeError(f"kernel argument {p.name} must be a 32-bit int, got {value!r}")
+            bound.append(np.int32(value))
+    return tuple(bound)
 
 
 @dataclass(frozen=True)

@@ -92,14 +92,6 @@ def _output(out: torch.Tensor | None, shape: tuple[int, ...], device: torch.devi
     return out
 
 
-def _ptr(tensor: torch.Tensor | None) -> np.uint64:
-    return np.uint64(0 if tensor is None else tensor.data_ptr())
-
-
-def _i32(value: int) -> np.int32:
-    return np.int32(value)
-
-
 class _Streams:
     """CuPy handles of torch streams, made once per (device, stream)."""
 
@@ -118,12 +110,16 @@ class _Streams:
 _STREAMS = _Streams()
 
 
-def launch(device_index: int, file: str, instance: str, grid: tuple[int, ...], block: tuple[int, ...], args) -> None:
+def launch(device_index: int, file: str, instance: str, grid: tuple[int, ...], block: tuple[int, ...], **arguments):
     """Launch ``instance`` of ``cuda/FILE`` on torch's current stream of the device.
 
+    ``arguments`` are bound by the kernel's parameter names (tensors or None for pointers, ints).
     CuPy launches in its current device's context, which need not be torch's; the kernel's
     device is made current for the launch.
     """
+    args = loader.bind_arguments(loader.kernel_parameters(file, instance), arguments)
+    if device_index < 0:
+        raise DeviceError("a shape-only (meta) CudaLinear cannot launch kernels")
     function = loader.kernel(device_index, file, instance)
     cupy = loader.import_cupy()
     with cupy.cuda.Device(device_index), _STREAMS.current(device_index):
@@ -141,9 +137,12 @@ class CudaLinear:
         self.layout = layout
         self.t = {name: tensor.contiguous() for name, tensor in packed.items()}
         device = self.t["perm"].device
-        if device.type != "cuda":
+        if device.type == "meta":  # shapes only: checks argument binding without a GPU, never launches
+            self.device_index = -1
+        elif device.type == "cuda":
+            self.device_index = device.index if device.index is not None else torch.cuda.current_device()
+        else:
             raise DeviceError(f"the cuda backend needs the packed tensors on a GPU, not on {device}")
-        self.device_index = device.index if device.index is not None else torch.cuda.current_device()
         self.k2p = layout.k2_padded if layout.k2 > 0 else 0
         self.kx = self.k2p + layout.k4
         aligned = all(t.data_ptr() % 16 == 0 for n, t in self.t.items() if n.startswith("qweight"))
@@ -153,33 +152,25 @@ class CudaLinear:
     # -- the three steps a call is made of -------------------------------------------------
     def gather(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """x half [M, K] (rows contiguous) -> xp half [M, kx]: packed column order, 2-bit padding zeroed."""
-        m = x.shape[0]
+        m, lay = x.shape[0], self.layout
         xp = _output(out, (m, self.kx), x.device)
-        lay = self.layout
-        args = (_ptr(x), _i32(x.stride(0)), _ptr(self.t["perm"]), _ptr(xp), _i32(lay.k2), _i32(self.k2p), _i32(lay.k4))
-        launch(self.device_index, "gather.cu", "llmq::gather_permuted", ((self.kx + 255) // 256, m), (256,), args)
+        grid = ((self.kx + 255) // 256, m)
+        launch(self.device_index, "gather.cu", "llmq::gather_permuted", grid, (256,),
+               x=x, ldx=x.stride(0), perm=self.t["perm"], xp=xp, k2=lay.k2, k2p=self.k2p, k4=lay.k4)  # fmt: skip
         return xp
 
-    def _parts(self) -> tuple:
+    def _parts(self) -> dict:
+        """The packed tensors and sizes every matmul kernel takes, by parameter name."""
         lay, t = self.layout, self.t
-        return (
-            _ptr(t.get("qweight2")),
-            _ptr(t.get("meta2")),
-            _ptr(t.get("scale2")),
-            _ptr(t.get("szero2")),
-            _i32(self.k2p),
-            _i32(lay.g1),
-            _i32(lay.g2),
-            _ptr(t.get("qweight4")),
-            _ptr(t.get("scale4")),
-            _ptr(t.get("zero4")),
-            _i32(lay.k4),
-            _i32(lay.g4),
-        )
+        return {
+            "q2": t.get("qweight2"), "meta2": t.get("meta2"), "scale2": t.get("scale2"), "szero2": t.get("szero2"),
+            "k2p": self.k2p, "g1": lay.g1, "g2": lay.g2,
+            "q4": t.get("qweight4"), "scale4": t.get("scale4"), "zero4": t.get("zero4"), "k4": lay.k4, "g4": lay.g4,
+        }  # fmt: skip
 
-    def _outliers(self) -> tuple:
+    def _outliers(self) -> dict:
         t = self.t
-        return (_ptr(t.get("outlier_rowptr")), _ptr(t.get("outlier_col")), _ptr(t.get("outlier_val")))
+        return {"orow": t.get("outlier_rowptr"), "ocol": t.get("outlier_col"), "oval": t.get("outlier_val")}
 
     def gemv(self, xp: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
         m, n = xp.shape[0], self.layout.out_features
@@ -189,8 +180,8 @@ class CudaLinear:
         vec2, vec4 = self.vectors
         instance = f"llmq::gemv_mixed<{m}, {loader.GEMV_ROWS}, {vec2}, {vec4}>"
         grid = (-(-n // (4 * loader.GEMV_ROWS)),)  # gemv.cu: GEMV_WARPS = 4 warps per block
-        args = (_ptr(xp), _ptr(y), _ptr(bias), _i32(n), _i32(self.kx), *self._parts(), *self._outliers())
-        launch(self.device_index, "gemv.cu", instance, grid, (128,), args)
+        launch(self.device_index, "gemv.cu", instance, grid, (128,),
+               xp=xp, y=y, bias=bias, N=n, kx=self.kx, **self._parts(), **self._outliers())  # fmt: skip
         return y
 
     def gemm(self, xp: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -198,24 +189,24 @@ class CudaLinear:
         tiles = next((t for t in loader.GEMM_TILES if 16 * t >= m), loader.GEMM_TILES[-1])
         y = _output(out, (m, n), xp.device)
         grid = (-(-n // 64), -(-m // (16 * tiles)))
-        args = (_ptr(xp), _ptr(y), _ptr(bias), _i32(m), _i32(n), _i32(self.kx), *self._parts())
-        launch(self.device_index, "gemm.cu", f"llmq::gemm_mixed<{tiles}>", grid, (128,), args)
+        launch(self.device_index, "gemm.cu", f"llmq::gemm_mixed<{tiles}>", grid, (128,),
+               xp=xp, y=y, bias=bias, M=m, N=n, kx=self.kx, **self._parts())  # fmt: skip
         if self.layout.n_outliers:
             self.add_outliers(xp, y)
         return y
 
     def add_outliers(self, xp: torch.Tensor, y: torch.Tensor) -> None:
         n = self.layout.out_features
-        args = (_ptr(xp), _i32(self.kx), _ptr(y), _i32(xp.shape[0]), _i32(n), *self._outliers())
-        launch(self.device_index, "dequant.cu", "llmq::outliers_add", (-(-n // 4),), (128,), args)
+        launch(self.device_index, "dequant.cu", "llmq::outliers_add", (-(-n // 4),), (128,),
+               xp=xp, kx=self.kx, y=y, M=xp.shape[0], N=n, **self._outliers())  # fmt: skip
 
     def dequant_packed(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """The weight as fp16 ``[N, k2p + k4]`` in packed column order, outliers included, padding zero."""
         n = self.layout.out_features
         wp = _output(out, (n, self.kx), self.t["perm"].device)
         words = self.k2p // 16 + self.layout.k4 // 8
-        args = (_ptr(wp), _i32(n), _i32(self.layout.k2), *self._parts(), *self._outliers())
-        launch(self.device_index, "dequant.cu", "llmq::dequant_packed", (-(-n * words // 256),), (256,), args)
+        launch(self.device_index, "dequant.cu", "llmq::dequant_packed", (-(-n * words // 256),), (256,),
+               wp=wp, N=n, k2=self.layout.k2, **self._parts(), **self._outliers())  # fmt: skip
         return wp
 
     def dequantize(self) -> torch.Tensor:

@@ -101,3 +101,32 @@ def test_modules_are_compiled_once_per_device_and_file(monkeypatch):
 def test_a_bad_arch_is_refused():
     with pytest.raises(ValueError, match="sm_80"):
         loader.compile_offline("gather.cu", "compute_80")
+
+
+def test_kernel_parameters_are_read_from_the_source():
+    params = loader.kernel_parameters("gather.cu", "llmq::gather_permuted")
+    assert [(p.name, p.pointer) for p in params] == [
+        ("x", True), ("ldx", False), ("perm", True), ("xp", True), ("k2", False), ("k2p", False), ("k4", False),
+    ]  # fmt: skip
+    for name, instances in loader.INSTANCES.items():
+        for instance in instances:
+            assert loader.kernel_parameters(name, instance)
+
+
+def test_arguments_bind_by_name_and_type():
+    import numpy as np
+    import torch
+
+    params = loader.kernel_parameters("gather.cu", "llmq::gather_permuted")
+    t = torch.zeros(4)
+    named = {"x": t, "ldx": 4, "perm": None, "xp": t, "k2": 1, "k2p": 16, "k4": 0}
+    bound = loader.bind_arguments(params, named)
+    assert bound[2] == np.uint64(0) and bound[0] == np.uint64(t.data_ptr()) and bound[1].dtype == np.int32
+    with pytest.raises(TypeError, match="missing \\['k4'\\]"):
+        loader.bind_arguments(params, {k: v for k, v in named.items() if k != "k4"})
+    with pytest.raises(TypeError, match="unexpected \\['k5'\\]"):
+        loader.bind_arguments(params, named | {"k5": 1})
+    with pytest.raises(TypeError, match="32-bit int"):
+        loader.bind_arguments(params, named | {"k2": 2**31})
+    with pytest.raises(TypeError, match="tensor or None"):
+        loader.bind_arguments(params, named | {"perm": 5})

@@ -8,6 +8,7 @@ import torch
 from kernel_cases import CASES, packed_layer
 
 from llmq.cuda import emulate as E
+from llmq.errors import DeviceError
 from llmq.runtime import cuda_backend as B
 
 
@@ -88,3 +89,32 @@ def test_a_wrong_fragment_mapping_is_caught():
     finally:
         E.mma_a_coords = original
     assert _relative_error(got, x @ weight.double().numpy().T) > 0.1
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_every_launch_binds_its_arguments_to_the_kernel_signature(case, monkeypatch):
+    """Each CudaLinear path, on shape-only (meta) tensors, names exactly the kernel's parameters."""
+    from llmq.cuda import loader
+
+    layout, tensors, _ = packed_layer(case)
+    launched = []
+
+    def fake_launch(device_index, file, instance, grid, block, **arguments):
+        bound = loader.bind_arguments(loader.kernel_parameters(file, instance), arguments)
+        assert instance in loader.INSTANCES[file] and all(g >= 1 for g in grid)
+        launched.append((file, instance, len(bound)))
+
+    monkeypatch.setattr(B, "launch", fake_launch)
+    linear = B.CudaLinear(layout, {k: v.to("meta") for k, v in tensors.items()})
+    for batch, path in ((1, B.Path.gemv), (8, B.Path.gemv), (9, B.Path.gemm), (100, B.Path.gemm), (3, B.Path.dequant)):
+        linear(torch.empty(batch, layout.in_features, dtype=torch.float16, device="meta"), path=path)
+    files = [f for f, _, _ in launched]
+    assert {"gather.cu", "gemv.cu", "gemm.cu", "dequant.cu"} <= set(files)
+    assert ("outliers_add" in " ".join(i for _, i, _ in launched)) == (layout.n_outliers > 0)
+
+
+def test_a_meta_linear_refuses_to_launch():
+    layout, tensors, _ = packed_layer(CASES[1])
+    linear = B.CudaLinear(layout, {k: v.to("meta") for k, v in tensors.items()})
+    with pytest.raises(DeviceError, match="cannot launch"):
+        linear(torch.empty(1, layout.in_features, dtype=torch.float16, device="meta"))
