@@ -9,7 +9,7 @@ import traceback
 import typer
 
 from llmq import __version__
-from llmq.cli import calibrate, eval_kld, eval_ppl, generate, inspect_cmd, profile, quantize
+from llmq.cli import calibrate, eval_kld, eval_ppl, generate, inspect_cmd, profile, quantize, verify
 from llmq.errors import LlmqError
 
 DEBUG_ENV = "LLMQ_DEBUG"
@@ -39,6 +39,7 @@ eval_app.command("kld")(eval_kld.kld)
 app.command("calibrate")(calibrate.calibrate)
 app.command("quantize")(quantize.quantize)
 app.command("inspect")(inspect_cmd.inspect)
+app.command("verify")(verify.verify)
 app.command("generate")(generate.generate)
 app.command("profile")(profile.profile)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import signal
 import time
 from dataclasses import replace
@@ -101,7 +102,7 @@ def quantize(
     import torch
 
     from llmq.errors import UsageError
-    from llmq.quant import pipeline, writer
+    from llmq.quant import pipeline, resources, writer
     from llmq.quant.config import preset_config
     from llmq.runtime import models
     from llmq.runtime.device import resolve_device
@@ -151,6 +152,7 @@ def quantize(
         out.info("dry run: stripes allocated without calibration data; the real run ranks them with its Hessians")
     plan = pipeline.make_plan(source, model_config, config, dense, target_bits, stats)
     accounting = plan.accounting()
+    needs = _estimate(plan, source, stats, output)
     document = {
         "command": "quantize",
         "llmq_version": __version__,
@@ -165,7 +167,13 @@ def quantize(
         document["calibration"] = {k: v for k, v in stats.meta.items() if k != "aliases"}
     if target_bits is not None:
         document["target_bits"] = target_bits
+    document["estimate"] = needs.to_json()
     if not dry_run:
+        problem = resources.disk_problem(needs, output)
+        if problem:
+            raise writer.ArtifactWriteError(problem)
+        if warning := resources.memory_warning(needs):
+            out.warn(warning)
         # SIGTERM (a scheduler's kill) unwinds like Ctrl-C, so the staging directory is removed.
         signal.signal(signal.SIGTERM, _interrupt)
         with out.progress("quantizing layers") as update:
@@ -180,12 +188,34 @@ def quantize(
         out.result(
             f"dry run: nothing written; {output} would hold about {accounting.tensor_bytes / 1e6:.1f} MB of tensors"
         )
+        free = f", {needs.free_disk_bytes / 1e6:.0f} MB free there" if needs.free_disk_bytes is not None else ""
+        out.result(
+            f"estimated peak memory while quantizing: {needs.peak_rss_bytes / 1e9:.2f} GB "
+            f"(this process now {needs.base_rss_bytes / 1e9:.2f} GB){free}"
+        )
     else:
         out.result(
             f"wrote {output}: {len(plan.linears)} Linears at {accounting.bits_per_weight:.3f} bits/weight, "
             f"{accounting.model_bits_per_param:.3f} bits/param overall, {accounting.tensor_bytes / 1e6:.1f} MB, "
             f"{document['seconds']:.1f} s"
         )
+
+
+def _estimate(plan, source, stats, output: Path):
+    from llmq.quant import pipeline, resources
+
+    dense_bytes = {
+        k: (math.prod(shape) * torch_itemsize(dtype), math.prod(shape)) for k, (dtype, shape) in plan.dense.items()
+    }
+    hf_bytes = sum(f.stat().st_size for f in pipeline.hf_files(source.path))
+    stats_bytes = sum(t.numel() * t.element_size() for t in stats.tensors.values()) if stats is not None else 0
+    return resources.estimate(plan.linears, dense_bytes, hf_bytes, stats_bytes, output.expanduser().resolve().parent)
+
+
+def torch_itemsize(dtype) -> int:
+    import torch
+
+    return torch.tensor([], dtype=dtype).element_size()
 
 
 def _interrupt(signum, frame) -> None:

@@ -78,7 +78,7 @@ def make_plan(
         if key not in quantized:
             dtype, shape = shape_dtype
             dense[key] = (dense_dtype or _default_dense_dtype(dtype), shape)
-    units = sorted({_unit(k) for k in params} - {REST}, key=int) + [REST]
+    units = sorted({unit_of(k) for k in params} - {REST}, key=int) + [REST]
     scores = None
     if target_bits is not None:
         scores = _channel_scores(linears, key_files, config, stats)
@@ -103,7 +103,8 @@ def _default_dense_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
 
 
-def _unit(key: str) -> str:
+def unit_of(key: str) -> str:
+    """The work unit (shard) a tensor belongs to: its decoder layer index, or "rest"."""
     match = _LAYER.search(key)
     return match.group(1) if match else REST
 
@@ -194,7 +195,7 @@ def quantize_model(
     writer = ArtifactWriter(out, force)
     try:
         linear_shards = _write_units(plan, config, writer, on_unit, stats, device)
-        for file in _hf_files(source.path):
+        for file in hf_files(source.path):
             writer.copy_file(file)
         manifest = _manifest(source, config, plan, linear_shards)
         if stats is not None:
@@ -222,7 +223,7 @@ def _write_units(plan: Plan, config: QuantConfig, writer: ArtifactWriter, on_uni
     shards: dict[str, str] = {}
     by_unit: dict[str, list[str]] = {u: [] for u in plan.units}
     for key in plan.key_files:
-        by_unit[_unit(key)].append(key)
+        by_unit[unit_of(key)].append(key)
     for index, unit in enumerate(plan.units):
         tensors: dict[str, torch.Tensor] = {}
         for key in sorted(by_unit[unit]):
@@ -251,7 +252,7 @@ def _write_units(plan: Plan, config: QuantConfig, writer: ArtifactWriter, on_uni
     return shards
 
 
-def _hf_files(folder: Path) -> list[Path]:
+def hf_files(folder: Path) -> list[Path]:
     files = []
     for path in sorted(folder.iterdir()):
         if path.is_file() and path.suffix in A.HF_FILE_SUFFIXES and path.name not in A.HF_FILE_EXCLUDE:
@@ -275,7 +276,7 @@ def _source_files(folder: Path) -> dict[str, dict]:
 
 
 def _manifest(source: ModelSource, config: QuantConfig, plan: Plan, linear_shards: dict[str, str]) -> dict:
-    dense_shards = {key: A.SHARD_PATTERN.format(plan.units.index(_unit(key))) for key in plan.dense}
+    dense_shards = {key: A.SHARD_PATTERN.format(plan.units.index(unit_of(key))) for key in plan.dense}
     return {
         "format": A.FORMAT_NAME,
         "format_version": A.FORMAT_VERSION,

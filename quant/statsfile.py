@@ -62,6 +62,8 @@ def write_stats(path: Path, calibration: Calibration, meta: dict) -> None:
     """Write atomically: a temporary file in the same folder, then rename."""
     from safetensors.torch import save_file
 
+    from llmq.quant.writer import writing
+
     tensors = {}
     for name, stats in calibration.stats.items():
         tensors[f"{name}.hessian"] = stats.hessian().contiguous()
@@ -69,8 +71,9 @@ def write_stats(path: Path, calibration: Calibration, meta: dict) -> None:
     record = {"format": STATS_FORMAT, "version": STATS_VERSION, **meta, "aliases": calibration.aliases}
     tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
     try:
-        save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(record)})
-        os.replace(tmp, path)
+        with writing(path, "the statistics"):
+            save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(record)})
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -6,10 +6,12 @@ that the next run for the same output removes. A visible ``OUT`` is therefore al
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,29 @@ from llmq.runtime import artifact as A
 
 class OutputExistsError(LlmqError):
     pass
+
+
+class ArtifactWriteError(LlmqError):
+    """Writing the artifact failed (a full disk, a quota, a vanished folder); nothing was committed."""
+
+
+@contextmanager
+def writing(target: Path, what: str):
+    """Turn an I/O failure while writing ``what`` of ``target`` into one clear error.
+
+    The caller removes its temporary files; the message says that ``target`` was left as it was.
+    """
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError) as err:
+        text = os.strerror(err.errno) if isinstance(err, OSError) and err.errno else str(err)
+        full = (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)) or "os error 28" in text
+        hint = "; free some space or write elsewhere with -o" if full else ""
+        raise ArtifactWriteError(
+            f"writing {what} of {target} failed: {text}{hint}; {target} was left as it was"
+        ) from err
 
 
 def _staging_prefix(out: Path) -> str:
@@ -71,13 +96,15 @@ class ArtifactWriter:
     def write_shard(self, index: int, tensors: dict[str, torch.Tensor]) -> str:
         name = A.SHARD_PATTERN.format(index)
         contiguous = {k: v.contiguous() for k, v in tensors.items()}
-        save_file(contiguous, str(self.staging / name), metadata={"format": A.FORMAT_NAME})
-        self._record(name)
+        with writing(self.out, name):
+            save_file(contiguous, str(self.staging / name), metadata={"format": A.FORMAT_NAME})
+            self._record(name)
         return name
 
     def copy_file(self, source: Path) -> None:
-        shutil.copyfile(source, self.staging / source.name)
-        self._record(source.name)
+        with writing(self.out, source.name):
+            shutil.copyfile(source, self.staging / source.name)
+            self._record(source.name)
 
     def _record(self, name: str) -> None:
         path = self.staging / name
@@ -86,8 +113,9 @@ class ArtifactWriter:
     def commit(self, manifest: dict[str, Any]) -> None:
         manifest = {**manifest, "files": dict(sorted(self.files.items()))}
         text = json.dumps(manifest, indent=2) + "\n"  # insertion order: module order, deterministic
-        (self.staging / A.MANIFEST).write_text(text, encoding="utf-8")
-        _fsync_tree(self.staging)
+        with writing(self.out, A.MANIFEST):
+            (self.staging / A.MANIFEST).write_text(text, encoding="utf-8")
+            _fsync_tree(self.staging)
         if self.out.exists():
             check_output(self.out, self.force)
             retired = self.out.parent / f"{_staging_prefix(self.out)}{os.getpid()}-old"

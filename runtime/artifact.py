@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,13 @@ SHARD_PATTERN = "shard-{:05d}.safetensors"
 # Source files an artifact may carry along: data only, never code or pickles.
 HF_FILE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
 HF_FILE_EXCLUDE = ("model.safetensors.index.json", MANIFEST)
+
+# The manifest's schema, version 1: these keys and no others (an unknown key means a file
+# this reader does not understand, which is refused rather than half-read).
+REQUIRED_KEYS = frozenset({"format", "format_version", "linears", "dense", "files"})
+ALLOWED_KEYS = REQUIRED_KEYS | {"llmq_version", "source", "quantization", "calibration", "accounting"}
+INFO_KEYS = ("llmq_version", "source", "quantization", "calibration", "accounting")  # provenance, not used to run
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _MAX_JSON_BYTES = 64 << 20
@@ -94,6 +102,10 @@ def read_manifest(path: Path) -> Manifest:
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise ArtifactError(f"{file}: not valid JSON ({err})") from err
     _expect(isinstance(raw, dict), file, "the top level must be an object")
+    _keys(raw, REQUIRED_KEYS, ALLOWED_KEYS, file, "the manifest")
+    for key in INFO_KEYS:
+        kind = str if key == "llmq_version" else dict
+        _expect(raw.get(key) is None or isinstance(raw[key], kind), file, f"'{key}' must be a {kind.__name__} or null")
     _expect(raw.get("format") == FORMAT_NAME, file, f"'format' must be {FORMAT_NAME!r}")
     version = raw.get("format_version")
     if version != FORMAT_VERSION:
@@ -109,6 +121,13 @@ def read_manifest(path: Path) -> Manifest:
 def _expect(condition: bool, file: Path, message: str) -> None:
     if not condition:
         raise ArtifactError(f"{file}: {message}")
+
+
+def _keys(entry: dict, required: frozenset, allowed: frozenset, file: Path, what: str) -> None:
+    unknown = sorted(map(str, set(entry) - allowed))
+    missing = sorted(required - set(entry))
+    _expect(not unknown, file, f"{what} has unknown key(s) {unknown}; this llmq reads format {FORMAT_VERSION}")
+    _expect(not missing, file, f"{what} lacks key(s) {missing}")
 
 
 def _obj(raw: dict, key: str, file: Path) -> dict:
@@ -131,15 +150,22 @@ def _files(value: Any, file: Path) -> dict[str, dict[str, Any]]:
     for name, info in value.items():
         safe = isinstance(name, str) and name == Path(name).name and not name.startswith(".") and name != MANIFEST
         _expect(safe, file, f"file name {name!r} must be a plain name inside the artifact")
-        _expect(isinstance(info, dict) and isinstance(info.get("sha256"), str), file, f"files[{name!r}] needs a sha256")
+        _expect(isinstance(info, dict), file, f"files[{name!r}] must be an object")
+        _keys(info, frozenset({"sha256", "bytes"}), frozenset({"sha256", "bytes"}), file, f"files[{name!r}]")
+        sha = info["sha256"]
+        _expect(
+            isinstance(sha, str) and bool(_SHA256.fullmatch(sha)), file, f"files[{name!r}].sha256 must be 64 hex digits"
+        )
         _int(info.get("bytes"), file, f"files[{name!r}].bytes")
     return value
 
 
 def _linear(name: str, entry: Any, files: dict, file: Path) -> LinearEntry:
     _expect(isinstance(entry, dict), file, f"linear {name}: must be an object")
+    _keys(entry, frozenset({"shard", "layout"}), frozenset({"shard", "layout", "bias"}), file, f"linear {name}")
     shard = entry.get("shard")
-    _expect(shard in files and str(shard).endswith(".safetensors"), file, f"linear {name}: unknown shard {shard!r}")
+    known = isinstance(shard, str) and shard in files and shard.endswith(".safetensors")
+    _expect(known, file, f"linear {name}: unknown shard {shard!r}")
     spec = entry.get("layout")
     _expect(
         isinstance(spec, dict) and set(spec) == set(L.LinearLayout.__dataclass_fields__),
@@ -157,9 +183,16 @@ def _linear(name: str, entry: Any, files: dict, file: Path) -> LinearEntry:
 
 def _dense(name: str, entry: Any, files: dict, file: Path) -> DenseEntry:
     _expect(isinstance(entry, dict), file, f"dense {name}: must be an object")
+    dense_keys = frozenset({"shard", "dtype", "shape"})
+    _keys(entry, dense_keys, dense_keys, file, f"dense {name}")
     shard, dtype, shape = entry.get("shard"), entry.get("dtype"), entry.get("shape")
-    _expect(shard in files and str(shard).endswith(".safetensors"), file, f"dense {name}: unknown shard {shard!r}")
-    _expect(dtype in _DTYPES, file, f"dense {name}: dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+    known = isinstance(shard, str) and shard in files and shard.endswith(".safetensors")
+    _expect(known, file, f"dense {name}: unknown shard {shard!r}")
+    _expect(
+        isinstance(dtype, str) and dtype in _DTYPES,
+        file,
+        f"dense {name}: dtype {dtype!r} is not one of {sorted(_DTYPES)}",
+    )
     _expect(isinstance(shape, list) and len(shape) <= 4, file, f"dense {name}: shape must be a list of at most 4 ints")
     dims = tuple(_int(d, file, f"dense {name}: shape", 0, 1 << 32) for d in shape)
     _expect(math.prod(dims) <= 1 << 36, file, f"dense {name}: shape {list(dims)} is implausibly large")
@@ -183,12 +216,24 @@ def verify_files(manifest: Manifest) -> None:
 
 
 def load_tensors(manifest: Manifest, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """All tensors of all shards, after checking each one's name, dtype and shape against the manifest."""
+    """All tensors of all shards, after checking each one's name, dtype, shape and values against the manifest."""
+    tensors: dict[str, torch.Tensor] = {}
+    for _, loaded in iter_shards(manifest, device):
+        tensors.update(loaded)
+    return tensors
+
+
+def iter_shards(manifest: Manifest, device: str | torch.device = "cpu"):
+    """Yield ``(shard name, its tensors)`` one shard at a time, each checked like :func:`load_tensors`.
+
+    Only one shard is in memory at once; the check that every expected tensor exists runs after
+    the last shard.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     expected = expected_tensors(manifest)
-    tensors: dict[str, torch.Tensor] = {}
+    seen: set[str] = set()
     for shard in manifest.shards:
         path = manifest.path / shard
         try:
@@ -204,15 +249,16 @@ def load_tensors(manifest: Manifest, device: str | torch.device = "cpu") -> dict
                     f"{path}: tensor {name!r} is {tensor.dtype} {list(tensor.shape)}, "
                     f"the manifest says {want[1]} {list(want[2])}"
                 )
-        tensors.update(loaded)
-    missing = sorted(set(expected) - set(tensors))
+        for name, entry in manifest.linears.items():
+            if entry.shard == shard:
+                suffixes = entry.layout.tensor_specs()
+                if all(f"{name}.{k}" in loaded for k in suffixes):
+                    check_linear_values(name, entry.layout, {k: loaded[f"{name}.{k}"] for k in suffixes}, manifest.path)
+        seen.update(loaded)
+        yield shard, loaded
+    missing = sorted(set(expected) - seen)
     if missing:
         raise ArtifactError(f"{manifest.path}: {len(missing)} tensor(s) missing, first {missing[0]!r}")
-    for name, entry in manifest.linears.items():
-        check_linear_values(
-            name, entry.layout, {k: tensors[f"{name}.{k}"] for k in entry.layout.tensor_specs()}, manifest.path
-        )
-    return tensors
 
 
 def expected_tensors(manifest: Manifest) -> dict[str, tuple[str, torch.dtype, tuple[int, ...]]]:

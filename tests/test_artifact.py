@@ -332,3 +332,11 @@ def test_dense_overflow_in_fp16_is_an_error_not_an_inf(cli, tiny_model, tmp_path
     result = cli("quantize", str(source), "-o", str(tmp_path / "big.llmq"))
     assert result.code == 1 and "model.norm.weight overflows torch.float16" in result.stderr
     assert cli("quantize", str(source), "-o", str(tmp_path / "big.llmq"), "--dense-dtype", "fp32", "-q").code == 0
+
+
+@pytest.mark.parametrize("section,key", [("linears", "shard"), ("dense", "shard"), ("dense", "dtype")])
+def test_a_list_where_a_name_belongs_is_an_artifact_error(copy, section, key):
+    """Found by the fuzzer: unhashable JSON values once reached a dict lookup (a TypeError)."""
+    _edit_manifest(copy, lambda m: next(iter(m[section].values())).update({key: ["shard-00000.safetensors"]}))
+    with pytest.raises(ArtifactError, match="unknown shard|dtype"):
+        A.open_artifact(copy)

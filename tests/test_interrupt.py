@@ -61,3 +61,25 @@ def test_sigkill_leaves_only_a_hidden_staging_dir_that_the_next_run_removes(cli,
     result = cli("quantize", str(tiny_model), "-o", str(out), "--g4", "16", "-q")
     assert result.code == 0, result.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["demo.llmq"]
+
+
+def _start_calibrate(out: Path, cache: Path) -> subprocess.Popen:
+    env = {**os.environ, "LLMQ_CACHE_DIR": str(cache)}
+    cmd = [sys.executable, "-m", "llmq.cli", "calibrate", "demo", "-o", str(out), "--dataset", "austen",
+           "--samples", "64", "--seq-len", "512", "--force", "-q"]  # fmt: skip
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_killing_calibrate_keeps_the_earlier_stats_file(tmp_path, demo_ready, sig):
+    """Statistics are written to a temporary file and renamed, so a kill at any point leaves the old file."""
+    out = tmp_path / "demo.stats"
+    out.write_bytes(b"an earlier statistics file")
+    proc = _start_calibrate(out, demo_ready)
+    time.sleep(8)  # usually inside the forward passes by now; any moment must leave the old file
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(sig)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert [p.name for p in tmp_path.iterdir()] == ["demo.stats"]
+    assert out.read_bytes() == b"an earlier statistics file"
