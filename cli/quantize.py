@@ -64,6 +64,10 @@ def quantize(
         bool, typer.Option("--dry-run", help="Print the per-layer bits and size; write nothing.")
     ] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing artifact at OUT.")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="Continue an interrupted run of the same command from its finished layers."),
+    ] = False,
     calib: Annotated[
         Path | None, typer.Option("--calib", help="Stats file from `llmq calibrate`: Hessian-ranked stripes + GPTQ.")
     ] = None,
@@ -178,7 +182,9 @@ def quantize(
         signal.signal(signal.SIGTERM, _interrupt)
         with out.progress("quantizing layers") as update:
             on_unit = lambda d, t, _: update(d, t)  # noqa: E731
-            pipeline.quantize_model(source, output, config, plan, force, on_unit, stats, torch_device)
+            pipeline.quantize_model(
+                source, output, config, plan, force, on_unit, stats, torch_device, resume=resume, log=out.info
+            )
     document["seconds"] = round(time.perf_counter() - start, 2)
     if json:
         out.emit_json(document)

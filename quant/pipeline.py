@@ -8,6 +8,7 @@ are allocated to discover which Linears exist.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from llmq.quant.budget import allocate
 from llmq.quant.config import QuantConfig, Selection
 from llmq.quant.linear import NonFiniteWeightError, hessian_score, plan_layout, quantize_weight
 from llmq.quant.statsfile import CalibStats, StatsFileError
-from llmq.quant.writer import ArtifactWriter, check_output, remove_stale_staging
+from llmq.quant.writer import ArtifactWriter, check_output, find_checkpoints, remove_stale_staging
 from llmq.runtime import artifact as A
 from llmq.runtime.accounting import Accounting, account
 from llmq.runtime.layout import LinearLayout
@@ -175,6 +176,12 @@ def _expected_params(skeleton, key_files: dict[str, Path]) -> dict[str, tuple[to
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
+class InterruptedRun(LlmqError):
+    """Ctrl-C or SIGTERM stopped a quantize run; its finished layers are kept for ``--resume``."""
+
+    exit_code = 130
+
+
 def quantize_model(
     source: ModelSource,
     out: Path,
@@ -184,17 +191,23 @@ def quantize_model(
     on_unit: Callable[[int, int, str], None] | None = None,
     stats: CalibStats | None = None,
     device: torch.device | None = None,
+    resume: bool = False,
+    log: Callable[[str], None] = lambda message: None,
 ) -> dict:
     """Run the plan and write the artifact atomically; returns the manifest. GPTQ runs on ``device``.
 
     With ``stats`` every Linear is quantized with its Hessian (ranked stripes + GPTQ); a Linear
-    the stats do not cover is an error, never a silent fall back to round-to-nearest.
+    the stats do not cover is an error, never a silent fall back to round-to-nearest. With
+    ``resume`` an interrupted run of the same fingerprint continues from its last finished unit;
+    the result is the same bytes as an uninterrupted run.
     """
     check_output(out, force)
-    remove_stale_staging(out)
-    writer = ArtifactWriter(out, force)
+    fingerprint = run_fingerprint(source, config, plan, stats)
+    writer = _open_writer(out, force, fingerprint, resume, log)
+    for path in remove_stale_staging(out):
+        log(f"removed {path.name}, left by an earlier run that did not finish")
     try:
-        linear_shards = _write_units(plan, config, writer, on_unit, stats, device)
+        linear_shards = _write_units(plan, config, writer, on_unit, stats, device, fingerprint)
         for file in hf_files(source.path):
             writer.copy_file(file)
         manifest = _manifest(source, config, plan, linear_shards)
@@ -204,10 +217,62 @@ def quantize_model(
                 "gptq_device": str(device or torch.device("cpu")),
             }
         writer.commit(manifest)
+    except KeyboardInterrupt:
+        if not writer.units_done:
+            writer.abort()
+            raise
+        kept = writer.stop()
+        raise InterruptedRun(
+            f"interrupted after {len(writer.units_done)} of {len(plan.units)} units; they are kept in "
+            f"{kept.name} next to {out.name}. Run the same command with --resume to continue, "
+            "or without it to start over (which removes them)"
+        ) from None
     except BaseException:
         writer.abort()
         raise
     return manifest
+
+
+def run_fingerprint(source: ModelSource, config: QuantConfig, plan: Plan, stats: CalibStats | None) -> str:
+    """What makes two runs produce the same artifact: source files, settings, layouts, calibration."""
+    files = {
+        p.name: [p.stat().st_size, p.stat().st_mtime_ns]
+        for p in sorted(source.path.iterdir())
+        if p.is_file() and (p.suffix == ".safetensors" or p.name == "config.json")
+    }
+    calibration = None
+    if stats is not None:
+        where = [stats.path.stat().st_size, stats.path.stat().st_mtime_ns] if stats.path.is_file() else "inline"
+        calibration = {"meta": {k: v for k, v in stats.meta.items() if k != "aliases"}, "file": where}
+    document = {
+        "llmq": __version__,
+        "source": files,
+        "config": config.to_json(),
+        "linears": {name: layout.to_json() for name, layout in plan.linears.items()},
+        "dense": {key: [A.dtype_name(dtype), list(shape)] for key, (dtype, shape) in plan.dense.items()},
+        "calibration": calibration,
+    }
+    return hashlib.sha256(json.dumps(document, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _open_writer(out: Path, force: bool, fingerprint: str, resume: bool, log) -> ArtifactWriter:
+    checkpoints = find_checkpoints(out)
+    if not resume:
+        for c in checkpoints:
+            log(f"an interrupted run's {len(c.units_done)} finished unit(s) in {c.staging.name} are discarded "
+                "(--resume would continue from them)")  # fmt: skip
+        return ArtifactWriter(out, force)
+    if not checkpoints:
+        log("--resume: no interrupted run of this output to continue; starting from the first unit")
+        return ArtifactWriter(out, force)
+    match = next((c for c in checkpoints if c.fingerprint == fingerprint), None)
+    if match is None:
+        raise LlmqError(
+            f"--resume: the interrupted run in {checkpoints[0].staging.name} used a different model, settings or "
+            "calibration; run without --resume to start over"
+        )
+    log(f"resuming from {match.staging.name}: {len(match.units_done)} unit(s) already done")
+    return ArtifactWriter(out, force, resume_from=match)
 
 
 def _hessian(stats: CalibStats | None, linear: str, in_features: int) -> torch.Tensor | None:
@@ -219,12 +284,18 @@ def _hessian(stats: CalibStats | None, linear: str, in_features: int) -> torch.T
     return hessian
 
 
-def _write_units(plan: Plan, config: QuantConfig, writer: ArtifactWriter, on_unit, stats, device) -> dict[str, str]:
-    shards: dict[str, str] = {}
+def _write_units(
+    plan: Plan, config: QuantConfig, writer: ArtifactWriter, on_unit, stats, device, fingerprint: str
+) -> dict[str, str]:
+    shards = {name: A.SHARD_PATTERN.format(plan.units.index(unit_of(f"{name}.weight"))) for name in plan.linears}
     by_unit: dict[str, list[str]] = {u: [] for u in plan.units}
     for key in plan.key_files:
         by_unit[unit_of(key)].append(key)
     for index, unit in enumerate(plan.units):
+        if unit in writer.units_done:
+            if on_unit is not None:
+                on_unit(index + 1, len(plan.units), unit)
+            continue
         tensors: dict[str, torch.Tensor] = {}
         for key in sorted(by_unit[unit]):
             value = read_tensor(plan.key_files, key)
@@ -235,9 +306,8 @@ def _write_units(plan: Plan, config: QuantConfig, writer: ArtifactWriter, on_uni
                 by_budget = plan.scores and config.selection != Selection.range
                 scores = plan.scores.get(linear) if by_budget else None
                 layout, packed = quantize_weight(key, value, config, hessian, plan.linears[linear], scores, device)
-                assert layout == plan.linears[linear]
+                assert layout == plan.linears[linear] and shards[linear] == A.SHARD_PATTERN.format(index)
                 tensors.update({f"{linear}.{suffix}": t for suffix, t in packed.items()})
-                shards[linear] = A.SHARD_PATTERN.format(index)
             else:
                 if not torch.isfinite(value.float()).all():
                     raise NonFiniteWeightError(f"tensor {key} holds NaN/Inf; fix the checkpoint before quantizing")
@@ -247,6 +317,7 @@ def _write_units(plan: Plan, config: QuantConfig, writer: ArtifactWriter, on_uni
                         f"tensor {key} overflows {plan.dense[key][0]}; pass --dense-dtype bf16 or fp32"
                     )
         writer.write_shard(index, tensors)
+        writer.checkpoint(fingerprint, unit)
         if on_unit is not None:
             on_unit(index + 1, len(plan.units), unit)
     return shards

@@ -1,7 +1,11 @@
 """Writing an artifact atomically: everything goes into a hidden staging directory next to the
-output, which is renamed into place only when complete. An interrupted run (exception, Ctrl-C,
-SIGTERM) removes its staging directory; one killed outright leaves a hidden staging directory
-that the next run for the same output removes. A visible ``OUT`` is therefore always complete.
+output, which is renamed into place only when complete, so a visible ``OUT`` is always complete.
+
+After each unit (decoder layer) the staging directory gets a ``checkpoint.json``: the run's
+fingerprint, the units done and their files' checksums. A run that fails with an error removes
+its staging directory; one interrupted (Ctrl-C, SIGTERM) or killed keeps it as a checkpoint.
+The next run for the same output either continues from it (``--resume``, same fingerprint, every
+kept file re-checked) or removes it.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import os
 import shutil
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,12 +68,20 @@ def check_output(out: Path, force: bool) -> None:
         raise LlmqError(f"the output's folder {out.parent} does not exist")
 
 
+STOPPED = "stopped"  # the owner token of a staging directory kept by an interrupted run
+
+
+def _ownerless(out: Path, path: Path) -> bool:
+    """A staging directory no running process owns: its run was stopped, or its process is gone."""
+    owner = path.name[len(_staging_prefix(out)) :].split("-")[0]
+    return owner == STOPPED or (owner.isdigit() and not _alive(int(owner)))
+
+
 def remove_stale_staging(out: Path) -> list[Path]:
-    """Delete staging directories of runs for ``out`` whose process no longer exists."""
+    """Delete staging directories of runs for ``out`` that no running process owns."""
     removed = []
     for path in out.parent.glob(_staging_prefix(out) + "*"):
-        pid = path.name[len(_staging_prefix(out)) :].split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if _ownerless(out, path):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
@@ -84,14 +97,66 @@ def _alive(pid: int) -> bool:
     return True
 
 
-class ArtifactWriter:
-    """Collects shards and files in a staging directory; :meth:`commit` renames it to ``out``."""
+CHECKPOINT = "checkpoint.json"
 
-    def __init__(self, out: Path, force: bool):
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """An interrupted run's staging directory and what it completed."""
+
+    staging: Path
+    fingerprint: str
+    units_done: list[str]
+    files: dict[str, dict[str, Any]]
+
+
+def find_checkpoints(out: Path) -> list[Checkpoint]:
+    """Checkpoints of runs for ``out`` whose process is gone, newest first."""
+    found = []
+    for path in out.parent.glob(_staging_prefix(out) + "*"):
+        record = path / CHECKPOINT
+        if _ownerless(out, path) and record.is_file():
+            try:
+                raw = json.loads(record.read_text(encoding="utf-8"))
+                found.append(Checkpoint(path, str(raw["fingerprint"]), list(raw["units_done"]), dict(raw["files"])))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # unreadable: treated as no checkpoint, and removed with the other stale directories
+    return sorted(found, key=lambda c: (c.staging / CHECKPOINT).stat().st_mtime, reverse=True)
+
+
+class ArtifactWriter:
+    """Collects shards and files in a staging directory; :meth:`commit` renames it to ``out``.
+
+    With ``resume_from`` the writer takes over an interrupted run's staging directory (renamed
+    to this process's name) after checking every file the checkpoint lists.
+    """
+
+    def __init__(self, out: Path, force: bool, resume_from: Checkpoint | None = None):
         self.out, self.force = out, force
         self.staging = out.parent / f"{_staging_prefix(out)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.staging.mkdir()
         self.files: dict[str, dict[str, Any]] = {}
+        self.units_done: list[str] = []
+        if resume_from is None:
+            self.staging.mkdir()
+            return
+        for name, info in resume_from.files.items():
+            path = resume_from.staging / name
+            if not path.is_file() or path.stat().st_size != info["bytes"] or A.sha256_file(path) != info["sha256"]:
+                raise LlmqError(
+                    f"the checkpoint in {resume_from.staging} is damaged ({name}); run without --resume to start over"
+                )
+        os.rename(resume_from.staging, self.staging)
+        self.files = dict(resume_from.files)
+        self.units_done = list(resume_from.units_done)
+
+    def checkpoint(self, fingerprint: str, unit: str) -> None:
+        """Record ``unit`` as done (after its shard is written), atomically."""
+        self.units_done.append(unit)
+        record = {"fingerprint": fingerprint, "units_done": self.units_done, "files": self.files}
+        tmp = self.staging / f"{CHECKPOINT}.tmp"
+        with writing(self.out, CHECKPOINT):
+            tmp.write_text(json.dumps(record), encoding="utf-8")
+            os.replace(tmp, self.staging / CHECKPOINT)
 
     def write_shard(self, index: int, tensors: dict[str, torch.Tensor]) -> str:
         name = A.SHARD_PATTERN.format(index)
@@ -111,6 +176,7 @@ class ArtifactWriter:
         self.files[name] = {"sha256": A.sha256_file(path), "bytes": path.stat().st_size}
 
     def commit(self, manifest: dict[str, Any]) -> None:
+        (self.staging / CHECKPOINT).unlink(missing_ok=True)  # the finished artifact carries no checkpoint
         manifest = {**manifest, "files": dict(sorted(self.files.items()))}
         text = json.dumps(manifest, indent=2) + "\n"  # insertion order: module order, deterministic
         with writing(self.out, A.MANIFEST):
@@ -129,6 +195,13 @@ class ArtifactWriter:
                 raise OutputExistsError(
                     f"{self.out} was created by another run while this one worked; nothing replaced"
                 ) from err
+
+    def stop(self) -> Path:
+        """Keep the staging directory as a checkpoint of an interrupted run; returns where it is."""
+        kept = self.out.parent / f"{_staging_prefix(self.out)}{STOPPED}-{uuid.uuid4().hex[:8]}"
+        os.rename(self.staging, kept)
+        self.staging = kept
+        return kept
 
     def abort(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)

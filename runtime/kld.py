@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmq.runtime.perplexity import plan_windows, require_one_window
+from llmq.runtime.perplexity import TokenSeries, plan_windows, require_one_window
 
 # (window index, window token ids [T], tokens scored S) -> base log-probs [S, vocab], fp32
 BaseLogProbs = Callable[[int, torch.Tensor, int], torch.Tensor]
@@ -51,28 +51,29 @@ def kl_divergence(
     used = ids[:max_tokens] if max_tokens is not None else ids
     require_one_window(len(used), seq_len)
     windows = plan_windows(len(used), seq_len, stride)
-    kls, agree, nll_base, nll_quant = [], [], [], []
+    total = sum(w.scored for w in windows)
+    kls, agree, nll_base, nll_quant = (TokenSeries(total) for _ in range(4))
     start = time.perf_counter()
     for i, w in enumerate(windows):
         chunk = used[w.begin : w.end]
         targets = chunk[-w.scored :]
         log_q = _log_probs(quant, chunk, w.scored)
         log_p = base(i, chunk, w.scored).to(log_q.device)
-        kls.append((log_p.exp() * (log_p - log_q)).sum(-1).clamp(min=0).double())
-        agree.append(log_p.argmax(-1) == log_q.argmax(-1))
-        nll_base.append(-log_p.gather(-1, targets[:, None].to(log_p.device)).squeeze(-1).double())
-        nll_quant.append(-log_q.gather(-1, targets[:, None].to(log_q.device)).squeeze(-1).double())
+        kls.add((log_p.exp() * (log_p - log_q)).sum(-1).clamp(min=0))
+        agree.add(log_p.argmax(-1) == log_q.argmax(-1))
+        nll_base.add(-log_p.gather(-1, targets[:, None].to(log_p.device)).squeeze(-1))
+        nll_quant.add(-log_q.gather(-1, targets[:, None].to(log_q.device)).squeeze(-1))
         if on_window is not None:
             on_window(i + 1, len(windows))
-    kl = torch.cat(kls).cpu()
+    kl = kls.values
     return KldResult(
         mean=float(kl.mean()),
         median=float(kl.median()),
         p99=float(torch.quantile(kl, 0.99)),
         p999=float(torch.quantile(kl, 0.999)),
-        top1_agreement=float(torch.cat(agree).float().mean()),
-        ppl_base=math.exp(float(torch.cat(nll_base).mean())),
-        ppl_quant=math.exp(float(torch.cat(nll_quant).mean())),
+        top1_agreement=float(agree.values.mean()),
+        ppl_base=math.exp(float(nll_base.values.mean())),
+        ppl_quant=math.exp(float(nll_quant.values.mean())),
         tokens_scored=kl.numel(),
         windows=len(windows),
         seconds=time.perf_counter() - start,
@@ -91,5 +92,5 @@ def model_log_probs(model) -> BaseLogProbs:
 
 def _log_probs(model, chunk: torch.Tensor, scored: int) -> torch.Tensor:
     device = next(model.parameters()).device
-    logits = model(chunk[None].to(device)).logits[0, -scored - 1 : -1]
+    logits = model(chunk[None].to(device), use_cache=False).logits[0, -scored - 1 : -1]
     return torch.log_softmax(logits.float(), dim=-1)

@@ -1,4 +1,8 @@
-"""Killing `quantize` mid-run leaves no artifact and no partial directory (slow: uses the demo model)."""
+"""Killing `quantize` or `calibrate` mid-run leaves no partial artifact (slow: uses the demo model).
+
+Ctrl-C and SIGTERM keep the finished layers in a hidden checkpoint directory for `--resume`;
+SIGKILL leaves the hidden staging directory, which the next run removes or resumes.
+"""
 
 from __future__ import annotations
 
@@ -16,9 +20,9 @@ from llmq.runtime import demo
 pytestmark = pytest.mark.slow
 
 
-def _start(out: Path, cache: Path) -> subprocess.Popen:
+def _start(out: Path, cache: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "LLMQ_CACHE_DIR": str(cache)}
-    cmd = [sys.executable, "-m", "llmq.cli", "quantize", "demo", "-o", str(out), "-q"]
+    cmd = [sys.executable, "-m", "llmq.cli", "quantize", "demo", "-o", str(out), *extra]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -41,14 +45,34 @@ def demo_ready(demo_cache, monkeypatch) -> Path:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupt_leaves_nothing(tmp_path, demo_ready, sig):
+def test_interrupt_leaves_no_artifact_only_a_hidden_checkpoint(tmp_path, demo_ready, sig):
     out = tmp_path / "demo.llmq"
     proc = _start(out, demo_ready)
     _wait_for_shards(out, proc)
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode != 0
-    assert list(tmp_path.iterdir()) == [], (list(tmp_path.iterdir()), stderr)
+    assert proc.returncode == 130 and "--resume" in stderr, stderr
+    [kept] = list(tmp_path.iterdir())
+    assert kept.name.startswith(".demo.llmq.partial-stopped-") and (kept / "checkpoint.json").is_file()
+
+
+def test_sigint_then_resume_gives_the_same_bytes_as_one_run(tmp_path, demo_ready):
+    """The brief's resume test on the demo model: interrupted with Ctrl-C, continued, compared."""
+    whole, resumed = tmp_path / "whole" / "demo.llmq", tmp_path / "resumed" / "demo.llmq"
+    whole.parent.mkdir()
+    resumed.parent.mkdir()
+    assert _start(whole, demo_ready).wait(timeout=600) == 0
+    proc = _start(resumed, demo_ready)
+    _wait_for_shards(resumed, proc, count=3)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 130 and not resumed.exists()
+    again = _start(resumed, demo_ready, "--resume")
+    _, stderr = again.communicate(timeout=600)
+    assert again.returncode == 0 and "resuming from" in stderr, stderr
+    files = sorted(p.name for p in whole.iterdir())
+    assert files == sorted(p.name for p in resumed.iterdir())
+    assert all((whole / n).read_bytes() == (resumed / n).read_bytes() for n in files)
 
 
 def test_sigkill_leaves_only_a_hidden_staging_dir_that_the_next_run_removes(cli, tmp_path, demo_ready, tiny_model):
