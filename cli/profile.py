@@ -61,6 +61,14 @@ def profile(
     baseline: Annotated[
         bool, typer.Option("--baseline", help="Also run the same artifact with dense weights (torch backend).")
     ] = False,
+    decode: Annotated[
+        str,
+        typer.Option(
+            "--decode",
+            help="dynamic (transformers' growing KV cache), static (preallocated cache, fixed-shape step) "
+            "or graph (static, the step replayed as a CUDA graph; GPU only).",
+        ),
+    ] = "dynamic",
     device: Device = "auto",
     dtype: DTypeOpt = DType.auto,
     backend: BackendOpt = Backend.auto,
@@ -77,12 +85,17 @@ def profile(
 
     out = Reporter(json, quiet)
     batches = parse_batches(batch)
+    if decode not in {m.value for m in P.DecodeMode}:
+        raise UsageError(f"--decode {decode!r} must be dynamic, static or graph")
+    mode = P.DecodeMode(decode)
     kind = models.check_model_spec(model, revision)
     if baseline and kind != models.SourceKind.artifact:
         raise UsageError(f"--baseline compares an llmq artifact with its dense weights, and {model} is not one")
     quiet_libraries(out.show_progress)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    if mode == P.DecodeMode.graph and torch_device.type != "cuda":
+        raise UsageError(f"--decode graph captures CUDA graphs and the device is {torch_device}; use static or dynamic")
     source = models.resolve_model(model, revision=revision, progress=out.show_progress, log=out.info)
     out.info(f"model: {source.label}")
     config = models.load_config(source, trust_remote_code)
@@ -100,7 +113,7 @@ def profile(
         )
         memory = sum(t.numel() * t.element_size() for t in (*lm.parameters(), *lm.buffers()))
         results = P.profile_batches(
-            lm, config.vocab_size, batches, prompt_len, gen_len, warmup, reps, breakdown_steps, seed, torch_device
+            lm, config.vocab_size, batches, prompt_len, gen_len, warmup, reps, breakdown_steps, seed, torch_device, mode
         )
         documents.append(
             {
@@ -128,6 +141,7 @@ def profile(
             "seed": seed,
             "prompt": "random token ids",
             "decode": "greedy argmax, KV cache, one token per sequence per step",
+            "decode_mode": mode.value,
         },  # fmt: skip
         "copy_bandwidth_gbps": copy_gbps,
         "runs": documents,
@@ -173,7 +187,8 @@ def render_markdown(document: dict) -> str:
     """The profile as a markdown table (stdout), one row per run and batch size."""
     head = (
         f"{document['model']['label']}\n{document['device_name']}, {document['dtype']}, prompt "
-        f"{document['protocol']['prompt_len']}, {document['protocol']['gen_len']} decode steps, "
+        f"{document['protocol']['prompt_len']}, {document['protocol']['gen_len']} decode steps "
+        f"({document['protocol']['decode_mode']}), "
         f"{document['protocol']['reps']} reps; copy bandwidth {document['copy_bandwidth_gbps']:.1f} GB/s\n\n"
         "| run | batch | prefill ms | prefill tok/s | decode ms/step | decode tok/s "
         "| quant. matmul ms | dense matmul ms | other ms | quant. GB/s |\n"

@@ -233,6 +233,10 @@ class CudaLinear:
             raise DeviceError(
                 f"the cuda backend multiplies fp16 [..., {lay.in_features}] inputs, got {x.dtype} {tuple(x.shape)}"
             )
+        if x.device != self.t["perm"].device:
+            raise DeviceError(f"the input is on {x.device}, this layer's packed weights on {self.t['perm'].device}")
+        if bias is not None and (bias.dtype != torch.float16 or bias.shape != (lay.out_features,)):
+            raise DeviceError(f"the bias must be fp16 [{lay.out_features}], got {bias.dtype} {tuple(bias.shape)}")
         lead = x.shape[:-1]
         rows = x.reshape(-1, lay.in_features)
         if rows.shape[0] == 0:

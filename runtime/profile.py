@@ -3,7 +3,8 @@
 Protocol, per batch size ``B``: random token ids ``[B, prompt_len]`` (seeded; no tokenizer is
 needed), one forward with a fresh KV cache (prefill, up to the first new token), then
 ``gen_len`` single-token steps with the cache, the next token being the greedy argmax
-(decode). ``warmup`` rounds are run and dropped, ``reps`` are kept; the device is synchronized
+(decode), through transformers' growing cache or :class:`~llmq.runtime.decode.StaticDecoder` (eager
+or as a CUDA graph). ``warmup`` rounds are run and dropped, ``reps`` are kept; the device is synchronized
 around each timed region. Times are reported as mean ± sample standard deviation.
 
 The breakdown profiles ``breakdown_steps`` further decode steps with ``torch.profiler``:
@@ -21,7 +22,7 @@ of a device-to-device copy (read plus write), as CUDA's bandwidthTest counts it.
 from __future__ import annotations
 
 import contextlib
-import inspect
+import enum
 import os
 import statistics
 import sys
@@ -30,6 +31,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from llmq.runtime.decode import StaticDecoder, cache_keyword, greedy
 from llmq.runtime.qlinear import QuantLinear
 
 LLMQ_KERNELS = ("gemv_mixed", "gemm_mixed", "gather_permuted", "dequant_packed", "outliers_add")
@@ -140,11 +142,6 @@ def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def _cache_keyword(model) -> str:
-    """transformers renamed ``past_key_values`` to ``cache`` (5.2x); GPU images carry older 5.x."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def _prefill(model, ids: torch.Tensor):
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
     cache = out["cache"] if "cache" in out else out["past_key_values"]
@@ -153,11 +150,63 @@ def _prefill(model, ids: torch.Tensor):
 
 def _decode(model, cache, token: torch.Tensor, steps: int):
     """``steps`` greedy single-token steps; the cache object is updated in place by the model."""
-    keyword = _cache_keyword(model)
+    keyword = cache_keyword(model)
     for _ in range(steps):
         out = model(input_ids=token, use_cache=True, logits_to_keep=1, **{keyword: cache})
         token = out.logits[:, -1:].argmax(-1)
     return cache, token
+
+
+class DecodeMode(str, enum.Enum):
+    """How decode steps run: transformers' growing cache, a preallocated one, or that step as a CUDA graph."""
+
+    dynamic = "dynamic"
+    static = "static"
+    graph = "graph"
+
+
+class _DynamicRunner:
+    def __init__(self, model):
+        self.model, self.cache = model, None
+
+    def prepare(self, ids: torch.Tensor) -> None:
+        pass
+
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        self.cache, token = _prefill(self.model, ids)
+        return token
+
+    def decode(self, token: torch.Tensor, steps: int) -> torch.Tensor:
+        self.cache, token = _decode(self.model, self.cache, token, steps)
+        return token
+
+
+class _StaticRunner:
+    def __init__(self, model, batch: int, max_len: int, capture: bool):
+        self.decoder, self.capture = StaticDecoder(model, batch, max_len), capture
+
+    def prepare(self, ids: torch.Tensor) -> None:
+        """For a graph: one untimed prefill and the capture, so no timed round pays for it."""
+        if self.capture and self.decoder.graph is None:
+            self.decoder.prefill(ids)
+            self.decoder.capture()
+
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.decoder.length:
+            self.decoder.reset()
+        return greedy(self.decoder.prefill(ids))
+
+    def decode(self, token: torch.Tensor, steps: int) -> torch.Tensor:
+        for _ in range(steps):
+            token = greedy(self.decoder.step(token))
+        return token
+
+
+def make_runner(model, mode: DecodeMode, batch: int, max_len: int):
+    """A decode loop for ``mode``: ``prepare(ids)``, ``prefill(ids) -> token``, ``decode(token, n) -> token``."""
+    if mode == DecodeMode.dynamic:
+        return _DynamicRunner(model)
+    return _StaticRunner(model, batch, max_len, capture=mode == DecodeMode.graph)
 
 
 def random_prompt(vocab_size: int, batch: int, prompt_len: int, seed: int, device: torch.device) -> torch.Tensor:
@@ -166,17 +215,18 @@ def random_prompt(vocab_size: int, batch: int, prompt_len: int, seed: int, devic
 
 
 @torch.inference_mode()
-def time_batch(model, ids: torch.Tensor, gen_len: int, warmup: int, reps: int) -> tuple[Stat, Stat]:
+def time_batch(runner, ids: torch.Tensor, gen_len: int, warmup: int, reps: int) -> tuple[Stat, Stat]:
     """(prefill seconds, decode seconds per step) over ``reps`` rounds after ``warmup``."""
     device = ids.device
     prefill, decode = [], []
+    runner.prepare(ids)
     for round_ in range(warmup + reps):
         synchronize(device)
         start = time.perf_counter()
-        past, token = _prefill(model, ids)
+        token = runner.prefill(ids)
         synchronize(device)
         middle = time.perf_counter()
-        _decode(model, past, token, gen_len)
+        runner.decode(token, gen_len)
         synchronize(device)
         end = time.perf_counter()
         if round_ >= warmup:
@@ -186,19 +236,19 @@ def time_batch(model, ids: torch.Tensor, gen_len: int, warmup: int, reps: int) -
 
 
 @torch.inference_mode()
-def decode_breakdown(model, ids: torch.Tensor, steps: int) -> Breakdown:
+def decode_breakdown(model, runner, ids: torch.Tensor, steps: int) -> Breakdown:
     """Where ``steps`` decode steps after a prefill of ``ids`` spend their time, per step."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     device = ids.device
-    past, token = _prefill(model, ids)
+    token = runner.prefill(ids)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     handles = _label_linears(model, record_function)
     try:
         synchronize(device)
         start = time.perf_counter()
         with _profiler_stderr_muted(), profile(activities=activities) as prof:
-            _decode(model, past, token, steps)
+            runner.decode(token, steps)
             synchronize(device)
         wall = (time.perf_counter() - start) / steps
     finally:
@@ -279,12 +329,13 @@ def _by_kernel(prof, steps: int) -> Breakdown:
 
 def profile_batches(
     model, vocab_size: int, batches: list[int], prompt_len: int, gen_len: int, warmup: int, reps: int,
-    breakdown_steps: int, seed: int, device: torch.device,
+    breakdown_steps: int, seed: int, device: torch.device, mode: DecodeMode = DecodeMode.dynamic,
 ) -> list[BatchResult]:  # fmt: skip
     results = []
     for batch in batches:
         ids = random_prompt(vocab_size, batch, prompt_len, seed, device)
-        prefill, decode = time_batch(model, ids, gen_len, warmup, reps)
-        breakdown = decode_breakdown(model, ids, breakdown_steps) if breakdown_steps > 0 else None
+        runner = make_runner(model, mode, batch, prompt_len + max(gen_len, breakdown_steps) + 1)
+        prefill, decode = time_batch(runner, ids, gen_len, warmup, reps)
+        breakdown = decode_breakdown(model, runner, ids, breakdown_steps) if breakdown_steps > 0 else None
         results.append(BatchResult(batch, prompt_len, prefill, decode, breakdown, *weight_bytes_per_step(model)))
     return results

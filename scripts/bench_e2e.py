@@ -40,6 +40,8 @@ def parse_args(argv=None):
     parser.add_argument("--gen-len", type=int, default=32)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--keep", action="store_true", help="keep the fp16 folder")
+    parser.add_argument("--decode", default="dynamic", help="llmq profile --decode: dynamic, static or graph")
+    parser.add_argument("--reuse", action="store_true", help="profile the artifact already in --work, if there is one")
     parser.add_argument("--allow-cpu", action="store_true", help="run a model of 1B+ parameters without a GPU")
     return parser.parse_args(argv)
 
@@ -127,19 +129,21 @@ def main(argv=None) -> None:
             "point --work at a bigger disk (or pass --layers N and say so when reporting)"
         )
     folder, artifact = args.work / "random-llama", args.work / "random-llama.llmq"
-    start = time.perf_counter()
-    written = write_random_llama(folder, args, device)
-    generate_s = time.perf_counter() - start
-    print(f"wrote {written / 1e9:.2f} GB of fp16 weights in {generate_s:.1f} s", flush=True)
     llmq = llmq_command()
-    quantized, quantize_s = run([*llmq, "quantize", str(folder), "-o", str(artifact), "--force", "--device",
-                                 device.type, "--json", "-q"])  # fmt: skip
-    print(f"quantized in {quantize_s:.1f} s", flush=True)
+    written = generate_s = quantize_s = quantized = None
+    if not (args.reuse and (artifact / "manifest.json").is_file()):
+        start = time.perf_counter()
+        written = write_random_llama(folder, args, device)
+        generate_s = time.perf_counter() - start
+        print(f"wrote {written / 1e9:.2f} GB of fp16 weights in {generate_s:.1f} s", flush=True)
+        quantized, quantize_s = run([*llmq, "quantize", str(folder), "-o", str(artifact), "--force", "--device",
+                                     device.type, "--json", "-q"])  # fmt: skip
+        print(f"quantized in {quantize_s:.1f} s", flush=True)
     backend = "cuda" if device.type == "cuda" else "torch"
     profile, profile_s = run([*llmq, "profile", str(artifact), "--batch", args.batches, "--prompt-len",
                               str(args.prompt_len), "--gen-len", str(args.gen_len), "--reps", str(args.reps),
-                              "--baseline", "--backend", backend, "--json", "-q"])  # fmt: skip
-    if not args.keep:
+                              "--baseline", "--backend", backend, "--decode", args.decode, "--json", "-q"])  # fmt: skip
+    if not args.keep and folder.exists():
         shutil.rmtree(folder)
     document = {
         "command": "python scripts/bench_e2e.py " + " ".join(sys.argv[1:] if argv is None else argv),

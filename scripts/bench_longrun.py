@@ -35,13 +35,13 @@ def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
 
 @torch.inference_mode()
 def generation(lm, config, tokens: int, device) -> dict:
-    from llmq.runtime.profile import _cache_keyword
+    from llmq.runtime.decode import cache_keyword
 
     ids = torch.tensor([[1, 2, 3, 4]], device=device)
     out = lm(input_ids=ids, use_cache=True, logits_to_keep=1)
     cache = out["cache"] if "cache" in out else out["past_key_values"]
     token = out.logits[:, -1:].argmax(-1)
-    keyword = _cache_keyword(lm)
+    keyword = cache_keyword(lm)
     samples, start_rss, start = [], current_rss_bytes(), time.perf_counter()
     for step in range(1, tokens + 1):
         out = lm(input_ids=token, use_cache=True, logits_to_keep=1, **{keyword: cache})

@@ -11,11 +11,12 @@
 #   3. scripts/bench_kernels.py: GEMV/GEMM/dequant paths against torch.matmul fp16 for the
 #      Llama-2-7B shapes at batch 1, 4, 16, 64 (kernels.json);
 #   4. scripts/bench_e2e.py: a random-weight Llama-2-7B-shaped model generated, quantized and
-#      profiled here, decode tokens/s against fp16 (e2e.json).
+#      profiled here, decode tokens/s against fp16 (e2e.json); then the same artifact profiled
+#      with the static KV cache and the decode step as a CUDA graph (e2e-graph.json).
 #
 # Each step's exit code and time go to OUT_DIR/summary.json; a failing step does not stop the
 # later ones, and the script exits non-zero if any step failed. Budget: the step timeouts add
-# up to 9.5 minutes as a hard ceiling; the expected total on an H100 is about 5 minutes (an
+# up to 9.7 minutes as a hard ceiling; the expected total on an H100 is about 6 minutes (an
 # estimate: this script has not run on a GPU yet). The demo artifact must be present at
 # .llmq-demo/demo.llmq (or $LLMQ_DEMO_ARTIFACT): build it with `bash scripts/demo.sh` on a CPU
 # machine, since the GPU image cannot (no gguf package, no network).
@@ -49,15 +50,17 @@ step() {  # step NAME TIMEOUT_SECONDS COMMAND...
     return 0
 }
 
-step environment 30 bash -c "nvidia-smi; $PYTHON -P -c 'import torch, cupy, transformers; print(torch.__version__, torch.version.cuda, cupy.__version__, transformers.__version__, torch.cuda.get_device_name())'"
+step environment 20 bash -c "nvidia-smi; $PYTHON -P -c 'import torch, cupy, transformers; print(torch.__version__, torch.version.cuda, cupy.__version__, transformers.__version__, torch.cuda.get_device_name())'"
 step install 60 "$PYTHON" -m pip install --no-deps --no-build-isolation -e .
 # The pytest entry point, not `python -m pytest`: -m puts the repo root on sys.path, where the
 # root's cuda/ folder would shadow NVIDIA's `cuda` package that CuPy imports.
 PYTEST=$(dirname "$(command -v "$PYTHON")")/pytest
 [ -x "$PYTEST" ] || PYTEST=pytest
-step pytest_gpu 150 "$PYTEST" -m gpu -q -p no:cacheprovider --junitxml="$OUT/pytest-gpu.xml"
+step pytest_gpu 120 "$PYTEST" -m gpu -q -p no:cacheprovider --junitxml="$OUT/pytest-gpu.xml"
 step bench_kernels 90 "$PYTHON" scripts/bench_kernels.py --out "$OUT/kernels.json"
-step bench_e2e 240 "$PYTHON" scripts/bench_e2e.py --work "$WORK" --out "$OUT/e2e.json"
+step bench_e2e 210 "$PYTHON" scripts/bench_e2e.py --work "$WORK" --out "$OUT/e2e.json"
+step bench_e2e_graph 80 "$PYTHON" scripts/bench_e2e.py --work "$WORK" --out "$OUT/e2e-graph.json" --reuse --decode graph
+rm -rf "$WORK"
 echo "" >> "$SUMMARY"
 echo "]" >> "$SUMMARY"
 echo "[gpu_check] results in $OUT (summary.json); any step failed: $failed" | tee -a "$OUT/gpu_check.log"

@@ -111,3 +111,14 @@ def test_gpu_breakdown_counts_each_kernel_once_by_name():
     b = P._by_kernel(prof, steps=2)
     assert (b.quantized_matmul, b.dense_matmul, b.other) == pytest.approx((160e-6, 50e-6, 40e-6))
     assert b.total == pytest.approx(250e-6) and b.method.startswith("gpu kernel time")
+
+
+def test_static_decode_profiles_on_the_cpu_and_graph_needs_a_gpu(cli, tiny_artifact):
+    result = cli("profile", str(tiny_artifact), "--batch", "1,2", *FAST, "--decode", "static", "--json")
+    assert result.code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["protocol"]["decode_mode"] == "static"
+    assert all(b["decode_step_seconds"]["mean"] > 0 for b in doc["runs"][0]["batches"])
+    refused = cli("profile", str(tiny_artifact), "--decode", "graph")
+    assert refused.code == 2 and "--decode graph captures CUDA graphs" in refused.stderr
+    assert cli("profile", str(tiny_artifact), "--decode", "fast").code == 2
