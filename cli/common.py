@@ -32,6 +32,20 @@ BackendOpt = Annotated[
         "auto (cuda when CuPy and a GPU are present, else torch with a notice).",
     ),
 ]
+DeviceMapOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--device-map",
+        help="auto: spread the model over the GPUs and the CPU (accelerate), within --max-memory; replaces --device.",
+        show_default=False,
+    ),
+]
+MaxMemory = Annotated[
+    str | None,
+    typer.Option(
+        "--max-memory", help="Per-device limits for --device-map, e.g. 0=20GiB,cpu=60GiB.", show_default=False
+    ),
+]
 Seed = Annotated[int, typer.Option("--seed", min=0, help="Random seed (sampling, and anything else random).")]
 Json = Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No logs or progress on stderr; errors still print.")]
@@ -154,3 +168,29 @@ def pick_backend(source, requested: Backend, device, dtype, out: Reporter) -> Ba
     if notice:
         out.info(notice)
     return chosen
+
+
+def resolve_placement(device: str, device_map: str | None, max_memory: str | None):
+    """(torch device, max_memory dict or None): ``--device-map auto`` places the model over all
+    devices and runs inputs from the first GPU (or the CPU); otherwise ``--device`` as usual."""
+    import torch
+
+    from llmq.errors import UsageError
+    from llmq.runtime.device import resolve_device
+    from llmq.runtime.placement import parse_max_memory
+
+    if device_map is None:
+        if max_memory is not None:
+            raise UsageError("--max-memory limits --device-map; add --device-map auto")
+        return resolve_device(device), None
+    if device_map != "auto":
+        raise UsageError(f"--device-map {device_map!r}: the one value is auto")
+    if device != "auto":
+        raise UsageError("give --device or --device-map, not both")
+    limits = parse_max_memory(max_memory) if max_memory else None
+    if limits is None:
+        from accelerate.utils import get_max_memory
+
+        limits = get_max_memory()
+    first = torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
+    return first, limits

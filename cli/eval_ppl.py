@@ -12,8 +12,10 @@ from llmq.cli.common import (
     BackendOpt,
     DatasetOpt,
     Device,
+    DeviceMapOpt,
     DTypeOpt,
     Json,
+    MaxMemory,
     ModelArg,
     Quiet,
     Reporter,
@@ -23,6 +25,7 @@ from llmq.cli.common import (
     TrustRemoteCode,
     pick_backend,
     quiet_libraries,
+    resolve_placement,
     source_json,
 )
 from llmq.runtime.device import Backend, DType
@@ -56,6 +59,8 @@ def ppl(
         int | None, typer.Option("--max-tokens", min=2, help="Use only the first N tokens of the text.")
     ] = None,
     device: Device = "auto",
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemory = None,
     dtype: DTypeOpt = DType.auto,
     backend: BackendOpt = Backend.auto,
     seed: Seed = 0,
@@ -68,12 +73,12 @@ def ppl(
     import torch
 
     from llmq.runtime import models, perplexity, text
-    from llmq.runtime.device import dtype_name, resolve_device, resolve_dtype
+    from llmq.runtime.device import dtype_name, resolve_dtype
 
     wall_start = time.perf_counter()
     out = Reporter(json, quiet)
     quiet_libraries(out.show_progress)
-    torch_device = resolve_device(device)
+    torch_device, limits = resolve_placement(device, device_map, max_memory)
     torch_dtype = resolve_dtype(dtype, torch_device)
     torch.manual_seed(seed)
 
@@ -98,7 +103,9 @@ def ppl(
 
     load_start = time.perf_counter()
     chosen = pick_backend(source, backend, torch_device, torch_dtype, out)
-    lm = models.load_model(source, config, torch_device, torch_dtype, trust_remote_code, chosen or Backend.torch)
+    lm = models.load_model(
+        source, config, torch_device, torch_dtype, trust_remote_code, chosen or Backend.torch, limits
+    )
     load_seconds = time.perf_counter() - load_start
     out.info(f"text: {loaded.source}, {len(ids)} tokens; windows of {seq_len}, stride {stride}")
     out.info(f"running {dtype_name(torch_dtype)} on {torch_device}")

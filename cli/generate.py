@@ -12,8 +12,10 @@ from llmq import __version__
 from llmq.cli.common import (
     BackendOpt,
     Device,
+    DeviceMapOpt,
     DTypeOpt,
     Json,
+    MaxMemory,
     ModelArg,
     Quiet,
     Reporter,
@@ -22,6 +24,7 @@ from llmq.cli.common import (
     TrustRemoteCode,
     pick_backend,
     quiet_libraries,
+    resolve_placement,
     source_json,
 )
 from llmq.errors import UsageError
@@ -48,6 +51,8 @@ def generate(
         int | None, typer.Option("--top-k", min=1, help="Sample among the k likeliest tokens (needs --temperature).")
     ] = None,
     device: Device = "auto",
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemory = None,
     dtype: DTypeOpt = DType.auto,
     backend: BackendOpt = Backend.auto,
     seed: Seed = 0,
@@ -58,7 +63,7 @@ def generate(
 ) -> None:
     """Generate text from MODEL, streaming tokens as they come and stopping at EOS."""
     from llmq.runtime import models
-    from llmq.runtime.device import dtype_name, resolve_device, resolve_dtype
+    from llmq.runtime.device import dtype_name, resolve_dtype
     from llmq.runtime.generate import SamplingOptions, check_prompt, encode_prompt
     from llmq.runtime.generate import generate as run_generate
 
@@ -73,7 +78,7 @@ def generate(
     check_prompt(prompt, chat, system)
     models.check_model_spec(model, revision)
     quiet_libraries(out.show_progress)
-    torch_device = resolve_device(device)
+    torch_device, limits = resolve_placement(device, device_map, max_memory)
     torch_dtype = resolve_dtype(dtype, torch_device)
 
     source = models.resolve_model(model, revision=revision, progress=out.show_progress, log=out.info)
@@ -88,7 +93,9 @@ def generate(
             f"context of {context} tokens"
         )
     chosen = pick_backend(source, backend, torch_device, torch_dtype, out)
-    lm = models.load_model(source, config, torch_device, torch_dtype, trust_remote_code, chosen or Backend.torch)
+    lm = models.load_model(
+        source, config, torch_device, torch_dtype, trust_remote_code, chosen or Backend.torch, limits
+    )
 
     stream = None if json else _stdout_writer
     result = run_generate(lm, tokenizer, input_ids, options, on_text=stream)

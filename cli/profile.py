@@ -16,8 +16,10 @@ from llmq import __version__
 from llmq.cli.common import (
     BackendOpt,
     Device,
+    DeviceMapOpt,
     DTypeOpt,
     Json,
+    MaxMemory,
     ModelArg,
     Quiet,
     Reporter,
@@ -26,6 +28,7 @@ from llmq.cli.common import (
     TrustRemoteCode,
     pick_backend,
     quiet_libraries,
+    resolve_placement,
     source_json,
 )
 from llmq.errors import UsageError
@@ -70,6 +73,8 @@ def profile(
         ),
     ] = "dynamic",
     device: Device = "auto",
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemory = None,
     dtype: DTypeOpt = DType.auto,
     backend: BackendOpt = Backend.auto,
     seed: Seed = 0,
@@ -81,7 +86,7 @@ def profile(
     """Time prefill and decode of MODEL per batch size, and show where a decode step's time goes."""
     from llmq.runtime import models
     from llmq.runtime import profile as P
-    from llmq.runtime.device import dtype_name, resolve_device, resolve_dtype
+    from llmq.runtime.device import dtype_name, resolve_dtype
 
     out = Reporter(json, quiet)
     batches = parse_batches(batch)
@@ -92,7 +97,7 @@ def profile(
     if baseline and kind != models.SourceKind.artifact:
         raise UsageError(f"--baseline compares an llmq artifact with its dense weights, and {model} is not one")
     quiet_libraries(out.show_progress)
-    torch_device = resolve_device(device)
+    torch_device, limits = resolve_placement(device, device_map, max_memory)
     torch_dtype = resolve_dtype(dtype, torch_device)
     if mode == P.DecodeMode.graph and torch_device.type != "cuda":
         raise UsageError(f"--decode graph captures CUDA graphs and the device is {torch_device}; use static or dynamic")
@@ -109,7 +114,7 @@ def profile(
     for label, run_backend in runs:
         out.info(f"profiling {label} ({run_backend.value if run_backend else 'dense'}) on {torch_device}")
         lm = models.load_model(
-            source, config, torch_device, torch_dtype, trust_remote_code, run_backend or Backend.torch
+            source, config, torch_device, torch_dtype, trust_remote_code, run_backend or Backend.torch, limits
         )
         memory = sum(t.numel() * t.element_size() for t in (*lm.parameters(), *lm.buffers()))
         results = P.profile_batches(

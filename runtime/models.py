@@ -190,18 +190,32 @@ def load_model(
     dtype: torch.dtype,
     trust_remote_code: bool = False,
     backend: Backend = Backend.torch,
+    max_memory: dict | None = None,
 ):
     """Build the causal LM from safetensors (or a quantized artifact) in ``dtype`` on ``device``, in eval mode.
 
     ``backend`` (``cuda`` or ``torch``, already resolved) applies to an artifact's quantized Linears.
+    With ``max_memory`` (``{gpu index or "cpu": size}``) the model is spread over those devices by
+    accelerate instead (``--device-map auto``).
     """
     from transformers import AutoModelForCausalLM
 
     if source.kind == SourceKind.artifact:
         from llmq.runtime.loader import load_quantized_model
+        from llmq.runtime.placement import plan_device_map
 
         # The checksums were verified when the source was resolved.
-        return load_quantized_model(artifact.read_manifest(source.path), config, device, dtype, backend)
+        manifest = artifact.read_manifest(source.path)
+        device_map = None if max_memory is None else plan_device_map(manifest, config, dtype, max_memory)
+        return load_quantized_model(manifest, config, device, dtype, backend, device_map)
+    if max_memory is not None:
+        try:
+            return AutoModelForCausalLM.from_pretrained(
+                source.path, config=config, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
+                device_map="auto", max_memory=max_memory,
+            ).eval()  # fmt: skip
+        except (OSError, ValueError) as err:
+            raise ModelSourceError(f"the weights in {source.path} cannot be loaded: {err}") from err
 
     try:
         model = AutoModelForCausalLM.from_pretrained(
