@@ -54,3 +54,24 @@ def test_gpu_check_script_is_valid_bash_and_uses_the_pytest_entry_point():
     text = script.read_text()
     assert "-m pytest" not in text.replace("`python -m pytest`", "")
     assert '"$PYTEST" -m gpu' in text
+
+
+def test_the_gpu_test_files_import_without_what_the_gpu_image_lacks():
+    """The GPU image has no hypothesis, gguf, datasets or rdata: the files gpu_check.sh runs must not need them."""
+    files = sorted(p.stem for p in (ROOT / "tests").glob("test_*.py") if "pytest.mark.gpu" in p.read_text())
+    assert {"test_cuda_kernels", "test_gptq", "test_decode"} <= set(files)
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in {'hypothesis', 'gguf', 'datasets', 'rdata'}:\n"
+        "            raise ImportError(f'{name} is not on the GPU image')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        f"sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
+        "import conftest\n"
+        f"for name in {files!r}:\n"
+        "    __import__(name)\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
