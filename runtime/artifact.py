@@ -213,6 +213,33 @@ def verify_files(manifest: Manifest) -> None:
             raise ArtifactError(f"{path}: {size} bytes, the manifest says {info['bytes']} (truncated or replaced)")
         if sha256_file(path) != info["sha256"]:
             raise ArtifactError(f"{path}: checksum mismatch (the file is corrupt or was modified)")
+    check_headers(manifest)
+
+
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32, "U8": torch.uint8}
+
+
+def check_headers(manifest: Manifest) -> None:
+    """Every shard's safetensors header (read without its data) names the manifest's tensors with
+    its dtypes and shapes; safetensors itself checks the offsets against the file size."""
+    from safetensors import SafetensorError, safe_open
+
+    expected = expected_tensors(manifest)
+    for shard in manifest.shards:
+        path = manifest.path / shard
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                declared = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+        except (SafetensorError, OSError, RuntimeError) as err:
+            raise ArtifactError(f"{path}: unreadable safetensors header ({err})") from err
+        for name, (dtype, shape) in declared.items():
+            want = expected.get(name)
+            if want is None or want[0] != shard:
+                raise ArtifactError(f"{path}: tensor {name!r} is not in the manifest for this shard")
+            if _ST_DTYPES.get(dtype) != want[1] or shape != want[2]:
+                raise ArtifactError(
+                    f"{path}: tensor {name!r} is {dtype} {list(shape)}, the manifest says {want[1]} {list(want[2])}"
+                )
 
 
 def load_tensors(manifest: Manifest, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

@@ -315,9 +315,10 @@ def test_a_concurrent_writer_that_finishes_first_wins(tiny_model, tmp_path):
     slow.write_shard(0, {"x": torch.zeros(2)})
     fast = ArtifactWriter(out, force=False)
     fast.write_shard(0, {"x": torch.ones(2)})
-    fast.commit({"format": A.FORMAT_NAME, "format_version": A.FORMAT_VERSION, "linears": {}, "dense": {}})
+    dense = {"x": {"shard": "shard-00000.safetensors", "dtype": "float32", "shape": [2]}}
+    fast.commit({"format": A.FORMAT_NAME, "format_version": A.FORMAT_VERSION, "linears": {}, "dense": dense})
     with pytest.raises(OutputExistsError, match="already exists"):
-        slow.commit({"format": A.FORMAT_NAME, "format_version": A.FORMAT_VERSION, "linears": {}, "dense": {}})
+        slow.commit({"format": A.FORMAT_NAME, "format_version": A.FORMAT_VERSION, "linears": {}, "dense": dense})
     slow.abort()
     assert [p.name for p in tmp_path.iterdir()] == ["race.llmq"]
     assert A.open_artifact(out).files["shard-00000.safetensors"]["bytes"] > 0

@@ -194,3 +194,44 @@ def test_two_readers_of_one_artifact_at_once(good, tmp_path):
     assert [code for _, _, code in results] == [0, 0, 0], [err[-500:] for _, err, _ in results]
     assert json.loads(results[1][0])["result"]["ppl"] > 1
     assert torch.isfinite(torch.tensor(json.loads(results[1][0])["result"]["ppl"]))
+
+
+# -- untrusted sizes -----------------------------------------------------------------------
+
+
+def _declare_huge_dense(root: Path) -> None:
+    """Claim a 2^34-element (32 GiB in fp16) norm weight in the manifest and the safetensors header,
+    leaving the file's bytes as they are, and re-sign: only the sizes are hostile."""
+    import struct
+
+    raw = json.loads((root / "manifest.json").read_text())
+    name = "model.norm.weight"
+    entry = raw["dense"][name]
+    entry["shape"] = [2**20, 2**14]
+    (root / "manifest.json").write_text(json.dumps(raw))
+    shard = root / entry["shard"]
+    data = shard.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    header[name]["shape"] = [2**20, 2**14]
+    text = json.dumps(header).encode()
+    shard.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + length :])
+    _resign(root)
+
+
+def test_a_huge_declared_shape_is_refused_without_allocating_it(copy):
+    """Run under a 4 GiB address-space limit: an allocation sized by the declared shape would fail
+    with MemoryError (an internal error) instead of llmq's own refusal."""
+    import resource
+
+    _declare_huge_dense(copy)
+    limit = 4 << 30
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    exe = str(Path(sys.executable).with_name("llmq"))
+    for command in (["verify", str(copy)], ["inspect", str(copy)], ["generate", str(copy), "-p", "hi", "-n", "1"]):
+        done = subprocess.run([exe, *command], capture_output=True, text=True, preexec_fn=cap, timeout=300)
+        assert done.returncode == 1, (command, done.stderr[-600:])
+        assert done.stderr.startswith("error: ") and "internal error" not in done.stderr, done.stderr[-600:]
