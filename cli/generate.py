@@ -50,6 +50,14 @@ def generate(
     top_k: Annotated[
         int | None, typer.Option("--top-k", min=1, help="Sample among the k likeliest tokens (needs --temperature).")
     ] = None,
+    decode: Annotated[
+        str,
+        typer.Option(
+            "--decode",
+            help="dynamic (transformers' generate), static (preallocated KV cache, sampling on the device) "
+            "or graph (static, the decode step replayed as a CUDA graph; GPU only).",
+        ),
+    ] = "dynamic",
     device: Device = "auto",
     device_map: DeviceMapOpt = None,
     max_memory: MaxMemory = None,
@@ -64,7 +72,7 @@ def generate(
     """Generate text from MODEL, streaming tokens as they come and stopping at EOS."""
     from llmq.runtime import models
     from llmq.runtime.device import dtype_name, resolve_dtype
-    from llmq.runtime.generate import SamplingOptions, check_prompt, encode_prompt
+    from llmq.runtime.generate import SamplingOptions, check_prompt, encode_prompt, generate_static
     from llmq.runtime.generate import generate as run_generate
 
     wall_start = time.perf_counter()
@@ -75,11 +83,15 @@ def generate(
         prompt = sys.stdin.read()
     options = SamplingOptions(max_new_tokens, temperature, top_p, top_k, seed)
     options.check()
+    if decode not in ("dynamic", "static", "graph"):
+        raise UsageError(f"--decode {decode!r} must be dynamic, static or graph")
     check_prompt(prompt, chat, system)
     models.check_model_spec(model, revision)
     quiet_libraries(out.show_progress)
     torch_device, limits = resolve_placement(device, device_map, max_memory)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    if decode == "graph" and torch_device.type != "cuda":
+        raise UsageError(f"--decode graph captures CUDA graphs and the device is {torch_device}; use static or dynamic")
 
     source = models.resolve_model(model, revision=revision, progress=out.show_progress, log=out.info)
     out.info(f"model: {source.label}")
@@ -98,7 +110,10 @@ def generate(
     )
 
     stream = None if json else _stdout_writer
-    result = run_generate(lm, tokenizer, input_ids, options, on_text=stream)
+    if decode == "dynamic":
+        result = run_generate(lm, tokenizer, input_ids, options, on_text=stream)
+    else:
+        result = generate_static(lm, tokenizer, input_ids, options, on_text=stream, graph=decode == "graph")
     speed = result.decode_tokens_per_s
     if json:
         out.emit_json(
@@ -109,6 +124,7 @@ def generate(
                 "device": str(torch_device),
                 "dtype": dtype_name(torch_dtype),
                 "backend": chosen.value if chosen else None,
+                "decode": decode,
                 "prompt": prompt,
                 "chat": chat,
                 "sampling": {

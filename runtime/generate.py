@@ -152,3 +152,55 @@ def generate(
         decode_seconds=end - first,
         seconds=end - start,
     )
+
+
+@torch.inference_mode()
+def generate_static(
+    model,
+    tokenizer,
+    input_ids: torch.Tensor,
+    options: SamplingOptions,
+    on_text: Callable[[str], None] | None = None,
+    graph: bool = False,
+) -> GenerationResult:
+    """:func:`generate` through :class:`~llmq.runtime.decode.StaticDecoder`: a preallocated KV cache,
+    sampling on the device, and with ``graph`` the decode step replayed as a CUDA graph (captured
+    after the prefill; the capture counts in the decode time). Greedy output equals :func:`generate`'s;
+    sampled output uses llmq's device sampler, so it differs from transformers' for the same seed."""
+    from llmq.runtime.decode import StaticDecoder, greedy, sampler
+
+    options.check()
+    eos = set(eos_ids(model, tokenizer))
+    device = next(model.parameters()).device
+    ids = input_ids.to(device)
+    decoder = StaticDecoder(model, batch=1, max_len=ids.shape[1] + options.max_new_tokens)
+    if options.temperature > 0:
+        sample = sampler(options.temperature, options.top_k, options.top_p, options.seed, device)
+    else:
+        sample = greedy
+    streamer = _Streamer(tokenizer, on_text)
+    streamer.put(ids)  # the prompt, which the streamer skips
+    start = time.perf_counter()
+    token = sample(decoder.prefill(ids))
+    if graph:
+        decoder.capture()
+    new: list[int] = []
+    while True:
+        value = int(token)  # one host sync per token: the text streams as it comes
+        new.append(value)
+        streamer.put(token)
+        if value in eos or len(new) == options.max_new_tokens:
+            break
+        token = sample(decoder.step(token))
+    streamer.end()
+    end = time.perf_counter()
+    first = streamer.first_token_at or end
+    return GenerationResult(
+        text=streamer.emitted,
+        prompt_tokens=ids.shape[1],
+        new_tokens=len(new),
+        stop_reason="eos" if new[-1] in eos else "max_new_tokens",
+        prefill_seconds=first - start,
+        decode_seconds=end - first,
+        seconds=end - start,
+    )

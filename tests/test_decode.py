@@ -89,3 +89,43 @@ def test_a_captured_step_replays_the_same_tokens_on_the_gpu(tiny_artifact):
     decoder.prefill(ids)
     decoder.capture()
     assert torch.equal(decoder.generate(ids, 16), eager)
+
+
+@pytest.mark.parametrize("which", ["dense", "artifact"])
+def test_generate_static_gives_the_same_text_as_generate(cli, tiny_model, tiny_artifact, which):
+    import json
+
+    model = str(tiny_model if which == "dense" else tiny_artifact)
+    args = ("generate", model, "-p", "the first thing", "-n", "16", "--json")
+    dynamic, static = (json.loads(cli(*args, "--decode", mode).stdout) for mode in ("dynamic", "static"))
+    assert static["decode"] == "static" and static["text"] == dynamic["text"]
+    assert static["new_tokens"] == dynamic["new_tokens"] and static["stop_reason"] == dynamic["stop_reason"]
+
+
+def test_generate_static_stops_at_eos_and_samples_reproducibly(tiny_model):
+    from llmq.runtime.generate import SamplingOptions, generate_static
+
+    lm = _load(tiny_model)
+    tokenizer = models.load_tokenizer(models.resolve_model(str(tiny_model), progress=False))
+    ids = torch.tensor([[5, 17, 42, 9]])
+    first = int(StaticDecoder(lm, 1, 8).generate(ids, 1)[0, 0])
+    lm.generation_config.eos_token_id = first
+    stopped = generate_static(lm, tokenizer, ids, SamplingOptions(max_new_tokens=10))
+    assert (stopped.new_tokens, stopped.stop_reason) == (1, "eos")
+    lm.generation_config.eos_token_id = None
+    sampled = [generate_static(lm, tokenizer, ids, SamplingOptions(12, temperature=0.8, seed=4)).text for _ in range(2)]
+    assert sampled[0] == sampled[1]
+
+
+def test_generate_graph_needs_a_gpu(cli, tiny_model):
+    result = cli("generate", str(tiny_model), "-p", "hi", "--decode", "graph")
+    assert result.code == 2 and "--decode graph captures CUDA graphs" in result.stderr
+
+
+@pytest.mark.gpu
+def test_generate_with_a_graph_on_the_gpu_gives_the_same_text(cli, tiny_artifact):
+    import json
+
+    args = ("generate", str(tiny_artifact), "-p", "the first thing", "-n", "16", "--device", "cuda", "--json")
+    dynamic, graph = (json.loads(cli(*args, "--decode", mode).stdout) for mode in ("dynamic", "graph"))
+    assert graph["backend"] == "cuda" and graph["text"] == dynamic["text"]
