@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from llmq.runtime.device import Backend, DType
+from llmq.runtime.device import Backend, DecodeMode, DType
 from llmq.runtime.text import Dataset
 
 Device = Annotated[str, typer.Option("--device", help="auto (cuda if present, else cpu), cpu, cuda, cuda:N or mps.")]
@@ -44,6 +44,14 @@ MaxMemory = Annotated[
     str | None,
     typer.Option(
         "--max-memory", help="Per-device limits for --device-map, e.g. 0=20GiB,cpu=60GiB.", show_default=False
+    ),
+]
+DecodeOpt = Annotated[
+    DecodeMode,
+    typer.Option(
+        "--decode",
+        help="dynamic (transformers' growing KV cache), static (preallocated cache, fixed-shape step, sampling "
+        "on the device) or graph (static, the step replayed as a CUDA graph; GPU only).",
     ),
 ]
 Seed = Annotated[int, typer.Option("--seed", min=0, help="Random seed (sampling, and anything else random).")]

@@ -11,6 +11,7 @@ import typer
 from llmq import __version__
 from llmq.cli.common import (
     BackendOpt,
+    DecodeOpt,
     Device,
     DeviceMapOpt,
     DTypeOpt,
@@ -28,7 +29,7 @@ from llmq.cli.common import (
     source_json,
 )
 from llmq.errors import UsageError
-from llmq.runtime.device import Backend, DType
+from llmq.runtime.device import Backend, DecodeMode, DType, check_decode_device
 
 
 def generate(
@@ -50,14 +51,7 @@ def generate(
     top_k: Annotated[
         int | None, typer.Option("--top-k", min=1, help="Sample among the k likeliest tokens (needs --temperature).")
     ] = None,
-    decode: Annotated[
-        str,
-        typer.Option(
-            "--decode",
-            help="dynamic (transformers' generate), static (preallocated KV cache, sampling on the device) "
-            "or graph (static, the decode step replayed as a CUDA graph; GPU only).",
-        ),
-    ] = "dynamic",
+    decode: DecodeOpt = DecodeMode.dynamic,
     device: Device = "auto",
     device_map: DeviceMapOpt = None,
     max_memory: MaxMemory = None,
@@ -83,15 +77,12 @@ def generate(
         prompt = sys.stdin.read()
     options = SamplingOptions(max_new_tokens, temperature, top_p, top_k, seed)
     options.check()
-    if decode not in ("dynamic", "static", "graph"):
-        raise UsageError(f"--decode {decode!r} must be dynamic, static or graph")
     check_prompt(prompt, chat, system)
     models.check_model_spec(model, revision)
     quiet_libraries(out.show_progress)
     torch_device, limits = resolve_placement(device, device_map, max_memory)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    if decode == "graph" and torch_device.type != "cuda":
-        raise UsageError(f"--decode graph captures CUDA graphs and the device is {torch_device}; use static or dynamic")
+    check_decode_device(decode, torch_device)
 
     source = models.resolve_model(model, revision=revision, progress=out.show_progress, log=out.info)
     out.info(f"model: {source.label}")
@@ -110,10 +101,10 @@ def generate(
     )
 
     stream = None if json else _stdout_writer
-    if decode == "dynamic":
+    if decode == DecodeMode.dynamic:
         result = run_generate(lm, tokenizer, input_ids, options, on_text=stream)
     else:
-        result = generate_static(lm, tokenizer, input_ids, options, on_text=stream, graph=decode == "graph")
+        result = generate_static(lm, tokenizer, input_ids, options, on_text=stream, graph=decode == DecodeMode.graph)
     speed = result.decode_tokens_per_s
     if json:
         out.emit_json(
@@ -124,7 +115,7 @@ def generate(
                 "device": str(torch_device),
                 "dtype": dtype_name(torch_dtype),
                 "backend": chosen.value if chosen else None,
-                "decode": decode,
+                "decode": decode.value,
                 "prompt": prompt,
                 "chat": chat,
                 "sampling": {

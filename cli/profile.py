@@ -15,6 +15,7 @@ import typer
 from llmq import __version__
 from llmq.cli.common import (
     BackendOpt,
+    DecodeOpt,
     Device,
     DeviceMapOpt,
     DTypeOpt,
@@ -32,7 +33,7 @@ from llmq.cli.common import (
     source_json,
 )
 from llmq.errors import UsageError
-from llmq.runtime.device import Backend, DType
+from llmq.runtime.device import Backend, DecodeMode, DType, check_decode_device
 
 MAX_BATCH = 4096
 
@@ -64,14 +65,7 @@ def profile(
     baseline: Annotated[
         bool, typer.Option("--baseline", help="Also run the same artifact with dense weights (torch backend).")
     ] = False,
-    decode: Annotated[
-        str,
-        typer.Option(
-            "--decode",
-            help="dynamic (transformers' growing KV cache), static (preallocated cache, fixed-shape step) "
-            "or graph (static, the step replayed as a CUDA graph; GPU only).",
-        ),
-    ] = "dynamic",
+    decode: DecodeOpt = DecodeMode.dynamic,
     device: Device = "auto",
     device_map: DeviceMapOpt = None,
     max_memory: MaxMemory = None,
@@ -90,17 +84,13 @@ def profile(
 
     out = Reporter(json, quiet)
     batches = parse_batches(batch)
-    if decode not in {m.value for m in P.DecodeMode}:
-        raise UsageError(f"--decode {decode!r} must be dynamic, static or graph")
-    mode = P.DecodeMode(decode)
     kind = models.check_model_spec(model, revision)
     if baseline and kind != models.SourceKind.artifact:
         raise UsageError(f"--baseline compares an llmq artifact with its dense weights, and {model} is not one")
     quiet_libraries(out.show_progress)
     torch_device, limits = resolve_placement(device, device_map, max_memory)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    if mode == P.DecodeMode.graph and torch_device.type != "cuda":
-        raise UsageError(f"--decode graph captures CUDA graphs and the device is {torch_device}; use static or dynamic")
+    check_decode_device(decode, torch_device)
     source = models.resolve_model(model, revision=revision, progress=out.show_progress, log=out.info)
     out.info(f"model: {source.label}")
     config = models.load_config(source, trust_remote_code)
@@ -118,7 +108,17 @@ def profile(
         )
         memory = sum(t.numel() * t.element_size() for t in (*lm.parameters(), *lm.buffers()))
         results = P.profile_batches(
-            lm, config.vocab_size, batches, prompt_len, gen_len, warmup, reps, breakdown_steps, seed, torch_device, mode
+            lm,
+            config.vocab_size,
+            batches,
+            prompt_len,
+            gen_len,
+            warmup,
+            reps,
+            breakdown_steps,
+            seed,
+            torch_device,
+            decode,
         )
         documents.append(
             {
@@ -146,7 +146,7 @@ def profile(
             "seed": seed,
             "prompt": "random token ids",
             "decode": "greedy argmax, KV cache, one token per sequence per step",
-            "decode_mode": mode.value,
+            "decode_mode": decode.value,
         },  # fmt: skip
         "copy_bandwidth_gbps": copy_gbps,
         "runs": documents,

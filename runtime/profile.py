@@ -22,7 +22,6 @@ of a device-to-device copy (read plus write), as CUDA's bandwidthTest counts it.
 from __future__ import annotations
 
 import contextlib
-import enum
 import os
 import statistics
 import sys
@@ -32,6 +31,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from llmq.runtime.decode import StaticDecoder, cache_keyword, greedy
+from llmq.runtime.device import DecodeMode
 from llmq.runtime.qlinear import QuantLinear
 
 LLMQ_KERNELS = ("gemv_mixed", "gemm_mixed", "gather_permuted", "dequant_packed", "outliers_add")
@@ -155,14 +155,6 @@ def _decode(model, cache, token: torch.Tensor, steps: int):
         out = model(input_ids=token, use_cache=True, logits_to_keep=1, **{keyword: cache})
         token = out.logits[:, -1:].argmax(-1)
     return cache, token
-
-
-class DecodeMode(str, enum.Enum):
-    """How decode steps run: transformers' growing cache, a preallocated one, or that step as a CUDA graph."""
-
-    dynamic = "dynamic"
-    static = "static"
-    graph = "graph"
 
 
 class _DynamicRunner:
