@@ -79,11 +79,14 @@ class StaticDecoder:
 
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
-        """Run the prompts ``ids`` [batch, L] into the cache; returns the logits of the last position [batch, V]."""
+        """Start a new sequence: empty the cache, run the prompts ``ids`` [batch, L] into it; returns the
+        logits of the last position [batch, V]."""
         if ids.shape[0] != self.batch:
             raise UsageError(f"the decoder was built for batch {self.batch}, got {ids.shape[0]} prompts")
         if ids.shape[1] >= self.max_len:
             raise UsageError(f"a prompt of {ids.shape[1]} tokens leaves no room in a cache of {self.max_len}")
+        if self.length:
+            self.reset()
         positions = torch.arange(ids.shape[1], device=self.device)
         logits = self._forward(ids.to(self.device), positions).logits[:, -1]
         self.position.fill_(ids.shape[1])
@@ -136,8 +139,6 @@ class StaticDecoder:
         """Prefill ``ids`` then ``new_tokens`` steps; returns the new tokens [batch, new_tokens]."""
         if ids.shape[1] + new_tokens > self.max_len:
             raise UsageError(f"{ids.shape[1]} prompt + {new_tokens} new tokens exceed the cache of {self.max_len}")
-        if self.length:
-            self.reset()
         out = torch.empty(self.batch, new_tokens, dtype=torch.long, device=self.device)
         token = sample(self.prefill(ids))
         for i in range(new_tokens):

@@ -184,8 +184,6 @@ class _StaticRunner:
             self.decoder.capture()
 
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.decoder.length:
-            self.decoder.reset()
         return greedy(self.decoder.prefill(ids))
 
     def decode(self, token: torch.Tensor, steps: int) -> torch.Tensor:
