@@ -17,14 +17,10 @@ def inspect(
 ) -> None:
     """Show an artifact's source, config and per-layer bits per weight (the same accounting as --dry-run)."""
     from llmq.runtime import artifact as A
-    from llmq.runtime.accounting import account
 
     out = Reporter(json, quiet=True)
     manifest = A.open_artifact(artifact, verify=verify)
-    accounting = account(
-        {name: entry.layout for name, entry in manifest.linears.items()},
-        {name: (entry.dtype, entry.shape) for name, entry in manifest.dense.items()},
-    )
+    accounting = manifest.accounting()
     raw = manifest.raw
     document = {
         "command": "inspect",

@@ -140,8 +140,7 @@ class ArtifactWriter:
             self.staging.mkdir()
             return
         for name, info in resume_from.files.items():
-            path = resume_from.staging / name
-            if not path.is_file() or path.stat().st_size != info["bytes"] or A.sha256_file(path) != info["sha256"]:
+            if A.file_problem(resume_from.staging / name, info):
                 raise LlmqError(
                     f"the checkpoint in {resume_from.staging} is damaged ({name}); run without --resume to start over"
                 )

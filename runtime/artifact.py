@@ -75,6 +75,15 @@ class Manifest:
     def shards(self) -> list[str]:
         return sorted(name for name in self.files if name.endswith(".safetensors"))
 
+    def accounting(self):
+        """The bits-per-weight accounting its layouts and dense shapes give (``runtime.accounting``)."""
+        from llmq.runtime.accounting import account
+
+        return account(
+            {name: entry.layout for name, entry in self.linears.items()},
+            {name: (entry.dtype, entry.shape) for name, entry in self.dense.items()},
+        )
+
 
 def is_artifact(path: Path) -> bool:
     return path.is_dir() and (path / MANIFEST).is_file()
@@ -199,20 +208,28 @@ def _dense(name: str, entry: Any, files: dict, file: Path) -> DenseEntry:
     return DenseEntry(shard, _DTYPES[dtype], dims)
 
 
+def file_problem(path: Path, info: dict[str, Any]) -> str | None:
+    """What is wrong with ``path`` against its record ``{"bytes", "sha256"}``, or None."""
+    if not path.is_file():
+        return "listed in the manifest but missing"
+    size = path.stat().st_size
+    if size != info["bytes"]:
+        return f"{size} bytes, the manifest says {info['bytes']} (truncated or replaced)"
+    if sha256_file(path) != info["sha256"]:
+        return "checksum mismatch (the file is corrupt or was modified)"
+    return None
+
+
 def verify_files(manifest: Manifest) -> None:
     """Every listed file exists, has the recorded size and SHA-256; no symlink leaves the artifact."""
     root = manifest.path.resolve()
     for name, info in manifest.files.items():
         path = manifest.path / name
-        if not path.is_file():
-            raise ArtifactError(f"{path}: listed in the manifest but missing")
-        if path.resolve().parent != root:
+        if path.is_file() and path.resolve().parent != root:
             raise ArtifactError(f"{path}: points outside the artifact")
-        size = path.stat().st_size
-        if size != info["bytes"]:
-            raise ArtifactError(f"{path}: {size} bytes, the manifest says {info['bytes']} (truncated or replaced)")
-        if sha256_file(path) != info["sha256"]:
-            raise ArtifactError(f"{path}: checksum mismatch (the file is corrupt or was modified)")
+        problem = file_problem(path, info)
+        if problem:
+            raise ArtifactError(f"{path}: {problem}")
     check_headers(manifest)
 
 
@@ -229,17 +246,24 @@ def check_headers(manifest: Manifest) -> None:
         path = manifest.path / shard
         try:
             with safe_open(str(path), framework="pt") as f:
-                declared = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+                slices = {k: f.get_slice(k) for k in f.keys()}
+                declared = {k: (s.get_dtype(), tuple(s.get_shape())) for k, s in slices.items()}
         except (SafetensorError, OSError, RuntimeError) as err:
             raise ArtifactError(f"{path}: unreadable safetensors header ({err})") from err
         for name, (dtype, shape) in declared.items():
-            want = expected.get(name)
-            if want is None or want[0] != shard:
-                raise ArtifactError(f"{path}: tensor {name!r} is not in the manifest for this shard")
-            if _ST_DTYPES.get(dtype) != want[1] or shape != want[2]:
-                raise ArtifactError(
-                    f"{path}: tensor {name!r} is {dtype} {list(shape)}, the manifest says {want[1]} {list(want[2])}"
-                )
+            _check_declared(path, shard, name, _ST_DTYPES.get(dtype), dtype, shape, expected)
+
+
+def _check_declared(path: Path, shard: str, name: str, dtype, label, shape: tuple, expected: dict) -> None:
+    """Tensor ``name`` of ``shard`` (its torch ``dtype``, shown as ``label``) is in the manifest for
+    this shard, with the manifest's dtype and shape. Shared by the header check and the loader."""
+    want = expected.get(name)
+    if want is None or want[0] != shard:
+        raise ArtifactError(f"{path}: tensor {name!r} is not in the manifest for this shard")
+    if dtype != want[1] or tuple(shape) != want[2]:
+        raise ArtifactError(
+            f"{path}: tensor {name!r} is {label} {list(shape)}, the manifest says {want[1]} {list(want[2])}"
+        )
 
 
 def load_tensors(manifest: Manifest, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -268,14 +292,7 @@ def iter_shards(manifest: Manifest, device: str | torch.device = "cpu"):
         except (SafetensorError, OSError, RuntimeError) as err:
             raise ArtifactError(f"{path}: unreadable safetensors file ({err})") from err
         for name, tensor in loaded.items():
-            want = expected.get(name)
-            if want is None or want[0] != shard:
-                raise ArtifactError(f"{path}: tensor {name!r} is not in the manifest for this shard")
-            if tensor.dtype != want[1] or tuple(tensor.shape) != want[2]:
-                raise ArtifactError(
-                    f"{path}: tensor {name!r} is {tensor.dtype} {list(tensor.shape)}, "
-                    f"the manifest says {want[1]} {list(want[2])}"
-                )
+            _check_declared(path, shard, name, tensor.dtype, tensor.dtype, tensor.shape, expected)
         for name, entry in manifest.linears.items():
             if entry.shard == shard:
                 suffixes = entry.layout.tensor_specs()

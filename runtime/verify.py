@@ -116,15 +116,10 @@ def _json_problems(manifest: A.Manifest) -> list[str]:
 
 def _accounting_problems(manifest: A.Manifest) -> list[str]:
     """The manifest's bits-per-weight accounting must be what its layouts and dense shapes give."""
-    from llmq.runtime.accounting import account
-
     recorded = manifest.raw.get("accounting")
     if recorded is None:
         return []
-    computed = account(
-        {name: entry.layout for name, entry in manifest.linears.items()},
-        {name: (entry.dtype, entry.shape) for name, entry in manifest.dense.items()},
-    ).to_json()
+    computed = manifest.accounting().to_json()
     if recorded != computed:
         differing = sorted(k for k in computed if recorded.get(k) != computed[k])
         return [f"manifest accounting disagrees with the layouts in {differing or sorted(recorded)}"]
