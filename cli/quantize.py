@@ -210,18 +210,10 @@ def quantize(
 def _estimate(plan, source, stats, output: Path):
     from llmq.quant import pipeline, resources
 
-    dense_bytes = {
-        k: (math.prod(shape) * torch_itemsize(dtype), math.prod(shape)) for k, (dtype, shape) in plan.dense.items()
-    }
+    dense_bytes = {k: (math.prod(shape) * dtype.itemsize, math.prod(shape)) for k, (dtype, shape) in plan.dense.items()}
     hf_bytes = sum(f.stat().st_size for f in pipeline.hf_files(source.path))
     stats_bytes = sum(t.numel() * t.element_size() for t in stats.tensors.values()) if stats is not None else 0
     return resources.estimate(plan.linears, dense_bytes, hf_bytes, stats_bytes, output.expanduser().resolve().parent)
-
-
-def torch_itemsize(dtype) -> int:
-    import torch
-
-    return torch.tensor([], dtype=dtype).element_size()
 
 
 def _interrupt(signum, frame) -> None:

@@ -235,11 +235,7 @@ def quantize_model(
 
 def run_fingerprint(source: ModelSource, config: QuantConfig, plan: Plan, stats: CalibStats | None) -> str:
     """What makes two runs produce the same artifact: source files, settings, layouts, calibration."""
-    files = {
-        p.name: [p.stat().st_size, p.stat().st_mtime_ns]
-        for p in sorted(source.path.iterdir())
-        if p.is_file() and (p.suffix == ".safetensors" or p.name == "config.json")
-    }
+    files = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in _model_files(source.path)}
     calibration = None
     if stats is not None:
         where = [stats.path.stat().st_size, stats.path.stat().st_mtime_ns] if stats.path.is_file() else "inline"
@@ -338,12 +334,15 @@ def hf_files(folder: Path) -> list[Path]:
     return files
 
 
+def _model_files(folder: Path) -> list[Path]:
+    """The files that define the source model's weights and shape: its safetensors and config.json."""
+    return [
+        p for p in sorted(folder.iterdir()) if p.is_file() and (p.suffix == ".safetensors" or p.name == "config.json")
+    ]
+
+
 def _source_files(folder: Path) -> dict[str, dict]:
-    return {
-        p.name: {"sha256": A.sha256_file(p), "bytes": p.stat().st_size}
-        for p in sorted(folder.iterdir())
-        if p.is_file() and (p.suffix == ".safetensors" or p.name == "config.json")
-    }
+    return {p.name: {"sha256": A.sha256_file(p), "bytes": p.stat().st_size} for p in _model_files(folder)}
 
 
 def _manifest(source: ModelSource, config: QuantConfig, plan: Plan, linear_shards: dict[str, str]) -> dict:
