@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import signal
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
@@ -178,13 +179,12 @@ def quantize(
             raise writer.ArtifactWriteError(problem)
         if warning := resources.memory_warning(needs):
             out.warn(warning)
-        # SIGTERM (a scheduler's kill) unwinds like Ctrl-C, so the staging directory is removed.
-        signal.signal(signal.SIGTERM, _interrupt)
-        with out.progress("quantizing layers") as update:
+        with _StopRequest.installed() as stop, out.progress("quantizing layers") as update:
             on_unit = lambda d, t, _: update(d, t)  # noqa: E731
             pipeline.quantize_model(
-                source, output, config, plan, force, on_unit, stats, torch_device, resume=resume, log=out.info
-            )
+                source, output, config, plan, force, on_unit, stats, torch_device, resume=resume, log=out.info,
+                stop=stop.check,
+            )  # fmt: skip
     document["seconds"] = round(time.perf_counter() - start, 2)
     if json:
         out.emit_json(document)
@@ -216,8 +216,37 @@ def _estimate(plan, source, stats, output: Path):
     return resources.estimate(plan.linears, dense_bytes, hf_bytes, stats_bytes, output.expanduser().resolve().parent)
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+class _StopRequest:
+    """Ctrl-C and SIGTERM (a scheduler's kill) during a quantize run.
+
+    The first asks the run to stop at the next tensor boundary: raised anywhere, the interrupt can
+    land inside a library call that turns it into another error (safetensors reported a
+    ``ValueError`` that way), and the finished layers would not be kept. A second signal stops at
+    once. Either way the pipeline keeps the finished layers for ``--resume``.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt(f"signal {signum}")
+        self.requested = True
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt("stop requested")
+
+    @classmethod
+    @contextmanager
+    def installed(cls):
+        stop = cls()
+        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield stop
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def _calibration(out, source, model, calib, calib_data, samples, seq_len, seed, revision, trust_remote_code, device):

@@ -193,13 +193,15 @@ def quantize_model(
     device: torch.device | None = None,
     resume: bool = False,
     log: Callable[[str], None] = lambda message: None,
+    stop: Callable[[], None] = lambda: None,
 ) -> dict:
     """Run the plan and write the artifact atomically; returns the manifest. GPTQ runs on ``device``.
 
     With ``stats`` every Linear is quantized with its Hessian (ranked stripes + GPTQ); a Linear
     the stats do not cover is an error, never a silent fall back to round-to-nearest. With
     ``resume`` an interrupted run of the same fingerprint continues from its last finished unit;
-    the result is the same bytes as an uninterrupted run.
+    the result is the same bytes as an uninterrupted run. ``stop()`` is called before each source
+    tensor is read and raises ``KeyboardInterrupt`` when the run should end there.
     """
     check_output(out, force)
     fingerprint = run_fingerprint(source, config, plan, stats)
@@ -207,7 +209,7 @@ def quantize_model(
     for path in remove_stale_staging(out):
         log(f"removed {path.name}, left by an earlier run that did not finish")
     try:
-        linear_shards = _write_units(plan, config, writer, on_unit, stats, device, fingerprint)
+        linear_shards = _write_units(plan, config, writer, on_unit, stats, device, fingerprint, stop)
         for file in hf_files(source.path):
             writer.copy_file(file)
         manifest = _manifest(source, config, plan, linear_shards)
@@ -281,7 +283,7 @@ def _hessian(stats: CalibStats | None, linear: str, in_features: int) -> torch.T
 
 
 def _write_units(
-    plan: Plan, config: QuantConfig, writer: ArtifactWriter, on_unit, stats, device, fingerprint: str
+    plan: Plan, config: QuantConfig, writer: ArtifactWriter, on_unit, stats, device, fingerprint: str, stop
 ) -> dict[str, str]:
     shards = {name: A.SHARD_PATTERN.format(plan.units.index(unit_of(f"{name}.weight"))) for name in plan.linears}
     by_unit: dict[str, list[str]] = {u: [] for u in plan.units}
@@ -294,6 +296,7 @@ def _write_units(
             continue
         tensors: dict[str, torch.Tensor] = {}
         for key in sorted(by_unit[unit]):
+            stop()
             value = read_tensor(plan.key_files, key)
             linear = key.removesuffix(".weight")
             if key.endswith(".weight") and linear in plan.linears:
