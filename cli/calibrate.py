@@ -94,8 +94,8 @@ def run_calibration(
     """Shared by `calibrate` and `quantize --calib-data`: resolve, load text, collect stats on ``device``."""
     from llmq.quant.calibrate import calibrate_model
     from llmq.quant.config import QuantConfig
-    from llmq.runtime import models, text
-    from llmq.runtime.device import resolve_device
+    from llmq.runtime.sources import models, text
+    from llmq.runtime.sources.device import resolve_device
 
     torch_device = resolve_device(device)
     models.check_model_spec(model, revision)

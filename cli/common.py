@@ -17,8 +17,10 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from llmq.runtime.device import Backend, DecodeMode, DType
-from llmq.runtime.text import Dataset
+from llmq.runtime.backend import Backend
+from llmq.runtime.decode.modes import DecodeMode
+from llmq.runtime.sources.device import DType
+from llmq.runtime.sources.text import Dataset
 
 Device = Annotated[str, typer.Option("--device", help="auto (cuda if present, else cpu), cpu, cuda, cuda:N or mps.")]
 DTypeOpt = Annotated[
@@ -28,8 +30,8 @@ BackendOpt = Annotated[
     Backend,
     typer.Option(
         "--backend",
-        help="Quantized matmuls of an artifact: cuda (CuPy kernels), torch (exact reference), "
-        "auto (cuda when CuPy and a GPU are present, else torch with a notice).",
+        help="Quantized matmuls of an artifact: cuda (CuPy kernels, opt-in until verified on a GPU), "
+        "torch (exact reference), auto (torch with a notice until the kernels are verified).",
     ),
 ]
 DeviceMapOpt = Annotated[
@@ -163,8 +165,8 @@ def quiet_libraries(show_progress: bool) -> None:
 def pick_backend(source, requested: Backend, device, dtype, out: Reporter) -> Backend | None:
     """The backend for ``source``'s quantized Linears, or None when it has none (a plain HF model)."""
     from llmq.errors import UsageError
-    from llmq.runtime.device import resolve_backend
-    from llmq.runtime.models import SourceKind
+    from llmq.runtime.backend import resolve_backend
+    from llmq.runtime.sources.models import SourceKind
 
     if source.kind != SourceKind.artifact:
         if requested == Backend.cuda:
@@ -184,8 +186,8 @@ def resolve_placement(device: str, device_map: str | None, max_memory: str | Non
     import torch
 
     from llmq.errors import UsageError
-    from llmq.runtime.device import resolve_device
     from llmq.runtime.placement import parse_max_memory
+    from llmq.runtime.sources.device import resolve_device
 
     if device_map is None:
         if max_memory is not None:

@@ -24,7 +24,8 @@ from llmq.cli.common import (
     quiet_libraries,
     source_json,
 )
-from llmq.runtime.device import Backend, DType
+from llmq.runtime.backend import Backend
+from llmq.runtime.sources.device import DType
 
 
 def kld(
@@ -53,9 +54,12 @@ def kld(
 ) -> None:
     """KL divergence of MODEL's next-token distribution from BASE's, on the same windows as `eval ppl`."""
     from llmq.errors import LlmqError
-    from llmq.runtime import models, perplexity, text
-    from llmq.runtime.device import dtype_name, resolve_device, resolve_dtype
-    from llmq.runtime.kld import kl_divergence
+    from llmq.runtime.eval import perplexity
+    from llmq.runtime.eval.kld import kl_divergence
+    from llmq.runtime.loader import load_model
+    from llmq.runtime.sources import models, text, tokenize
+    from llmq.runtime.format.dtypes import short as dtype_name
+    from llmq.runtime.sources.device import resolve_device, resolve_dtype
 
     wall_start = time.perf_counter()
     out = Reporter(json, quiet)
@@ -70,23 +74,21 @@ def kld(
     stride = seq_len if stride is None else stride
     contexts = [c for c in (models.context_length(cfg) for cfg in configs) if c]
     perplexity.check_protocol(seq_len, stride, max_tokens, min(contexts) if contexts else None)
-    ids = [perplexity.tokenize_stream(models.load_tokenizer(s, trust_remote_code), loaded.text) for s in sources]
+    ids = [tokenize.tokenize_stream(models.load_tokenizer(s, trust_remote_code), loaded.text) for s in sources]
     if not (len(ids[0]) == len(ids[1]) and bool((ids[0] == ids[1]).all())):
         raise LlmqError(f"{model} and {base} tokenize the text differently; KL divergence needs the same tokenizer")
     perplexity.require_one_window(len(ids[0]), seq_len, loaded.source)
     out.info(f"model: {sources[0].label}")
     out.info(f"base:  {sources[1].label}")
     backends = [pick_backend(s, backend, torch_device, torch_dtype, out) for s in sources]
-    lm = models.load_model(
-        sources[0], configs[0], torch_device, torch_dtype, trust_remote_code, backends[0] or Backend.torch
-    )
+    lm = load_model(sources[0], configs[0], torch_device, torch_dtype, trust_remote_code, backends[0] or Backend.torch)
     protocol = {
         "seq_len": seq_len, "stride": stride, "max_tokens": max_tokens,
         "dtype": dtype_name(torch_dtype), "device": torch_device.type,
     }  # fmt: skip
 
     def load_base():
-        return models.load_model(
+        return load_model(
             sources[1], configs[1], torch_device, torch_dtype, trust_remote_code, backends[1] or Backend.torch
         )
 
@@ -141,8 +143,8 @@ def _base_log_probs(out, source, config, ids, protocol: dict, cache_base: bool, 
     """The base side of the KL: ``load()``'s model, or its log-probs from (or recorded into) the cache.
 
     ``protocol`` (seq_len, stride, max_tokens, dtype, device) is part of the cache key."""
-    from llmq.runtime import logit_cache
-    from llmq.runtime.kld import model_log_probs, scored_tokens
+    from llmq.runtime.eval import logit_cache
+    from llmq.runtime.eval.kld import model_log_probs, scored_tokens
 
     if not cache_base:
         yield model_log_probs(load())

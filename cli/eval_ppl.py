@@ -28,7 +28,8 @@ from llmq.cli.common import (
     resolve_placement,
     source_json,
 )
-from llmq.runtime.device import Backend, DType
+from llmq.runtime.backend import Backend
+from llmq.runtime.sources.device import DType
 
 DEFAULT_SEQ_LEN = 2048
 
@@ -72,8 +73,11 @@ def ppl(
     """Perplexity of MODEL on a text: wikitext2 test by default, or the embedded Austen eval novel."""
     import torch
 
-    from llmq.runtime import models, perplexity, text
-    from llmq.runtime.device import dtype_name, resolve_dtype
+    from llmq.runtime.eval import perplexity
+    from llmq.runtime.loader import load_model
+    from llmq.runtime.sources import models, text, tokenize
+    from llmq.runtime.format.dtypes import short as dtype_name
+    from llmq.runtime.sources.device import resolve_dtype
 
     wall_start = time.perf_counter()
     out = Reporter(json, quiet)
@@ -98,14 +102,12 @@ def ppl(
 
     # Tokenization comes before the weights, so a too-short text fails in seconds.
     tokenizer = models.load_tokenizer(source, trust_remote_code)
-    ids = perplexity.tokenize_stream(tokenizer, loaded.text)
+    ids = tokenize.tokenize_stream(tokenizer, loaded.text)
     perplexity.require_one_window(len(ids), seq_len, loaded.source)
 
     load_start = time.perf_counter()
     chosen = pick_backend(source, backend, torch_device, torch_dtype, out)
-    lm = models.load_model(
-        source, config, torch_device, torch_dtype, trust_remote_code, chosen or Backend.torch, limits
-    )
+    lm = load_model(source, config, torch_device, torch_dtype, trust_remote_code, chosen or Backend.torch, limits)
     load_seconds = time.perf_counter() - load_start
     out.info(f"text: {loaded.source}, {len(ids)} tokens; windows of {seq_len}, stride {stride}")
     out.info(f"running {dtype_name(torch_dtype)} on {torch_device}")
@@ -119,7 +121,7 @@ def ppl(
         "stride": stride,
         "max_tokens": max_tokens,
         "tokenization": perplexity.TOKENIZATION_RULE,
-        "bos": perplexity.bos_policy(tokenizer, ids),
+        "bos": tokenize.bos_policy(tokenizer, ids),
         "scoring": perplexity.SCORING_RULE,
         "uncertainty": perplexity.UNCERTAINTY_RULE,
     }

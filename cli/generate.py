@@ -29,7 +29,9 @@ from llmq.cli.common import (
     source_json,
 )
 from llmq.errors import UsageError
-from llmq.runtime.device import Backend, DecodeMode, DType, check_decode_device
+from llmq.runtime.backend import Backend
+from llmq.runtime.decode.modes import DecodeMode, check_decode_device
+from llmq.runtime.sources.device import DType
 
 
 def generate(
@@ -64,10 +66,13 @@ def generate(
     quiet: Quiet = False,
 ) -> None:
     """Generate text from MODEL, streaming tokens as they come and stopping at EOS."""
-    from llmq.runtime import models
-    from llmq.runtime.device import dtype_name, resolve_dtype
-    from llmq.runtime.generate import SamplingOptions, check_prompt, encode_prompt, generate_static
-    from llmq.runtime.generate import generate as run_generate
+    from llmq.runtime.decode.generate import SamplingOptions, generate_static
+    from llmq.runtime.decode.generate import generate as run_generate
+    from llmq.runtime.loader import load_model
+    from llmq.runtime.sources import models
+    from llmq.runtime.format.dtypes import short as dtype_name
+    from llmq.runtime.sources.device import resolve_dtype
+    from llmq.runtime.sources.tokenize import check_prompt, encode_prompt
 
     wall_start = time.perf_counter()
     out = Reporter(json, quiet)
@@ -96,9 +101,7 @@ def generate(
             f"context of {context} tokens"
         )
     chosen = pick_backend(source, backend, torch_device, torch_dtype, out)
-    lm = models.load_model(
-        source, config, torch_device, torch_dtype, trust_remote_code, chosen or Backend.torch, limits
-    )
+    lm = load_model(source, config, torch_device, torch_dtype, trust_remote_code, chosen or Backend.torch, limits)
 
     stream = None if json else _stdout_writer
     if decode == DecodeMode.dynamic:

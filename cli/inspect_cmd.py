@@ -16,7 +16,7 @@ def inspect(
     json: Json = False,
 ) -> None:
     """Show an artifact's source, config and per-layer bits per weight (the same accounting as --dry-run)."""
-    from llmq.runtime import artifact as A
+    from llmq.runtime.format import artifact as A
 
     out = Reporter(json, quiet=True)
     manifest = A.open_artifact(artifact, verify=verify)

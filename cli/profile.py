@@ -1,6 +1,6 @@
 """``llmq profile MODEL``: prefill and decode latency, the decode step's breakdown, and GB/s.
 
-The protocol is in :mod:`llmq.runtime.profile`. ``--baseline`` runs the same artifact a second
+The protocol is in :mod:`llmq.runtime.decode.profile`. ``--baseline`` runs the same artifact a second
 time with dense weights (the torch backend: every quantized Linear decoded once into the run's
 dtype, fp16 on a GPU) in the same process, and reports the speedups.
 """
@@ -33,7 +33,9 @@ from llmq.cli.common import (
     source_json,
 )
 from llmq.errors import UsageError
-from llmq.runtime.device import Backend, DecodeMode, DType, check_decode_device
+from llmq.runtime.backend import Backend
+from llmq.runtime.decode.modes import DecodeMode, check_decode_device
+from llmq.runtime.sources.device import DType
 
 MAX_BATCH = 4096
 
@@ -78,9 +80,11 @@ def profile(
     quiet: Quiet = False,
 ) -> None:
     """Time prefill and decode of MODEL per batch size, and show where a decode step's time goes."""
-    from llmq.runtime import models
-    from llmq.runtime import profile as P
-    from llmq.runtime.device import dtype_name, resolve_dtype
+    from llmq.runtime.decode import profile as P
+    from llmq.runtime.loader import load_model
+    from llmq.runtime.sources import models
+    from llmq.runtime.format.dtypes import short as dtype_name
+    from llmq.runtime.sources.device import resolve_dtype
 
     out = Reporter(json, quiet)
     batches = parse_batches(batch)
@@ -103,7 +107,7 @@ def profile(
     documents = []
     for label, run_backend in runs:
         out.info(f"profiling {label} ({run_backend.value if run_backend else 'dense'}) on {torch_device}")
-        lm = models.load_model(
+        lm = load_model(
             source, config, torch_device, torch_dtype, trust_remote_code, run_backend or Backend.torch, limits
         )
         memory = sum(t.numel() * t.element_size() for t in (*lm.parameters(), *lm.buffers()))

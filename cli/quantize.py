@@ -109,8 +109,8 @@ def quantize(
     from llmq.errors import UsageError
     from llmq.quant import pipeline, resources, writer
     from llmq.quant.config import preset_config
-    from llmq.runtime import models
-    from llmq.runtime.device import resolve_device
+    from llmq.runtime.sources import models
+    from llmq.runtime.sources.device import resolve_device
 
     start = time.perf_counter()
     out = Reporter(json, quiet)
@@ -252,13 +252,14 @@ class _StopRequest:
 def _calibration(out, source, model, calib, calib_data, samples, seq_len, seed, revision, trust_remote_code, device):
     """The stats to quantize with: read from --calib, collected now for --calib-data, or none (RTN)."""
     from llmq.quant import statsfile
+    from llmq.runtime.sources.checkpoint import model_fingerprint
 
     if calib is not None:
-        return statsfile.read_stats(calib, statsfile.model_fingerprint(source.path))
+        return statsfile.read_stats(calib, model_fingerprint(source.path))
     if calib_data is None:
         return None
     from llmq.cli.calibrate import run_calibration
-    from llmq.runtime.text import Dataset
+    from llmq.runtime.sources.text import Dataset
 
     names = {d.value: d for d in Dataset}
     dataset, text_file = (names[calib_data], None) if calib_data in names else (None, Path(calib_data))

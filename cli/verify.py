@@ -17,7 +17,7 @@ def verify(
     quiet: Quiet = False,
 ) -> None:
     """Check an artifact completely: files, tensors, and every layer decoded with a NaN/Inf check."""
-    from llmq.runtime.verify import verify_artifact
+    from llmq.runtime.format.verify import verify_artifact
 
     out = Reporter(json, quiet)
     with out.progress("verifying shards") as update:

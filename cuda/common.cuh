@@ -1,6 +1,6 @@
 // llmq kernels: shared types and the code-to-half2 trick.
 //
-// Layout: llmq/runtime/layout.py (the one source of truth; docs/format.md in prose).
+// Layout: llmq/runtime/format/layout.py (the one source of truth; docs/format.md in prose).
 // Mirrored in numpy by llmq/cuda/emulate.py.
 //
 // NVRTC has no C standard headers, so the fixed-width types are spelled out here.

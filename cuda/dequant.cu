@@ -1,6 +1,6 @@
 // llmq kernels: dequantize a packed layer to fp16, and add the sparse outliers to a product.
 //
-// Layout read: llmq/runtime/layout.py. Mirrors llmq.runtime.layout.dequantize, but writes the
+// Layout read: llmq/runtime/format/layout.py. Mirrors llmq.runtime.format.layout.dequantize, but writes the
 // weight in *packed* column order with the 2-bit padding columns zeroed: wp [N, k2p + k4], so
 // that y = xp @ wp^T with the gathered activations of gather.cu. (The caller scatters columns
 // back with `perm` when it wants the original order.) Emulated by llmq/cuda/emulate.py::dequant.

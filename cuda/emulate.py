@@ -3,7 +3,7 @@
 Each function here mirrors one kernel in ``cuda/*.cu``: the same launch grid, the same mapping
 of threads to words, chunks, tiles and mma fragments, the same metadata addresses and the same
 bit tricks, vectorized over threads with numpy. Run on a packed layer, it must reproduce the
-exact torch reference (:func:`llmq.runtime.layout.dequantize`); the tests check that on random
+exact torch reference (:func:`llmq.runtime.format.layout.dequantize`); the tests check that on random
 shapes, including partial tiles and tails, so an index bug shows up on a CPU before a kernel
 ever runs. Arithmetic is float64 except where a kernel rounds to fp16 (the tiles of
 ``gemm_mixed``, the output of ``dequant_packed``), which is emulated.
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from llmq.cuda.loader import GEMV_ROWS
-from llmq.runtime.layout import LinearLayout
+from llmq.runtime.format.layout import LinearLayout
 
 GEMV_WARPS = 4  # gemv.cu: GEMV_WARPS
 GEMM_BN, GEMM_BK, GEMM_LDS, GEMM_THREADS = 64, 64, 72, 128  # gemm.cu

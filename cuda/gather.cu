@@ -1,6 +1,6 @@
 // llmq kernel: permute and pad the activations for the quantized matmuls.
 //
-// Layout read: llmq/runtime/layout.py, `perm` (packed column c holds input channel perm[c];
+// Layout read: llmq/runtime/format/layout.py, `perm` (packed column c holds input channel perm[c];
 // the first k2 packed columns are the 2-bit part, the last k4 the stripes).
 // Mirrors: x[:, perm] with zero columns inserted after the 2-bit part up to k2p, so that the
 // padding weights of the 2-bit part always meet a zero. Emulated by llmq/cuda/emulate.py::gather.

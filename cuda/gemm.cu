@@ -1,9 +1,9 @@
 // llmq kernel: mixed 2/4-bit GEMM on tensor cores for prefill and batches above the GEMV's,
 // Y[M, N] = Xp[M, kx] · Wp[N, kx]^T with Wp dequantized tile by tile into shared memory.
 //
-// Layout read: llmq/runtime/layout.py (2-bit part with two-level scales, 4-bit stripes);
+// Layout read: llmq/runtime/format/layout.py (2-bit part with two-level scales, 4-bit stripes);
 // activations come permuted and padded by gather.cu. Outliers are not handled here: the
-// dispatcher adds them with dequant.cu::outliers_add. Mirrors llmq.runtime.layout.dequantize
+// dispatcher adds them with dequant.cu::outliers_add. Mirrors llmq.runtime.format.layout.dequantize
 // followed by a matmul; emulated by llmq/cuda/emulate.py::gemm_mixed (tiles, thread-to-word
 // mapping and the mma.m16n8k16 fragment layout).
 //

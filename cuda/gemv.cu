@@ -1,9 +1,9 @@
 // llmq kernel: mixed 2/4-bit GEMV for decode, y[b, :] = W x[b, :] for a batch of 1 to 8.
 //
-// Layout read: llmq/runtime/layout.py (2-bit part with two-level scales, 4-bit stripes, CSR
+// Layout read: llmq/runtime/format/layout.py (2-bit part with two-level scales, 4-bit stripes, CSR
 // outliers); activations come permuted and padded by gather.cu, so packed column c of the
 // 2-bit part multiplies xp[b, c] and column c of the stripes multiplies xp[b, k2p + c].
-// Mirrors: llmq.runtime.layout.dequantize followed by a matmul. Emulated by
+// Mirrors: llmq.runtime.format.layout.dequantize followed by a matmul. Emulated by
 // llmq/cuda/emulate.py::gemv_mixed (same block, warp and lane index math).
 //
 // Work split: a warp owns ROWS consecutive output rows and walks along K; lane l takes the

@@ -1,6 +1,6 @@
 // llmq kernels: the 2-bit part and its two-level scales.
 //
-// Layout: llmq/runtime/layout.py, "The 2-bit part". Row r, packed column c, group j = c / g1,
+// Layout: llmq/runtime/format/layout.py, "The 2-bit part". Row r, packed column c, group j = c / g1,
 // block b = j / g2:
 //     scale = scale2[r, b] * (qs[r, j] + szero2[r, b])     (second-order decode, fp32)
 //     w     = scale * (q2[r, c] - z2[r, j])

@@ -1,6 +1,6 @@
 // llmq kernels: the 4-bit stripes.
 //
-// Layout: llmq/runtime/layout.py, "The 4-bit part". Row r, column c of the stripes, group
+// Layout: llmq/runtime/format/layout.py, "The 4-bit part". Row r, column c of the stripes, group
 // j = c / g4:  w = scale4[r, j] * (q4[r, c] - zero4[r, j]). A word holds 8 codes and never
 // straddles a group, because g4 is a multiple of 8.
 #pragma once

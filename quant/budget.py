@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 
 from llmq.errors import LlmqError
-from llmq.runtime.layout import LinearLayout
+from llmq.runtime.format.layout import LinearLayout
 
 TOLERANCE = 0.02
 

@@ -18,7 +18,9 @@ import torch
 
 from llmq.errors import TextSourceError, UsageError
 from llmq.quant.config import QuantConfig
-from llmq.runtime.models import ModelSource
+from llmq.runtime.sources.checkpoint import model_fingerprint, read_tensor, source_keys
+from llmq.runtime.sources.models import ModelSource, load_tokenizer
+from llmq.runtime.sources.tokenize import tokenize_stream
 
 
 @dataclass
@@ -81,10 +83,8 @@ def collect(
 
     Layers and activations live on ``device`` (default: the CPU); the statistics come back on the CPU.
     """
-    from llmq.quant.pipeline import _source_keys
-
     device = device or torch.device("cpu")
-    key_files = _source_keys(source.path)
+    key_files = source_keys(source.path)
     model = _skeleton_with_embeddings(model_config, key_files, device)
     hidden, kwargs = _first_layer_inputs(model, windows.to(device))
     layers = model.model.layers
@@ -110,8 +110,6 @@ def _skeleton_with_embeddings(model_config, key_files: dict[str, Path], device: 
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
     from transformers import AutoModelForCausalLM
-
-    from llmq.quant.pipeline import read_tensor
 
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
@@ -149,8 +147,6 @@ def _first_layer_inputs(model, windows: torch.Tensor):
 
 def _load_layer(model, index: int, key_files: dict[str, Path], device: torch.device):
     from accelerate.utils import set_module_tensor_to_device
-
-    from llmq.quant.pipeline import read_tensor
 
     prefix = f"model.layers.{index}."
     layer = model.model.layers[index]
@@ -201,10 +197,6 @@ def calibrate_model(
     device: torch.device | None = None,
 ) -> tuple[Calibration, dict]:
     """Tokenize ``text``, sample windows, collect stats; returns them and the stats-file manifest."""
-    from llmq.quant.statsfile import model_fingerprint
-    from llmq.runtime.models import load_tokenizer
-    from llmq.runtime.perplexity import tokenize_stream
-
     ids = tokenize_stream(load_tokenizer(source), text)
     windows = sample_windows(ids, samples, seq_len, seed)
     calibration = collect(source, model_config, config, windows, on_layer, device)

@@ -52,7 +52,7 @@ class QuantConfig:
 
     def check(self) -> None:
         """Raise :class:`UsageError` naming the first invalid value."""
-        from llmq.runtime.layout import MAX_SCALE_BITS
+        from llmq.runtime.format.layout import MAX_SCALE_BITS
 
         if self.g1 < 16 or self.g1 % 16:
             raise UsageError(f"--g1 {self.g1} must be a positive multiple of 16")

@@ -13,9 +13,12 @@ from dataclasses import dataclass
 import torch
 
 from llmq.quant.config import Rounding
-from llmq.runtime.layout import SZERO_MAX
+from llmq.runtime.format.layout import INT2_MAX, INT4_MAX, SZERO_MAX
 
 SHRINK_SEARCH = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
+# Second-order blocks clip far less: a clipped block scale shrinks every group scale in the block,
+# and the group refit (``_refit_groups``) cannot undo it.
+SECOND_ORDER_SHRINKS = (1.0, 0.97, 0.94, 0.9)
 _TINY = 1e-12
 
 
@@ -65,7 +68,7 @@ def _candidates(lo: torch.Tensor, hi: torch.Tensor, qmax: int):
     scale with the zero rounded down and up, plus the two one-signed covering grids: 4 instead
     of 16 candidates, which keeps 4-bit quantization as fast as 2-bit.
     """
-    if qmax <= 3:
+    if qmax <= INT2_MAX:
         for zero in range(qmax + 1):
             yield _covering_scale(lo, hi, zero, qmax), torch.full_like(lo, float(zero))
         return
@@ -96,9 +99,9 @@ def quantize_4bit(w: torch.Tensor, g4: int, rounding: Rounding) -> FourBit:
     """INT4 codes, INT4 zero and an fp16 scale per group of ``g4`` along the last dim of ``w`` ``[N, k4]``."""
     n, k4 = w.shape
     groups = w.reshape(-1, g4)
-    scale, zero = fit_scale_zero(groups, torch.ones_like(groups), 15, rounding)
+    scale, zero = fit_scale_zero(groups, torch.ones_like(groups), INT4_MAX, rounding)
     scale = scale.half().float().clamp(min=torch.finfo(torch.float16).tiny)  # the stored value is used below
-    codes = round_codes(groups, scale.unsqueeze(-1), zero.unsqueeze(-1), 15)
+    codes = round_codes(groups, scale.unsqueeze(-1), zero.unsqueeze(-1), INT4_MAX)
     return FourBit(codes.long().reshape(n, k4), scale.half().reshape(n, -1), zero.long().reshape(n, -1))
 
 
@@ -130,11 +133,11 @@ def quantize_2bit(w: torch.Tensor, mask: torch.Tensor, g1: int, g2: int, scale_b
     """
     n, k2p = w.shape
     groups, gmask = w.reshape(n, -1, g1), mask.reshape(n, -1, g1)
-    scale, _ = fit_scale_zero(groups.reshape(-1, g1), gmask.reshape(-1, g1), 3, rounding)
+    scale, _ = fit_scale_zero(groups.reshape(-1, g1), gmask.reshape(-1, g1), INT2_MAX, rounding)
     block_scale, block_zero = _fit_second_order(scale.reshape(n, -1), g2, scale_bits)
     scale_code, zero = _refit_groups(groups, gmask, scale.reshape(n, -1), block_scale, block_zero, g2, scale_bits)
     group_scale = _group_scales(block_scale, block_zero, scale_code, g2)
-    codes = round_codes(groups, group_scale.unsqueeze(-1), zero.float().unsqueeze(-1), 3)
+    codes = round_codes(groups, group_scale.unsqueeze(-1), zero.float().unsqueeze(-1), INT2_MAX)
     return TwoBit(codes.long().reshape(n, k2p), zero, scale_code, block_scale, block_zero)
 
 
@@ -160,7 +163,7 @@ def _fit_second_order(scale: torch.Tensor, g2: int, scale_bits: int):
     best_err = torch.full_like(top, torch.inf)
     best_a, best_zs = torch.zeros_like(top), torch.zeros_like(top)
     for zs in range(SZERO_MAX + 1):
-        for shrink in (1.0, 0.97, 0.94, 0.9):
+        for shrink in SECOND_ORDER_SHRINKS:
             a = (top * shrink / (zs + qmax)).clamp(min=torch.finfo(torch.float16).tiny).half().float()
             q = torch.clamp(torch.round(values / a.unsqueeze(-1) - zs), 0, qmax)
             err = (((q + zs) * a.unsqueeze(-1) - values) ** 2 * real).sum(-1)
@@ -185,9 +188,9 @@ def _refit_groups(groups, gmask, wanted_scale, block_scale, block_zero, g2, scal
     for delta in (-1, 0, 1, 2):
         code = torch.clamp(nearest + delta, 0, qmax)
         scale = (a * (code + zs)).clamp(min=_TINY)
-        for zero in range(4):
+        for zero in range(INT2_MAX + 1):
             zeros = torch.full_like(scale, float(zero))
-            err = _group_error(groups, gmask, scale, zeros, 3)
+            err = _group_error(groups, gmask, scale, zeros, INT2_MAX)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_code = torch.where(better, code.long(), best_code)

@@ -1,4 +1,4 @@
-"""Quantize one Linear weight into the packed tensors of :mod:`llmq.runtime.layout`."""
+"""Quantize one Linear weight into the packed tensors of :mod:`llmq.runtime.format.layout`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from llmq.quant.config import QuantConfig, Rounding, Selection
 from llmq.quant.gptq import gptq_round
 from llmq.quant.groups import TwoBit, quantize_2bit, quantize_4bit
 from llmq.quant.select import range_score, select_channels, stripe_width
-from llmq.runtime import layout as L
+from llmq.runtime.format import layout as L
 
 
 class NonFiniteWeightError(LlmqError):
@@ -122,12 +122,12 @@ def _gptq(packed, hessian, two, four, layout: L.LinearLayout, config: QuantConfi
         scale, zero = two.column_grid(layout.g1, layout.g2)
         scales.append(scale[:, : layout.k2])
         zeros.append(zero[:, : layout.k2])
-        qmax.append(torch.full((layout.k2,), 3.0))
+        qmax.append(torch.full((layout.k2,), float(L.INT2_MAX)))
     if four is not None:
         scale, zero = four.column_grid(layout.g4)
         scales.append(scale)
         zeros.append(zero)
-        qmax.append(torch.full((layout.k4,), 15.0))
+        qmax.append(torch.full((layout.k4,), float(L.INT4_MAX)))
     grid = torch.cat(scales, 1), torch.cat(zeros, 1), torch.cat(qmax)
     codes, targets = gptq_round(packed, hessian, *grid, config.gptq_damp, config.gptq_block, device, exact)
     if two is not None:

@@ -24,10 +24,12 @@ from llmq.quant.config import QuantConfig, Selection
 from llmq.quant.linear import NonFiniteWeightError, hessian_score, plan_layout, quantize_weight
 from llmq.quant.statsfile import CalibStats, StatsFileError
 from llmq.quant.writer import ArtifactWriter, check_output, find_checkpoints, remove_stale_staging
-from llmq.runtime import artifact as A
-from llmq.runtime.accounting import Accounting, account
-from llmq.runtime.layout import LinearLayout
-from llmq.runtime.models import ModelSource
+from llmq.runtime.format import artifact as A
+from llmq.runtime.format import dtypes
+from llmq.runtime.format.accounting import Accounting, account
+from llmq.runtime.format.layout import LinearLayout
+from llmq.runtime.sources.checkpoint import expected_params, model_files, read_tensor, source_keys
+from llmq.runtime.sources.models import ModelSource
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 REST = "rest"
@@ -60,8 +62,8 @@ def make_plan(
     :mod:`llmq.quant.budget`, scored with the Hessians in ``stats`` if given (one extra read of
     every weight); otherwise every Linear gets the config's stripe fraction."""
     skeleton = _skeleton(model_config)
-    key_files = _source_keys(source.path)
-    params = _expected_params(skeleton, key_files)
+    key_files = source_keys(source.path)
+    params = expected_params(skeleton, key_files)
     linears, biases = {}, {}
     for name, module in skeleton.named_modules():
         if isinstance(module, torch.nn.Linear) and config.selects(name) and f"{name}.weight" in params:
@@ -115,65 +117,6 @@ def _skeleton(model_config):
 
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(model_config)
-
-
-def _source_keys(folder: Path) -> dict[str, Path]:
-    from safetensors import SafetensorError, safe_open
-
-    keys: dict[str, Path] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                keys.update({k: file for k in f.keys()})
-        except (SafetensorError, OSError) as err:
-            raise ModelSourceError(f"{file}: unreadable safetensors file ({err})") from err
-    return keys
-
-
-def read_tensor(key_files: dict[str, Path], name: str) -> torch.Tensor:
-    """One tensor from the memory-mapped source file that holds it; the mapping is closed again."""
-    from safetensors import safe_open
-
-    with safe_open(str(key_files[name]), framework="pt") as f:
-        return f.get_tensor(name)
-
-
-def _expected_params(skeleton, key_files: dict[str, Path]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    """Parameter name -> (source dtype, shape) for every parameter stored in the checkpoint.
-
-    A tied parameter (the LM head sharing the embedding) may be absent from the checkpoint; any
-    other absent parameter is an error, never silently left at its random initialisation.
-    """
-    from safetensors import safe_open
-
-    seen: dict[int, str] = {}
-    result, missing = {}, []
-    for name, param in skeleton.named_parameters(remove_duplicate=False):
-        alias_of = seen.setdefault(id(param), name)
-        if name not in key_files:
-            if alias_of == name:
-                missing.append(name)
-            continue
-        with safe_open(str(key_files[name]), framework="pt") as f:
-            sl = f.get_slice(name)
-            dtype, shape = _SAFETENSORS_DTYPES.get(sl.get_dtype()), tuple(sl.get_shape())
-        if dtype is None:
-            raise ModelSourceError(
-                f"checkpoint tensor {name} is {sl.get_dtype()}; llmq reads F32, F16 and BF16 weights"
-            )
-        if shape != tuple(param.shape):
-            raise ModelSourceError(
-                f"checkpoint tensor {name} has shape {list(shape)}, the model expects {list(param.shape)}"
-            )
-        result[name] = (dtype, shape)
-    if missing:
-        raise ModelSourceError(
-            f"the checkpoint lacks {len(missing)} parameter(s) the model needs, first {missing[0]!r}"
-        )
-    return result
-
-
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 class InterruptedRun(LlmqError):
@@ -237,7 +180,7 @@ def quantize_model(
 
 def run_fingerprint(source: ModelSource, config: QuantConfig, plan: Plan, stats: CalibStats | None) -> str:
     """What makes two runs produce the same artifact: source files, settings, layouts, calibration."""
-    files = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in _model_files(source.path)}
+    files = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in model_files(source.path)}
     calibration = None
     if stats is not None:
         where = [stats.path.stat().st_size, stats.path.stat().st_mtime_ns] if stats.path.is_file() else "inline"
@@ -247,7 +190,7 @@ def run_fingerprint(source: ModelSource, config: QuantConfig, plan: Plan, stats:
         "source": files,
         "config": config.to_json(),
         "linears": {name: layout.to_json() for name, layout in plan.linears.items()},
-        "dense": {key: [A.dtype_name(dtype), list(shape)] for key, (dtype, shape) in plan.dense.items()},
+        "dense": {key: [dtypes.name(dtype), list(shape)] for key, (dtype, shape) in plan.dense.items()},
         "calibration": calibration,
     }
     return hashlib.sha256(json.dumps(document, sort_keys=True, default=str).encode()).hexdigest()
@@ -337,15 +280,8 @@ def hf_files(folder: Path) -> list[Path]:
     return files
 
 
-def _model_files(folder: Path) -> list[Path]:
-    """The files that define the source model's weights and shape: its safetensors and config.json."""
-    return [
-        p for p in sorted(folder.iterdir()) if p.is_file() and (p.suffix == ".safetensors" or p.name == "config.json")
-    ]
-
-
 def _source_files(folder: Path) -> dict[str, dict]:
-    return {p.name: {"sha256": A.sha256_file(p), "bytes": p.stat().st_size} for p in _model_files(folder)}
+    return {p.name: {"sha256": A.sha256_file(p), "bytes": p.stat().st_size} for p in model_files(folder)}
 
 
 def _manifest(source: ModelSource, config: QuantConfig, plan: Plan, linear_shards: dict[str, str]) -> dict:
@@ -368,7 +304,7 @@ def _manifest(source: ModelSource, config: QuantConfig, plan: Plan, linear_shard
             for name, layout in plan.linears.items()
         },
         "dense": {
-            key: {"shard": dense_shards[key], "dtype": A.dtype_name(dtype), "shape": list(shape)}
+            key: {"shard": dense_shards[key], "dtype": dtypes.name(dtype), "shape": list(shape)}
             for key, (dtype, shape) in plan.dense.items()
         },
         "accounting": plan.accounting().to_json(),

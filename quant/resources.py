@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmq.runtime.layout import LinearLayout
+from llmq.runtime.format.layout import LinearLayout
 
 WORK_COPIES = 12  # fp32 copies of a weight alive while it is quantized (weight, permuted, scale search, decodes)
 COMPUTE_OVERHEAD = 200 << 20  # torch's thread pools and kernel caches, set up by the first real computations

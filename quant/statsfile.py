@@ -9,7 +9,6 @@ serve many ``quantize`` runs (like llama.cpp's imatrix) and is refused for any o
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import torch
 
 from llmq.errors import LlmqError
 from llmq.quant.calibrate import Calibration
+from llmq.quant.writer import writing
 
 STATS_FORMAT = "llmq-calib"
 STATS_VERSION = 1
@@ -27,18 +27,6 @@ _META_KEY = "llmq_calib"
 
 class StatsFileError(LlmqError):
     """A calibration stats file is missing, corrupt, or made for another model."""
-
-
-def model_fingerprint(folder: Path) -> str:
-    """SHA-256 over the model's config and weight files (names and contents)."""
-    digest = hashlib.sha256()
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and (path.suffix == ".safetensors" or path.name == "config.json"):
-            digest.update(path.name.encode())
-            with path.open("rb") as f:
-                for chunk in iter(lambda: f.read(1 << 22), b""):
-                    digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -61,8 +49,6 @@ def in_memory(calibration: Calibration, meta: dict) -> CalibStats:
 def write_stats(path: Path, calibration: Calibration, meta: dict) -> None:
     """Write atomically: a temporary file in the same folder, then rename."""
     from safetensors.torch import save_file
-
-    from llmq.quant.writer import writing
 
     tensors = {}
     for name, stats in calibration.stats.items():

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from llmq.errors import LlmqError
-from llmq.runtime import artifact as A
+from llmq.runtime.format import artifact as A
 
 
 class OutputExistsError(LlmqError):

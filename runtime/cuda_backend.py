@@ -24,7 +24,7 @@ import torch
 
 from llmq.cuda import loader
 from llmq.errors import DeviceError
-from llmq.runtime.layout import LinearLayout
+from llmq.runtime.format.layout import LinearLayout
 
 MIN_CAPABILITY = (8, 0)  # cp.async and mma.sync.m16n8k16 with fp32 accumulation
 

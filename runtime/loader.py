@@ -1,6 +1,6 @@
-"""Load a ``.llmq`` artifact into a transformers model on any torch device.
+"""Load a model for running: a plain HF folder through transformers, or a ``.llmq`` artifact.
 
-The model skeleton is built from the artifact's own config with parameters on the meta device
+For an artifact, the model skeleton is built from the artifact's own config with parameters on the meta device
 (buffers such as rotary tables are built normally), every quantized Linear is replaced by a
 :class:`QuantLinear` holding its validated packed tensors, the dense tensors are assigned, and
 tied weights are re-tied. Nothing is read from outside the artifact.
@@ -10,10 +10,45 @@ from __future__ import annotations
 
 import torch
 
-from llmq.errors import ArtifactError
-from llmq.runtime import artifact as A
-from llmq.runtime.device import Backend
-from llmq.runtime.qlinear import QuantLinear
+from llmq.errors import ArtifactError, ModelSourceError
+from llmq.runtime.backend import Backend
+from llmq.runtime.format import artifact as A
+from llmq.runtime.placement import device_of, plan_device_map
+from llmq.runtime.qlinear import QuantLinear, parent_module
+from llmq.runtime.sources.models import ModelSource, SourceKind
+
+
+def load_model(
+    source: ModelSource,
+    config,
+    device: torch.device,
+    dtype: torch.dtype,
+    trust_remote_code: bool = False,
+    backend: Backend = Backend.torch,
+    max_memory: dict | None = None,
+):
+    """Build the causal LM from safetensors (or a quantized artifact) in ``dtype`` on ``device``, in eval mode.
+
+    ``backend`` (``cuda`` or ``torch``, already resolved) applies to an artifact's quantized Linears.
+    With ``max_memory`` (``{gpu index or "cpu": size}``) the model is spread over those devices by
+    accelerate instead (``--device-map auto``).
+    """
+    from transformers import AutoModelForCausalLM
+
+    if source.kind == SourceKind.artifact:
+        # The checksums were verified when the source was resolved.
+        manifest = A.read_manifest(source.path)
+        device_map = None if max_memory is None else plan_device_map(manifest, config, dtype, max_memory)
+        return load_quantized_model(manifest, config, device, dtype, backend, device_map)
+    placed = {"device_map": "auto", "max_memory": max_memory} if max_memory is not None else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path, config=config, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
+            **placed,
+        )  # fmt: skip
+    except (OSError, ValueError) as err:
+        raise ModelSourceError(f"the weights in {source.path} cannot be loaded: {err}") from err
+    return (model if placed else model.to(device)).eval()
 
 
 def load_quantized_model(
@@ -30,12 +65,10 @@ def load_quantized_model(
     own device and accelerate moves activations between them; a quantized Linear placed on the
     CPU then uses the torch backend, whatever ``backend`` says for the GPUs.
     """
-    assert backend in (Backend.cuda, Backend.torch), "resolve auto with device.resolve_backend first"
+    assert backend in (Backend.cuda, Backend.torch), "resolve auto with backend.resolve_backend first"
     from accelerate import dispatch_model, init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
     from transformers import AutoModelForCausalLM
-
-    from llmq.runtime.placement import device_of
 
     def place(name: str) -> torch.device:
         return device if device_map is None else device_of(device_map, name)
@@ -70,11 +103,3 @@ def load_quantized_model(
     if device_map is None:
         return model.to(device).eval()
     return dispatch_model(model, device_map=device_map).eval()
-
-
-def parent_module(model, dotted: str):
-    parent_name, _, child = dotted.rpartition(".")
-    try:
-        return model.get_submodule(parent_name), child
-    except AttributeError as err:
-        raise ArtifactError(f"{dotted} does not exist in the model built from the artifact's config") from err

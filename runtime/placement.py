@@ -43,8 +43,7 @@ def meta_skeleton(manifest, config, dtype: torch.dtype):
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from llmq.runtime.loader import parent_module
-    from llmq.runtime.qlinear import QuantLinear
+    from llmq.runtime.qlinear import QuantLinear, parent_module
 
     with init_empty_weights(include_buffers=True):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)

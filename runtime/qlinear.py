@@ -2,7 +2,7 @@
 
 The packed tensors stay resident as buffers. Two backends compute with them:
 
-* ``torch`` decodes them once, exactly (:func:`llmq.runtime.layout.dequantize`), into a dense
+* ``torch`` decodes them once, exactly (:func:`llmq.runtime.format.layout.dequantize`), into a dense
   weight in the activation dtype, so evaluation runs at the speed of the unquantized model while
   computing with precisely the quantized values;
 * ``cuda`` keeps only the packed tensors on the GPU and multiplies with the CuPy kernels
@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmq.runtime.layout import LinearLayout, dequantize
+from llmq.errors import ArtifactError
+from llmq.runtime.format.layout import LinearLayout, dequantize
 
 
 class QuantLinear(nn.Module):
@@ -58,3 +59,11 @@ class QuantLinear(nn.Module):
             f"in={lay.in_features}, out={lay.out_features}, k4={lay.k4}, bpw={lay.bits_per_weight():.3f}, "
             f"backend={self.backend}"
         )
+
+
+def parent_module(model, dotted: str):
+    parent_name, _, child = dotted.rpartition(".")
+    try:
+        return model.get_submodule(parent_name), child
+    except AttributeError as err:
+        raise ArtifactError(f"{dotted} does not exist in the model built from the artifact's config") from err

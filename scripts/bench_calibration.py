@@ -25,11 +25,12 @@ def forward_seconds(samples: int, seq_len: int, seed: int) -> float:
     import torch
 
     from llmq.quant.calibrate import sample_windows
-    from llmq.runtime import models, perplexity, text
+    from llmq.runtime.loader import load_model
+    from llmq.runtime.sources import models, text, tokenize
 
     source = models.resolve_model("demo", progress=False)
-    model = models.load_model(source, models.load_config(source), torch.device("cpu"), torch.float32)
-    ids = perplexity.tokenize_stream(
+    model = load_model(source, models.load_config(source), torch.device("cpu"), torch.float32)
+    ids = tokenize.tokenize_stream(
         models.load_tokenizer(source), text.load_text(text.Dataset.austen, None, text.Split.calib).text
     )
     windows = sample_windows(ids, samples, seq_len, seed)

@@ -78,7 +78,7 @@ def time_calls(calls: list, iters: int, reps: int) -> tuple[float, str]:
 
 
 def copy_bandwidth_gbps() -> float:
-    from llmq.runtime.profile import copy_bandwidth_gbps as measure
+    from llmq.runtime.decode.profile import copy_bandwidth_gbps as measure
 
     return measure(torch.device("cuda"), 1 << 30)
 
@@ -86,9 +86,9 @@ def copy_bandwidth_gbps() -> float:
 def bench_shape(n: int, k: int, batches: list[int], iters: int, reps: int) -> list[dict]:
     from llmq.quant.config import QuantConfig
     from llmq.quant.linear import plan_layout
-    from llmq.runtime import layout as L
     from llmq.runtime.cuda_backend import CudaLinear
     from llmq.runtime.cuda_backend import Path as KPath
+    from llmq.runtime.format import layout as L
 
     layout = plan_layout(n, k, QuantConfig())
     packed_bytes = layout.stored_bits() // 8

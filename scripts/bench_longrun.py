@@ -23,8 +23,10 @@ from pathlib import Path
 import torch
 
 from llmq.quant.resources import current_rss_bytes
-from llmq.runtime import models, perplexity, text
-from llmq.runtime.device import resolve_device
+from llmq.runtime.eval import perplexity
+from llmq.runtime.loader import load_model
+from llmq.runtime.sources import models, text, tokenize
+from llmq.runtime.sources.device import resolve_device
 
 
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
@@ -35,7 +37,7 @@ def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
 
 @torch.inference_mode()
 def generation(lm, config, tokens: int, device) -> dict:
-    from llmq.runtime.decode import cache_keyword
+    from llmq.runtime.decode.static import cache_keyword
 
     ids = torch.tensor([[1, 2, 3, 4]], device=device)
     out = lm(input_ids=ids, use_cache=True, logits_to_keep=1)
@@ -59,7 +61,7 @@ def generation(lm, config, tokens: int, device) -> dict:
 
 def evaluation(lm, tokenizer, windows: int, seq_len: int) -> dict:
     loaded = text.load_text(text.Dataset.austen, None, text.Split.eval)
-    ids = perplexity.tokenize_stream(tokenizer, loaded.text)[: windows * seq_len]
+    ids = tokenize.tokenize_stream(tokenizer, loaded.text)[: windows * seq_len]
     samples = []
     start = time.perf_counter()
     result = perplexity.perplexity(
@@ -85,7 +87,7 @@ def main() -> None:
     device = resolve_device(args.device)
     source = models.resolve_model(args.artifact, progress=False)
     config = models.load_config(source)
-    lm = models.load_model(source, config, device, torch.float32)
+    lm = load_model(source, config, device, torch.float32)
     document = {
         "command": "python scripts/bench_longrun.py " + " ".join(
             [args.artifact, "--out", str(args.out), "--tokens", str(args.tokens), "--windows", str(args.windows),

@@ -86,8 +86,9 @@ def hqq_point(bits: int, group: int, max_tokens: int) -> dict:
 
 def read_demo_stats(stats_path: Path):
     """The stats file, checked against the demo model; read once for every GPTQ point."""
-    from llmq.quant.statsfile import model_fingerprint, read_stats
-    from llmq.runtime import models
+    from llmq.quant.statsfile import read_stats
+    from llmq.runtime.sources import models
+    from llmq.runtime.sources.checkpoint import model_fingerprint
 
     return read_stats(stats_path, model_fingerprint(models.resolve_model("demo", progress=False).path))
 

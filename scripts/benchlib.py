@@ -67,15 +67,17 @@ def simulated_ppl(transform: Callable, max_tokens: int) -> tuple[float, float]:
     import torch
 
     from llmq.quant.config import QuantConfig
-    from llmq.runtime import models, perplexity, text
+    from llmq.runtime.eval import perplexity
+    from llmq.runtime.loader import load_model
+    from llmq.runtime.sources import models, text, tokenize
 
     source = models.resolve_model("demo", progress=False)
-    model = models.load_model(source, models.load_config(source), torch.device("cpu"), torch.float32)
+    model = load_model(source, models.load_config(source), torch.device("cpu"), torch.float32)
     selects = QuantConfig().selects
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and selects(name):
             module.weight.data = transform(name, module.weight.data.float()).to(module.weight.dtype)
-    ids = perplexity.tokenize_stream(
+    ids = tokenize.tokenize_stream(
         models.load_tokenizer(source), text.load_text(text.Dataset.austen, None, text.Split.eval).text
     )
     result = perplexity.perplexity(model, ids, 2048, 2048, max_tokens)

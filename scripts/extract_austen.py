@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Regenerate llmq's embedded Austen texts from Debian's r-cran-janeaustenr package.
 
-    python scripts/extract_austen.py            # apt-get download + extract into runtime/data/
+    python scripts/extract_austen.py            # apt-get download + extract into runtime/sources/data/
     python scripts/extract_austen.py --deb F    # use an already downloaded .deb
 
 Needs ``apt-get``/``dpkg-deb`` and the PyPI package ``rdata``. The package stores each novel as an
@@ -22,7 +22,7 @@ import zlib
 from pathlib import Path
 
 NOVELS = {"persuasion": "austen-persuasion.txt", "prideprejudice": "austen-pride-and-prejudice.txt"}
-OUT = Path(__file__).resolve().parent.parent / "runtime" / "data"
+OUT = Path(__file__).resolve().parent.parent / "runtime" / "sources" / "data"
 DATA_DIR = "usr/lib/R/site-library/janeaustenr/data"
 
 

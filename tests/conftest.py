@@ -97,7 +97,7 @@ def build_tiny_model(
     """A 2-layer random Llama (hidden 64 unless told) with a 400-token BPE vocabulary, saved as safetensors."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llmq.runtime.text import Dataset, Split, load_text
+    from llmq.runtime.sources.text import Dataset, Split, load_text
 
     sample = load_text(Dataset.austen, None, Split.calib).text[:200_000]
     tokenizer = _train_tokenizer([sample])

@@ -8,7 +8,7 @@ import torch
 
 from llmq.quant.config import QuantConfig
 from llmq.quant.linear import quantize_weight
-from llmq.runtime import layout as L
+from llmq.runtime.format import layout as L
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llmq.errors import ArtifactError
-from llmq.runtime import artifact as A
-from llmq.runtime import layout as L
+from llmq.runtime.format import artifact as A
+from llmq.runtime.format import layout as L
 
 MIXED = ("--g1", "16", "--g4", "16", "--stripe-fraction", "0.25")
 
@@ -69,11 +69,12 @@ def test_bits_per_weight_equals_the_bytes_on_disk(quantized):
 
 
 def test_runtime_decodes_exactly(quantized):
-    from llmq.runtime import models
+    from llmq.runtime.loader import load_model
     from llmq.runtime.qlinear import QuantLinear
+    from llmq.runtime.sources import models
 
     source = models.resolve_model(str(quantized))
-    model = models.load_model(source, models.load_config(source), torch.device("cpu"), torch.float32)
+    model = load_model(source, models.load_config(source), torch.device("cpu"), torch.float32)
     manifest = A.open_artifact(quantized)
     tensors = A.load_tensors(manifest)
     for name, entry in manifest.linears.items():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llmq.errors import DeviceError
-from llmq.runtime.device import Backend, resolve_backend
+from llmq.runtime.backend import Backend, resolve_backend
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +24,17 @@ def test_auto_on_a_cpu_picks_torch_and_says_why():
     backend, notice = resolve_backend(Backend.auto, torch.device("cpu"), torch.float32)
     assert backend == Backend.torch
     assert notice.startswith("backend: torch") and "cpu" in notice
+
+
+def test_auto_keeps_the_torch_path_on_a_gpu_until_the_kernels_are_verified(monkeypatch):
+    from llmq.runtime import backend, cuda_backend
+
+    monkeypatch.setattr(cuda_backend, "cuda_unavailable_reason", lambda device, dtype: None)  # a working GPU
+    chosen, notice = resolve_backend(Backend.auto, torch.device("cuda"), torch.float16)
+    assert chosen == Backend.torch and "not been verified on a GPU" in notice
+    assert resolve_backend(Backend.cuda, torch.device("cuda"), torch.float16) == (Backend.cuda, None)
+    monkeypatch.setattr(backend, "KERNELS_VERIFIED", True)
+    assert resolve_backend(Backend.auto, torch.device("cuda"), torch.float16) == (Backend.cuda, None)
 
 
 def test_explicit_cuda_without_a_gpu_is_an_error_not_a_fallback():
@@ -63,11 +74,12 @@ def test_a_plain_model_has_no_backend_in_json(cli, tiny_model):
 
 
 def test_the_torch_backend_keeps_a_dense_weight_and_says_so(tiny_artifact):
-    from llmq.runtime import models
+    from llmq.runtime.loader import load_model
     from llmq.runtime.qlinear import QuantLinear
+    from llmq.runtime.sources import models
 
     source = models.resolve_model(str(tiny_artifact), progress=False)
-    lm = models.load_model(source, models.load_config(source), torch.device("cpu"), torch.float32)
+    lm = load_model(source, models.load_config(source), torch.device("cpu"), torch.float32)
     layers = [m for m in lm.modules() if isinstance(m, QuantLinear)]
     assert layers and all(m.backend == "torch" and m.weight.numel() > 0 for m in layers)
     assert "backend=torch" in repr(layers[0])

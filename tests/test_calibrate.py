@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from llmq.quant.calibrate import collect, sample_windows
 from llmq.quant.config import QuantConfig
-from llmq.runtime import models, perplexity, text
+from llmq.runtime.loader import load_model
+from llmq.runtime.sources import models, text, tokenize
 
 CALIB = ("--dataset", "austen", "--samples", "4", "--seq-len", "64")
 
@@ -29,12 +30,12 @@ def stats_file(tmp_path_factory, tiny_model):
 def test_streamed_statistics_equal_full_model_hooks(tiny_model):
     source = models.resolve_model(str(tiny_model))
     config = models.load_config(source)
-    ids = perplexity.tokenize_stream(
+    ids = tokenize.tokenize_stream(
         models.load_tokenizer(source), text.load_text(text.Dataset.austen, None, text.Split.calib).text[:50_000]
     )
     windows = sample_windows(ids, 3, 48, seed=1)
     calibration = collect(source, config, QuantConfig(), windows)
-    model = models.load_model(source, config, torch.device("cpu"), torch.float32)
+    model = load_model(source, config, torch.device("cpu"), torch.float32)
     sums: dict[str, list] = {}
 
     def hook(name):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from kernel_cases import CASES, packed_layer
 
-from llmq.runtime import layout as L
+from llmq.runtime.format import layout as L
 
 pytestmark = pytest.mark.gpu
 REL_ERROR = 1e-3  # fp16 activations and outputs, fp32 accumulation
@@ -94,8 +94,9 @@ def test_packed_weights_take_about_the_artifact_size_on_the_gpu():
 
 
 def test_demo_artifact_generates_the_same_tokens_on_both_backends(demo_artifact_path):
-    from llmq.runtime import models
-    from llmq.runtime.device import Backend
+    from llmq.runtime.backend import Backend
+    from llmq.runtime.loader import load_model
+    from llmq.runtime.sources import models
 
     source = models.resolve_model(str(demo_artifact_path), progress=False)
     config = models.load_config(source)
@@ -103,7 +104,7 @@ def test_demo_artifact_generates_the_same_tokens_on_both_backends(demo_artifact_
     ids = tokenizer("The first thing Anne Elliot noticed was", return_tensors="pt").input_ids.cuda()
     tokens = {}
     for backend in (Backend.torch, Backend.cuda):
-        lm = models.load_model(source, config, torch.device("cuda"), torch.float16, backend=backend)
+        lm = load_model(source, config, torch.device("cuda"), torch.float16, backend=backend)
         with torch.no_grad():
             out = lm.generate(ids, max_new_tokens=32, do_sample=False, pad_token_id=tokenizer.eos_token_id)
         tokens[backend] = out[0, ids.shape[1] :].tolist()

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from llmq.errors import UsageError
-from llmq.runtime import models
-from llmq.runtime.decode import StaticDecoder, greedy, sampler
+from llmq.runtime.decode.static import StaticDecoder, greedy, sampler
+from llmq.runtime.loader import load_model
+from llmq.runtime.sources import models
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def tiny_artifact(tiny_model, tmp_path_factory):
 
 def _load(path):
     source = models.resolve_model(str(path), progress=False)
-    return models.load_model(source, models.load_config(source), torch.device("cpu"), torch.float32)
+    return load_model(source, models.load_config(source), torch.device("cpu"), torch.float32)
 
 
 def _reference(lm, ids, new_tokens):
@@ -78,11 +79,11 @@ def test_sampling_stays_on_the_device_and_is_seeded():
 
 @pytest.mark.gpu
 def test_a_captured_step_replays_the_same_tokens_on_the_gpu(tiny_artifact):
-    from llmq.runtime.device import Backend
+    from llmq.runtime.backend import Backend
 
     source = models.resolve_model(str(tiny_artifact), progress=False)
     config = models.load_config(source)
-    lm = models.load_model(source, config, torch.device("cuda"), torch.float16, backend=Backend.cuda)
+    lm = load_model(source, config, torch.device("cuda"), torch.float16, backend=Backend.cuda)
     ids = torch.randint(5, 300, (2, 6), generator=torch.Generator().manual_seed(2)).cuda()
     eager = StaticDecoder(lm, batch=2, max_len=32).generate(ids, 16)
     decoder = StaticDecoder(lm, batch=2, max_len=32)
@@ -103,7 +104,7 @@ def test_generate_static_gives_the_same_text_as_generate(cli, tiny_model, tiny_a
 
 
 def test_generate_static_stops_at_eos_and_samples_reproducibly(tiny_model):
-    from llmq.runtime.generate import SamplingOptions, generate_static
+    from llmq.runtime.decode.generate import SamplingOptions, generate_static
 
     lm = _load(tiny_model)
     tokenizer = models.load_tokenizer(models.resolve_model(str(tiny_model), progress=False))
@@ -126,6 +127,7 @@ def test_generate_graph_needs_a_gpu(cli, tiny_model):
 def test_generate_with_a_graph_on_the_gpu_gives_the_same_text(cli, tiny_artifact):
     import json
 
-    args = ("generate", str(tiny_artifact), "-p", "the first thing", "-n", "16", "--device", "cuda", "--json")
+    args = ("generate", str(tiny_artifact), "-p", "the first thing", "-n", "16", "--device", "cuda", "--backend", "cuda")
+    args = (*args, "--json")
     dynamic, graph = (json.loads(cli(*args, "--decode", mode).stdout) for mode in ("dynamic", "graph"))
     assert graph["backend"] == "cuda" and graph["text"] == dynamic["text"]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from llmq.runtime import demo
+from llmq.runtime.sources import demo
 
 pytestmark = pytest.mark.slow
 

@@ -8,14 +8,16 @@ import pytest
 import torch
 
 from llmq.errors import LlmqError, UsageError
-from llmq.runtime import models
-from llmq.runtime.generate import SamplingOptions, encode_prompt, generate
+from llmq.runtime.decode.generate import SamplingOptions, generate
+from llmq.runtime.loader import load_model
+from llmq.runtime.sources import models
+from llmq.runtime.sources.tokenize import encode_prompt
 
 
 def _load(folder):
     source = models.resolve_model(str(folder))
     config = models.load_config(source)
-    return models.load_tokenizer(source), models.load_model(source, config, torch.device("cpu"), torch.float32)
+    return models.load_tokenizer(source), load_model(source, config, torch.device("cpu"), torch.float32)
 
 
 def test_greedy_is_deterministic_and_respects_max_new_tokens(tiny_model):

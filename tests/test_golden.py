@@ -12,8 +12,8 @@ import json
 import torch
 
 from llmq.quant.writer import ArtifactWriter
-from llmq.runtime import artifact as A
-from llmq.runtime import layout as L
+from llmq.runtime.format import artifact as A
+from llmq.runtime.format import layout as L
 
 GOLDEN = {
     "shard-00000.safetensors": "eef3321cecc0479687cc1147f5aa49074c182d65ba72c03819ba9107cc3fcfbc",

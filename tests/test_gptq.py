@@ -11,7 +11,7 @@ import torch
 from llmq.quant.config import QuantConfig
 from llmq.quant.gptq import gptq_round, inverse_hessian_factor
 from llmq.quant.linear import quantize_weight
-from llmq.runtime import layout as L
+from llmq.runtime.format import layout as L
 
 
 def _correlated_inputs(rows: int, k: int, seed: int = 0) -> torch.Tensor:

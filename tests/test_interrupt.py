@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from llmq.runtime import demo
+from llmq.runtime.sources import demo
 
 pytestmark = pytest.mark.slow
 

@@ -8,8 +8,10 @@ import shutil
 import pytest
 import torch
 
-from llmq.runtime import logit_cache, models, perplexity, text
-from llmq.runtime.kld import kl_divergence, model_log_probs
+from llmq.runtime import loader
+from llmq.runtime.eval import logit_cache
+from llmq.runtime.eval.kld import kl_divergence, model_log_probs
+from llmq.runtime.sources import models, text, tokenize
 
 EVAL = ("--dataset", "austen", "--seq-len", "64", "--max-tokens", "256")
 
@@ -17,12 +19,12 @@ EVAL = ("--dataset", "austen", "--seq-len", "64", "--max-tokens", "256")
 def _load(folder):
     source = models.resolve_model(str(folder))
     config = models.load_config(source)
-    return models.load_tokenizer(source), models.load_model(source, config, torch.device("cpu"), torch.float32)
+    return models.load_tokenizer(source), loader.load_model(source, config, torch.device("cpu"), torch.float32)
 
 
 def test_a_model_against_itself_has_zero_kl(tiny_model):
     tokenizer, model = _load(tiny_model)
-    ids = perplexity.tokenize_stream(tokenizer, text.load_text(text.Dataset.austen, None, text.Split.eval).text[:5000])
+    ids = tokenize.tokenize_stream(tokenizer, text.load_text(text.Dataset.austen, None, text.Split.eval).text[:5000])
     result = kl_divergence(model_log_probs(model), model, ids, 64, 64, 256)
     assert result.mean == 0 and result.p999 == 0 and result.top1_agreement == 1.0
     assert result.ppl_base == result.ppl_quant and result.tokens_scored == 4 * 63
@@ -33,7 +35,7 @@ def test_kl_matches_a_hand_computation(tiny_model):
     _, other = _load(tiny_model)
     with torch.no_grad():
         other.lm_head.weight.mul_(1.5)
-    ids = perplexity.tokenize_stream(tokenizer, text.load_text(text.Dataset.austen, None, text.Split.eval).text[:3000])[
+    ids = tokenize.tokenize_stream(tokenizer, text.load_text(text.Dataset.austen, None, text.Split.eval).text[:3000])[
         :64
     ]
     result = kl_divergence(model_log_probs(base), other, ids, 64, 64)
@@ -88,13 +90,13 @@ def test_cached_base_log_probs_give_the_same_kl_without_loading_the_base(cli, ti
     assert "cached in" in err
     (cached,) = (logit_cache.cache_dir() / "kld-base").glob("*.npy")
     assert cached.stat().st_size > 4 * 63 * 2  # [252, vocab] float16, plus the .npy header
-    loads, real_load = [], models.load_model
+    loads, real_load = [], loader.load_model
 
     def counting_load(source, *args, **kwargs):
         loads.append(source.spec)
         return real_load(source, *args, **kwargs)
 
-    monkeypatch.setattr(models, "load_model", counting_load)
+    monkeypatch.setattr(loader, "load_model", counting_load)
     second, err = _kld_json(cli, two_bit, tiny_model, "--cache-base")
     assert "reusing" in err and loads == [str(two_bit)]  # only the quantized model was loaded
     assert second == first  # a hit reads exactly what the recording run used
@@ -126,7 +128,7 @@ def test_a_full_disk_is_refused_before_running(cli, tiny_model, two_bit, monkeyp
 
 
 def test_an_interrupted_recording_leaves_no_cache(cli, tiny_model, two_bit, monkeypatch):
-    from llmq.runtime import kld
+    from llmq.runtime.eval import kld
 
     def boom(*_a, **_k):
         raise KeyboardInterrupt

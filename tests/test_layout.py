@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmq.runtime import layout as L
+from llmq.runtime.format import layout as L
 
 
 @given(bits=st.sampled_from([2, 4]), rows=st.integers(1, 5), words=st.integers(1, 6), seed=st.integers(0, 2**31))
@@ -50,7 +50,7 @@ def test_meta2_round_trip(zero, code):
 
 
 def _slow_reference(t: dict[str, torch.Tensor], lay: L.LinearLayout) -> torch.Tensor:
-    """The formula of runtime/layout.py's docstring, one weight at a time, in float64."""
+    """The formula of runtime/format/layout.py's docstring, one weight at a time, in float64."""
     w = torch.zeros(lay.out_features, lay.in_features, dtype=torch.float64)
     q2 = L.unpack_codes(t["qweight2"], 2) if lay.k2 else None
     q4 = L.unpack_codes(t["qweight4"], 4) if lay.k4 else None

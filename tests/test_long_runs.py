@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from llmq.quant.resources import current_rss_bytes
-from llmq.runtime import demo, models, perplexity, text
+from llmq.runtime.eval import perplexity
+from llmq.runtime.loader import load_model
+from llmq.runtime.sources import demo, models, text, tokenize
 
 pytestmark = pytest.mark.slow
 
@@ -19,8 +21,8 @@ def test_perplexity_over_many_windows_does_not_grow(demo_cache, monkeypatch):
     monkeypatch.setenv("LLMQ_CACHE_DIR", str(demo_cache))
     demo.ensure_demo_model(progress=False)
     source = models.resolve_model("demo", progress=False)
-    lm = models.load_model(source, models.load_config(source), torch.device("cpu"), torch.float32)
-    ids = perplexity.tokenize_stream(
+    lm = load_model(source, models.load_config(source), torch.device("cpu"), torch.float32)
+    ids = tokenize.tokenize_stream(
         models.load_tokenizer(source), text.load_text(text.Dataset.austen, None, text.Split.eval).text
     )[: 64 * 60]
     rss = []

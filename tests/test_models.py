@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from llmq.errors import HubUnreachableError, ModelSourceError
-from llmq.runtime import models
-from llmq.runtime.models import SourceKind
+from llmq.runtime.sources import models
+from llmq.runtime.sources.models import SourceKind
 
 
 def test_local_folder_resolves_to_itself(tiny_model):

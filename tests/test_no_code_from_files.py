@@ -72,4 +72,4 @@ def test_the_scan_can_fail():
 
 def test_the_scan_covers_the_whole_package():
     names = {str(p.relative_to(ROOT)) for p in package_sources()}
-    assert {"runtime/artifact.py", "runtime/models.py", "quant/statsfile.py", "cuda/loader.py"} <= names
+    assert {"runtime/format/artifact.py", "runtime/sources/models.py", "quant/statsfile.py", "cuda/loader.py"} <= names

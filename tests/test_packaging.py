@@ -20,7 +20,9 @@ def test_cli_import_loads_neither_torch_nor_datasets():
 
 
 def test_runtime_modules_do_not_import_datasets():
-    modules = "llmq.runtime.text, llmq.runtime.perplexity, llmq.runtime.generate, llmq.runtime.models"
+    modules = ", ".join(
+        f"llmq.runtime.{m}" for m in ("sources.text", "eval.perplexity", "decode.generate", "sources.models", "loader")
+    )
     code = f"import sys, {modules}; print('datasets' in sys.modules)"
     assert _python(code).strip() == "False"
 

@@ -11,8 +11,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from llmq.errors import NumericsError, TextSourceError
-from llmq.runtime import models, perplexity
-from llmq.runtime.text import Dataset, Split, load_text
+from llmq.runtime.eval import perplexity
+from llmq.runtime.loader import load_model
+from llmq.runtime.sources import models, tokenize
+from llmq.runtime.sources.text import Dataset, Split, load_text
 
 
 @given(n=st.integers(0, 3000), seq_len=st.integers(2, 300), data=st.data())
@@ -36,11 +38,11 @@ def test_window_plan_scores_each_target_once_with_enough_context(n, seq_len, dat
 def _load(folder):
     source = models.resolve_model(str(folder))
     config = models.load_config(source)
-    return models.load_tokenizer(source), models.load_model(source, config, torch.device("cpu"), torch.float32)
+    return models.load_tokenizer(source), load_model(source, config, torch.device("cpu"), torch.float32)
 
 
 def _austen_ids(tokenizer, limit):
-    return perplexity.tokenize_stream(tokenizer, load_text(Dataset.austen, None, Split.eval).text[:20_000])[:limit]
+    return tokenize.tokenize_stream(tokenizer, load_text(Dataset.austen, None, Split.eval).text[:20_000])[:limit]
 
 
 def test_non_overlapping_ppl_matches_transformers_loss(tiny_model):

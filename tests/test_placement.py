@@ -10,8 +10,8 @@ import torch
 from llmq.errors import DeviceError, UsageError
 from llmq.quant.config import QuantConfig
 from llmq.quant.linear import plan_layout
-from llmq.runtime import models
 from llmq.runtime.placement import device_of, parse_max_memory, plan_device_map
+from llmq.runtime.sources import models
 
 
 def llama_7b_like(layers: int = 32):
@@ -73,7 +73,7 @@ def test_a_planned_artifact_runs_on_the_cpu_like_a_plain_load(tiny_model, tmp_pa
     assert run_cli("quantize", str(tiny_model), "-o", str(out), "--g4", "16", "-q").code == 0
     source = models.resolve_model(str(out), progress=False)
     config = models.load_config(source)
-    from llmq.runtime import artifact as A
+    from llmq.runtime.format import artifact as A
     from llmq.runtime.loader import load_quantized_model
 
     manifest = A.read_manifest(out)

@@ -9,7 +9,7 @@ import pytest
 from llmq.errors import UsageError
 from llmq.quant.config import PRESETS, preset_config
 from llmq.quant.linear import plan_layout
-from llmq.runtime.accounting import account
+from llmq.runtime.format.accounting import account
 
 # SmolLM2-135M's Linear shapes per decoder layer (30 layers): q, k, v, o, gate, up, down.
 DEMO_SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]

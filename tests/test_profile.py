@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from llmq.runtime import profile as P
+from llmq.runtime.decode import profile as P
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +78,11 @@ def test_a_plain_model_profiles_without_a_backend(cli, tiny_model):
 def test_stat_and_bytes_helpers(tiny_artifact):
     assert P.Stat.of([1.0, 3.0]) == P.Stat(2.0, pytest.approx(2**0.5), 2)
     assert P.Stat.of([5.0]).sd == 0.0
-    from llmq.runtime import models
+    from llmq.runtime.loader import load_model
+    from llmq.runtime.sources import models
 
     source = models.resolve_model(str(tiny_artifact), progress=False)
-    lm = models.load_model(source, models.load_config(source), torch.device("cpu"), torch.float32)
+    lm = load_model(source, models.load_config(source), torch.device("cpu"), torch.float32)
     quantized, linear = P.weight_bytes_per_step(lm)
     from llmq.runtime.qlinear import QuantLinear
 

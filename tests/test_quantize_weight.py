@@ -9,8 +9,8 @@ from llmq.quant.config import QuantConfig, Rounding
 from llmq.quant.groups import fit_scale_zero, quantize_2bit
 from llmq.quant.linear import NonFiniteWeightError, quantize_weight
 from llmq.quant.select import select_channels, stripe_width
-from llmq.runtime import artifact
-from llmq.runtime import layout as L
+from llmq.runtime.format import artifact
+from llmq.runtime.format import layout as L
 
 
 def _weight(n=128, k=256, seed=0):

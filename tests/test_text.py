@@ -8,8 +8,8 @@ import types
 import pytest
 
 from llmq.errors import TextSourceError, UsageError
-from llmq.runtime import text
-from llmq.runtime.text import Dataset, Split, load_text
+from llmq.runtime.sources import text
+from llmq.runtime.sources.text import Dataset, Split, load_text
 
 
 def test_austen_splits_are_different_novels():

@@ -2,7 +2,7 @@
 
 A MODEL is one of three things, checked in this order:
 
-1. ``demo``: the embedded demo model (:mod:`llmq.runtime.demo`). The name is reserved; write
+1. ``demo``: the embedded demo model (:mod:`llmq.runtime.sources.demo`). The name is reserved; write
    ``./demo`` for a local folder that happens to be called ``demo``.
 2. A path that exists: a local HF folder (``config.json``, tokenizer, ``*.safetensors``).
 3. A hub id (``org/name``): fetched with ``huggingface_hub`` into its usual cache, or taken
@@ -21,11 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from llmq.errors import HubUnreachableError, ModelSourceError
-from llmq.runtime import artifact, demo
-from llmq.runtime.device import Backend
+from llmq.runtime.format import artifact
+from llmq.runtime.sources import demo
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 # Config, tokenizer and safetensors weights only; *.bin / *.pt pickles are never downloaded.
@@ -181,46 +179,3 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
         return AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise ModelSourceError(f"the tokenizer in {source.path} cannot be loaded: {err}") from err
-
-
-def load_model(
-    source: ModelSource,
-    config,
-    device: torch.device,
-    dtype: torch.dtype,
-    trust_remote_code: bool = False,
-    backend: Backend = Backend.torch,
-    max_memory: dict | None = None,
-):
-    """Build the causal LM from safetensors (or a quantized artifact) in ``dtype`` on ``device``, in eval mode.
-
-    ``backend`` (``cuda`` or ``torch``, already resolved) applies to an artifact's quantized Linears.
-    With ``max_memory`` (``{gpu index or "cpu": size}``) the model is spread over those devices by
-    accelerate instead (``--device-map auto``).
-    """
-    from transformers import AutoModelForCausalLM
-
-    if source.kind == SourceKind.artifact:
-        from llmq.runtime.loader import load_quantized_model
-        from llmq.runtime.placement import plan_device_map
-
-        # The checksums were verified when the source was resolved.
-        manifest = artifact.read_manifest(source.path)
-        device_map = None if max_memory is None else plan_device_map(manifest, config, dtype, max_memory)
-        return load_quantized_model(manifest, config, device, dtype, backend, device_map)
-    if max_memory is not None:
-        try:
-            return AutoModelForCausalLM.from_pretrained(
-                source.path, config=config, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
-                device_map="auto", max_memory=max_memory,
-            ).eval()  # fmt: skip
-        except (OSError, ValueError) as err:
-            raise ModelSourceError(f"the weights in {source.path} cannot be loaded: {err}") from err
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source.path, config=config, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
-        )
-    except (OSError, ValueError) as err:
-        raise ModelSourceError(f"the weights in {source.path} cannot be loaded: {err}") from err
-    return model.to(device).eval()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmq.errors import LlmqError, UsageError
+from llmq.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -53,25 +53,6 @@ class GenerationResult:
     def decode_tokens_per_s(self) -> float | None:
         steps = self.new_tokens - 1
         return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else None
-
-
-def check_prompt(prompt: str, chat: bool, system: str | None) -> None:
-    if not prompt:
-        raise UsageError("the prompt is empty; pass text with --prompt")
-    if system is not None and not chat:
-        raise UsageError("--system only applies with --chat")
-
-
-def encode_prompt(tokenizer, prompt: str, chat: bool, system: str | None = None) -> torch.Tensor:
-    """Prompt token ids, shape [1, T]; with ``chat`` through the tokenizer's chat template."""
-    check_prompt(prompt, chat, system)
-    if not chat:
-        return torch.tensor([tokenizer(prompt, add_special_tokens=True)["input_ids"]], dtype=torch.long)
-    if not getattr(tokenizer, "chat_template", None):
-        raise LlmqError("this model's tokenizer has no chat template; drop --chat to use the prompt as plain text")
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
-    return torch.tensor([encoded["input_ids"]], dtype=torch.long)
 
 
 def eos_ids(model, tokenizer) -> list[int]:
@@ -163,11 +144,11 @@ def generate_static(
     on_text: Callable[[str], None] | None = None,
     graph: bool = False,
 ) -> GenerationResult:
-    """:func:`generate` through :class:`~llmq.runtime.decode.StaticDecoder`: a preallocated KV cache,
+    """:func:`generate` through :class:`~llmq.runtime.decode.static.StaticDecoder`: a preallocated KV cache,
     sampling on the device, and with ``graph`` the decode step replayed as a CUDA graph (captured
     after the prefill; the capture counts in the decode time). Greedy output equals :func:`generate`'s;
     sampled output uses llmq's device sampler, so it differs from transformers' for the same seed."""
-    from llmq.runtime.decode import StaticDecoder, greedy, sampler
+    from llmq.runtime.decode.static import StaticDecoder, greedy, sampler
 
     options.check()
     eos = set(eos_ids(model, tokenizer))

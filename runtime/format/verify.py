@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from llmq.runtime import artifact as A
-from llmq.runtime.layout import dequantize
+from llmq.runtime.format import artifact as A
+from llmq.runtime.format.layout import dequantize
 
 
 @dataclass

@@ -88,19 +88,6 @@ def require_one_window(n_tokens: int, seq_len: int, what: str = "the text") -> N
         )
 
 
-def tokenize_stream(tokenizer, text: str) -> torch.Tensor:
-    """The whole text as one 1-D token tensor, with the tokenizer's default special tokens."""
-    ids = tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
-
-
-def bos_policy(tokenizer, ids: torch.Tensor) -> str:
-    bos = tokenizer.bos_token_id
-    if bos is not None and len(ids) and int(ids[0]) == bos:
-        return f"one BOS ({tokenizer.bos_token!r}) at the start of the text, as the tokenizer adds it; none per window"
-    return "no BOS: the tokenizer adds none by default, and none is inserted per window"
-
-
 @torch.inference_mode()
 def perplexity(
     model,

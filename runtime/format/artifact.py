@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from llmq.errors import ArtifactError
-from llmq.runtime import layout as L
+from llmq.runtime.format import dtypes
+from llmq.runtime.format import layout as L
 
 FORMAT_NAME = "llmq"
 FORMAT_VERSION = 1
@@ -41,12 +42,9 @@ ALLOWED_KEYS = REQUIRED_KEYS | {"llmq_version", "source", "quantization", "calib
 INFO_KEYS = ("llmq_version", "source", "quantization", "calibration", "accounting")  # provenance, not used to run
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DENSE_DTYPES = {info.name: info for info in dtypes.FLOATS}  # what a dense tensor may be stored as
 _MAX_JSON_BYTES = 64 << 20
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return {v: k for k, v in _DTYPES.items()}[dtype]
+MAX_DENSE_ELEMENTS = 1 << 36  # 64 G elements: more than any real tensor, less than a hostile header claims
 
 
 @dataclass(frozen=True)
@@ -77,7 +75,7 @@ class Manifest:
 
     def accounting(self):
         """The bits-per-weight accounting its layouts and dense shapes give (``runtime.accounting``)."""
-        from llmq.runtime.accounting import account
+        from llmq.runtime.format.accounting import account
 
         return account(
             {name: entry.layout for name, entry in self.linears.items()},
@@ -89,11 +87,16 @@ def is_artifact(path: Path) -> bool:
     return path.is_dir() and (path / MANIFEST).is_file()
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
+def update_digest(digest, path: Path) -> None:
+    """Feed a file's bytes to a ``hashlib`` digest, 4 MiB at a time."""
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             digest.update(chunk)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    update_digest(digest, path)
     return digest.hexdigest()
 
 
@@ -198,14 +201,14 @@ def _dense(name: str, entry: Any, files: dict, file: Path) -> DenseEntry:
     known = isinstance(shard, str) and shard in files and shard.endswith(".safetensors")
     _expect(known, file, f"dense {name}: unknown shard {shard!r}")
     _expect(
-        isinstance(dtype, str) and dtype in _DTYPES,
+        isinstance(dtype, str) and dtype in _DENSE_DTYPES,
         file,
-        f"dense {name}: dtype {dtype!r} is not one of {sorted(_DTYPES)}",
+        f"dense {name}: dtype {dtype!r} is not one of {sorted(_DENSE_DTYPES)}",
     )
     _expect(isinstance(shape, list) and len(shape) <= 4, file, f"dense {name}: shape must be a list of at most 4 ints")
     dims = tuple(_int(d, file, f"dense {name}: shape", 0, 1 << 32) for d in shape)
-    _expect(math.prod(dims) <= 1 << 36, file, f"dense {name}: shape {list(dims)} is implausibly large")
-    return DenseEntry(shard, _DTYPES[dtype], dims)
+    _expect(math.prod(dims) <= MAX_DENSE_ELEMENTS, file, f"dense {name}: shape {list(dims)} is implausibly large")
+    return DenseEntry(shard, _DENSE_DTYPES[dtype].torch(), dims)
 
 
 def file_problem(path: Path, info: dict[str, Any]) -> str | None:
@@ -233,9 +236,6 @@ def verify_files(manifest: Manifest) -> None:
     check_headers(manifest)
 
 
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32, "U8": torch.uint8}
-
-
 def check_headers(manifest: Manifest) -> None:
     """Every shard's safetensors header (read without its data) names the manifest's tensors with
     its dtypes and shapes; safetensors itself checks the offsets against the file size."""
@@ -251,7 +251,8 @@ def check_headers(manifest: Manifest) -> None:
         except (SafetensorError, OSError, RuntimeError) as err:
             raise ArtifactError(f"{path}: unreadable safetensors header ({err})") from err
         for name, (dtype, shape) in declared.items():
-            _check_declared(path, shard, name, _ST_DTYPES.get(dtype), dtype, shape, expected)
+            info = dtypes.BY_SAFETENSORS.get(dtype)
+            _check_declared(path, shard, name, info.torch() if info else None, dtype, shape, expected)
 
 
 def _check_declared(path: Path, shard: str, name: str, dtype, label, shape: tuple, expected: dict) -> None:
@@ -332,7 +333,7 @@ def check_linear_values(name: str, layout: L.LinearLayout, t: dict[str, torch.Te
         if not torch.isfinite(t["scale2"]).all():
             fail("scale2 holds NaN/Inf")
     if layout.k4 > 0:
-        if int(t["zero4"].max()) > 15:
+        if int(t["zero4"].max()) > L.INT4_MAX:
             fail("a 4-bit zero exceeds INT4")
         if not torch.isfinite(t["scale4"]).all():
             fail("scale4 holds NaN/Inf")

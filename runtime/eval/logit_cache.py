@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from llmq.errors import LlmqError
-from llmq.runtime.cache import cache_dir
+from llmq.runtime.sources.cache import cache_dir
 
 BYTES_PER_VALUE = 2  # float16
 LARGE_BYTES = 1 << 30  # warn above 1 GiB

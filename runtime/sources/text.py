@@ -82,7 +82,7 @@ def _load_file(path: Path) -> Text:
 
 def _load_austen(split: Split) -> Text:
     name = _AUSTEN_FILES[split]
-    data = resources.files("llmq.runtime").joinpath("data")
+    data = resources.files("llmq.runtime.sources").joinpath("data")
     raw = data.joinpath(name).read_bytes()
     expected = json.loads(data.joinpath("austen.json").read_text())["files"][name]["sha256"]
     if hashlib.sha256(raw).hexdigest() != expected:

@@ -4,7 +4,7 @@ For every scored token, ``KL(P_base || P_quant) = Σ_v p_base(v) (log p_base(v) 
 over the vocabulary, computed in fp32 from both models' logits on the same window. Also the
 share of tokens whose most likely next token agrees, and both perplexities on the same tokens.
 The base side is any :data:`BaseLogProbs`: the base model itself, or its log-probs read back
-from :mod:`llmq.runtime.logit_cache`.
+from :mod:`llmq.runtime.eval.logit_cache`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmq.runtime.perplexity import TokenSeries, plan_windows, require_one_window
+from llmq.runtime.eval.perplexity import TokenSeries, plan_windows, require_one_window
 
 # (window index, window token ids [T], tokens scored S) -> base log-probs [S, vocab], fp32
 BaseLogProbs = Callable[[int, torch.Tensor, int], torch.Tensor]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmq.runtime.layout import LinearLayout
+from llmq.runtime.format.layout import LinearLayout
 
 
 @dataclass(frozen=True)
@@ -70,9 +70,7 @@ def account(linears: dict[str, LinearLayout], dense: dict[str, tuple[torch.dtype
         for name, lay in linears.items()
     ]
     dense_params = sum(math.prod(shape) for _, shape in dense.values())
-    dense_bits = sum(
-        math.prod(shape) * torch.tensor([], dtype=dtype).element_size() * 8 for dtype, shape in dense.values()
-    )
+    dense_bits = sum(math.prod(shape) * dtype.itemsize * 8 for dtype, shape in dense.values())
     return Accounting(
         layers=layers,
         quantized_weights=sum(lay.out_features * lay.in_features for lay in linears.values()),

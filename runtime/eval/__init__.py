@@ -1,0 +1,1 @@
+"""Evaluation of a loaded model: perplexity, KL divergence from a base, the base log-prob cache."""
