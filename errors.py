@@ -47,3 +47,41 @@ class ArtifactError(LlmqError):
 
 class KernelCompileError(LlmqError):
     """A CUDA kernel could not be found or compiled; the message carries NVRTC's log."""
+
+
+class NonFiniteWeightError(NumericsError):
+    """A weight to be quantized (or a dense tensor to be stored) holds NaN or Inf, or overflows its dtype."""
+
+
+class StatsFileError(LlmqError):
+    """A calibration stats file is missing, corrupt, or made for another model."""
+
+
+class BudgetError(LlmqError):
+    """A ``--target-bits`` that this model cannot reach with the chosen group sizes."""
+
+
+class OutputError(LlmqError):
+    """The output path cannot be written as asked: its folder is missing, or something is in the way."""
+
+
+class OutputExistsError(OutputError):
+    """The output already exists (and ``--force`` was not given, or it is not an llmq artifact)."""
+
+
+class ArtifactWriteError(LlmqError):
+    """Writing the artifact failed (a full disk, a quota, a vanished folder); nothing was committed."""
+
+
+class ResumeError(LlmqError):
+    """``quantize --resume`` cannot continue: the interrupted run differs, or its checkpoint is damaged."""
+
+
+class InterruptedRun(LlmqError):
+    """Ctrl-C or SIGTERM stopped a run; what it finished is kept (``quantize --resume`` continues it)."""
+
+    exit_code = 130
+
+
+class CacheError(LlmqError):
+    """A file in llmq's cache (base log-probabilities) is corrupt or cannot be written."""

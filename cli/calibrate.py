@@ -48,13 +48,13 @@ def calibrate(
 
     The calibration split is used: Pride and Prejudice for austen, the train split for wikitext2.
     """
-    from llmq.errors import LlmqError
+    from llmq.errors import OutputExistsError
     from llmq.quant.statsfile import write_stats
 
     start = time.perf_counter()
     out = Reporter(json, quiet)
     if output.exists() and not force:
-        raise LlmqError(f"{output} already exists; pass --force to replace it")
+        raise OutputExistsError(f"{output} already exists; pass --force to replace it")
     source, model_config, calibration, meta = run_calibration(
         out, model, dataset, text_file, samples, seq_len, seed, revision, trust_remote_code, device=device
     )

@@ -53,12 +53,12 @@ def kld(
     quiet: Quiet = False,
 ) -> None:
     """KL divergence of MODEL's next-token distribution from BASE's, on the same windows as `eval ppl`."""
-    from llmq.errors import LlmqError
+    from llmq.errors import ModelSourceError
     from llmq.runtime.eval import perplexity
     from llmq.runtime.eval.kld import kl_divergence
+    from llmq.runtime.format.dtypes import short as dtype_name
     from llmq.runtime.loader import load_model
     from llmq.runtime.sources import models, text, tokenize
-    from llmq.runtime.format.dtypes import short as dtype_name
     from llmq.runtime.sources.device import resolve_device, resolve_dtype
 
     wall_start = time.perf_counter()
@@ -76,7 +76,9 @@ def kld(
     perplexity.check_protocol(seq_len, stride, max_tokens, min(contexts) if contexts else None)
     ids = [tokenize.tokenize_stream(models.load_tokenizer(s, trust_remote_code), loaded.text) for s in sources]
     if not (len(ids[0]) == len(ids[1]) and bool((ids[0] == ids[1]).all())):
-        raise LlmqError(f"{model} and {base} tokenize the text differently; KL divergence needs the same tokenizer")
+        raise ModelSourceError(
+            f"{model} and {base} tokenize the text differently; KL divergence needs the same tokenizer"
+        )
     perplexity.require_one_window(len(ids[0]), seq_len, loaded.source)
     out.info(f"model: {sources[0].label}")
     out.info(f"base:  {sources[1].label}")

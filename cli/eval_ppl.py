@@ -74,9 +74,9 @@ def ppl(
     import torch
 
     from llmq.runtime.eval import perplexity
+    from llmq.runtime.format.dtypes import short as dtype_name
     from llmq.runtime.loader import load_model
     from llmq.runtime.sources import models, text, tokenize
-    from llmq.runtime.format.dtypes import short as dtype_name
     from llmq.runtime.sources.device import resolve_dtype
 
     wall_start = time.perf_counter()

@@ -68,9 +68,9 @@ def generate(
     """Generate text from MODEL, streaming tokens as they come and stopping at EOS."""
     from llmq.runtime.decode.generate import SamplingOptions, generate_static
     from llmq.runtime.decode.generate import generate as run_generate
+    from llmq.runtime.format.dtypes import short as dtype_name
     from llmq.runtime.loader import load_model
     from llmq.runtime.sources import models
-    from llmq.runtime.format.dtypes import short as dtype_name
     from llmq.runtime.sources.device import resolve_dtype
     from llmq.runtime.sources.tokenize import check_prompt, encode_prompt
 

@@ -81,9 +81,9 @@ def profile(
 ) -> None:
     """Time prefill and decode of MODEL per batch size, and show where a decode step's time goes."""
     from llmq.runtime.decode import profile as P
+    from llmq.runtime.format.dtypes import short as dtype_name
     from llmq.runtime.loader import load_model
     from llmq.runtime.sources import models
-    from llmq.runtime.format.dtypes import short as dtype_name
     from llmq.runtime.sources.device import resolve_dtype
 
     out = Reporter(json, quiet)

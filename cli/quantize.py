@@ -106,7 +106,7 @@ def quantize(
     """Quantize MODEL to range-aware mixed 2/4-bit weights and write a self-contained artifact."""
     import torch
 
-    from llmq.errors import UsageError
+    from llmq.errors import ArtifactWriteError, UsageError
     from llmq.quant import pipeline, resources, writer
     from llmq.quant.config import preset_config
     from llmq.runtime.sources import models
@@ -176,7 +176,7 @@ def quantize(
     if not dry_run:
         problem = resources.disk_problem(needs, output)
         if problem:
-            raise writer.ArtifactWriteError(problem)
+            raise ArtifactWriteError(problem)
         if warning := resources.memory_warning(needs):
             out.warn(warning)
         with _StopRequest.installed() as stop, out.progress("quantizing layers") as update:

@@ -12,18 +12,21 @@
 
 namespace llmq {
 
-// Grid: ceil(N * (k2p/16 + k4/8) / 256) blocks of 256 threads; one thread per 32-bit word.
+constexpr int DEQUANT_THREADS = 256;  // threads per block of dequant_packed, one 32-bit word each
+constexpr int OUTLIER_WARPS = 4;      // warps per block of outliers_add, one output row each
+
+// Grid: ceil(N * (k2p/16 + k4/8) / DEQUANT_THREADS) blocks; one thread per 32-bit word.
 //
 // wp   half [N, k2p + k4] output, packed column order
 // the packed tensors as in gemv.cu; orow/ocol/oval may be null
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(DEQUANT_THREADS)
 dequant_packed(half* __restrict__ wp, int N, int k2,
                const u32* __restrict__ q2, const u8* __restrict__ meta2, const half* __restrict__ scale2,
                const u8* __restrict__ szero2, int k2p, int g1, int g2,
                const u32* __restrict__ q4, const half* __restrict__ scale4, const u8* __restrict__ zero4, int k4, int g4,
                const int* __restrict__ orow, const int* __restrict__ ocol, const half* __restrict__ oval) {
     const int words2 = k2p / 16, words4 = k4 / 8, words = words2 + words4;
-    const long long id = (long long)blockIdx.x * 256 + threadIdx.x;
+    const long long id = (long long)blockIdx.x * DEQUANT_THREADS + threadIdx.x;
     if (id >= (long long)N * words) return;
     const int row = (int)(id / words), word = (int)(id % words);
     const int kx = k2p + k4;
@@ -68,13 +71,13 @@ dequant_packed(half* __restrict__ wp, int N, int k2,
 }
 
 // y[m, r] += sum over row r's outliers of val * xp[m, col], for the batched path (the GEMM
-// kernel leaves outliers out). Grid: ceil(N / 4) blocks of 128 threads, one warp per row r;
+// kernel leaves outliers out). Grid: ceil(N / OUTLIER_WARPS) blocks, one warp per row r;
 // the lanes stride the row's entries and a shuffle reduction keeps the sum deterministic.
 // xp half [M, kx], y half [M, N] (row stride N).
-__global__ void __launch_bounds__(128)
+__global__ void __launch_bounds__(32 * OUTLIER_WARPS)
 outliers_add(const half* __restrict__ xp, int kx, half* __restrict__ y, int M, int N,
              const int* __restrict__ orow, const int* __restrict__ ocol, const half* __restrict__ oval) {
-    const int row = blockIdx.x * 4 + threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int row = blockIdx.x * OUTLIER_WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= N) return;
     const int begin = orow[row], end = orow[row + 1];
     if (begin == end) return;

@@ -15,11 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llmq.cuda.loader import GEMV_ROWS
+from llmq.cuda.loader import geometry
 from llmq.runtime.format.layout import LinearLayout
-
-GEMV_WARPS = 4  # gemv.cu: GEMV_WARPS
-GEMM_BN, GEMM_BK, GEMM_LDS, GEMM_THREADS = 64, 64, 72, 128  # gemm.cu
 
 
 @dataclass(frozen=True)
@@ -38,7 +35,7 @@ class Packed:
 
     @property
     def k2p(self) -> int:
-        return self.layout.k2_padded if self.layout.k2 > 0 else 0
+        return self.layout.k2_padded
 
 
 def biased_pair(word: np.ndarray, m: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -82,26 +79,28 @@ def scale4_meta(p: Packed, row: np.ndarray, word: np.ndarray) -> tuple[np.ndarra
 
 
 def gather(x: np.ndarray, p: Packed) -> np.ndarray:
-    """gather.cu::gather_permuted. x [M, K] -> xp [M, k2p + k4]."""
-    lay, k2p = p.layout, p.k2p
+    """gather.cu::gather_permuted. x [M, K] -> xp [M, k2p + k4]; block row y writes rows y, y + gridDim.y, ..."""
+    lay, k2p, g = p.layout, p.k2p, geometry()
     kx, m_rows = k2p + lay.k4, x.shape[0]
     perm = p.arrays["perm"]
     xp = np.full((m_rows, kx), np.nan)  # anything not written stays NaN and fails the comparison
-    for block_x in range((kx + 255) // 256):
-        c = block_x * 256 + np.arange(256)
+    grid_x, grid_y = g.gather_grid(kx, m_rows)
+    for block_x in range(grid_x):
+        c = block_x * g.gather_threads + np.arange(g.gather_threads)
         c = c[c < kx]
-        value = np.zeros((m_rows, c.size))
+        source = np.full(c.size, -1)
         two, four = c < lay.k2, c >= k2p
-        value[:, two] = x[:, perm[c[two]]]
-        value[:, four] = x[:, perm[lay.k2 + c[four] - k2p]]
-        xp[:, c] = value
+        source[two], source[four] = perm[c[two]], perm[lay.k2 + c[four] - k2p]
+        for block_y in range(grid_y):
+            m = np.arange(block_y, m_rows, grid_y)
+            xp[np.ix_(m, c)] = np.where(source >= 0, x[np.ix_(m, np.maximum(source, 0))], 0.0)
     return xp
 
 
 def _gemv_part(p: Packed, bits: int, vec: int, rows: np.ndarray, xp: np.ndarray, xoff: int, acc: np.ndarray) -> None:
     """gemv.cu::part_dot for every warp at once: rows [W, ROWS], acc [W, ROWS, 32 lanes, BATCH]."""
     cols_per_word = 32 // bits
-    words = (p.k2p // 16) if bits == 2 else p.layout.k4 // 8
+    words = p.layout.words2 if bits == 2 else p.layout.words4
     q = p.words("qweight2" if bits == 2 else "qweight4").reshape(-1)
     chunks = words // vec
     lanes = np.arange(32)
@@ -122,14 +121,14 @@ def _gemv_part(p: Packed, bits: int, vec: int, rows: np.ndarray, xp: np.ndarray,
 
 def gemv_mixed(xp: np.ndarray, p: Packed, vec2: int, vec4: int) -> np.ndarray:
     """gemv.cu::gemv_mixed<BATCH, GEMV_ROWS, vec2, vec4> (bias left out). xp [B, kx] -> y [B, N]."""
-    lay, k2p = p.layout, p.k2p
+    lay, k2p, g = p.layout, p.k2p, geometry()
     n, batch = lay.out_features, xp.shape[0]
-    grid = -(-n // (GEMV_WARPS * GEMV_ROWS))
-    warp_ids = np.arange(grid * GEMV_WARPS)  # blockIdx.x * GEMV_WARPS + threadIdx.x / 32
-    first = warp_ids * GEMV_ROWS
+    (grid,) = g.gemv_grid(n)
+    warp_ids = np.arange(grid * g.gemv_warps)  # blockIdx.x * GEMV_WARPS + threadIdx.x / 32
+    first = warp_ids * g.gemv_rows
     first = first[first < n]  # warps past N return at once
-    rows = np.minimum(first[:, None] + np.arange(GEMV_ROWS), n - 1)  # [W, ROWS]
-    acc = np.zeros((first.size, GEMV_ROWS, 32, batch))
+    rows = np.minimum(first[:, None] + np.arange(g.gemv_rows), n - 1)  # [W, ROWS]
+    acc = np.zeros((first.size, g.gemv_rows, 32, batch))
     if lay.k2 > 0:
         _gemv_part(p, 2, vec2, rows, xp, 0, acc)
     if lay.k4 > 0:
@@ -138,7 +137,7 @@ def gemv_mixed(xp: np.ndarray, p: Packed, vec2: int, vec4: int) -> np.ndarray:
         _gemv_outliers(p, rows, xp, acc)
     y = np.full((batch, n), np.nan)
     sums = acc.sum(axis=2)  # warp_sum over lanes: [W, ROWS, B]
-    for r in range(GEMV_ROWS):
+    for r in range(g.gemv_rows):
         keep = first + r < n
         y[:, (first + r)[keep]] = sums[keep, r, :].T
     return y
@@ -156,11 +155,12 @@ def _gemv_outliers(p: Packed, rows: np.ndarray, xp: np.ndarray, acc: np.ndarray)
 
 def dequant_packed(p: Packed) -> np.ndarray:
     """dequant.cu::dequant_packed: wp [N, k2p + k4] fp16 in packed column order, padding zeroed."""
-    lay, k2p = p.layout, p.k2p
-    n, words2, words4 = lay.out_features, k2p // 16, lay.k4 // 8
+    lay, k2p, g = p.layout, p.k2p, geometry()
+    n, words2, words4 = lay.out_features, lay.words2, lay.words4
     words = words2 + words4
     wp = np.full((n, k2p + lay.k4), np.nan, dtype=np.float32)
-    ids = np.arange(-(-n * words // 256) * 256)
+    (grid,) = g.dequant_grid(n, words)
+    ids = np.arange(grid * g.dequant_threads)
     ids = ids[ids < n * words]
     row, word = ids // words, ids % words
     two = word < words2
@@ -195,10 +195,11 @@ def outliers_add(xp: np.ndarray, y: np.ndarray, p: Packed) -> np.ndarray:
     """dequant.cu::outliers_add: y [M, N] plus the CSR outliers times xp, one warp per row."""
     rowptr, col, val = p.arrays["outlier_rowptr"], p.arrays["outlier_col"], p.arrays["outlier_val"]
     y = y.copy()
-    n = p.layout.out_features
-    for block in range(-(-n // 4)):
-        for warp in range(4):
-            row = block * 4 + warp
+    n, g = p.layout.out_features, geometry()
+    (grid,) = g.outliers_grid(n)
+    for block in range(grid):
+        for warp in range(g.outlier_warps):
+            row = block * g.outlier_warps + warp
             if row >= n or rowptr[row] == rowptr[row + 1]:
                 continue
             lanes = np.zeros((32, y.shape[0]))
@@ -224,13 +225,13 @@ def mma_c_coords(g: int, t: int) -> list[tuple[int, int]]:
 
 
 def _gemm_decode_step(p: Packed, step: int, steps2: int, n0: int, ws: np.ndarray) -> None:
-    """gemm.cu::load_step_raw + decode_step for all 128 threads into ws [64, GEMM_LDS] (fp16)."""
+    """gemm.cu::load_step_raw + decode_step for all GEMM_THREADS threads into ws [GEMM_BN, GEMM_LDS] (fp16)."""
     lay, n = p.layout, p.layout.out_features
-    tid = np.arange(GEMM_THREADS)
+    tid = np.arange(geometry().gemm_threads)
     row, side = n0 + tid // 2, tid % 2
     two = step < steps2
     per, bits = (2, 2) if two else (4, 4)
-    words = p.k2p // 16 if two else lay.k4 // 8
+    words = lay.words2 if two else lay.words4
     cols = 32 // bits
     q = p.words("qweight2" if two else "qweight4").reshape(-1)
     for i in range(per):
@@ -245,11 +246,11 @@ def _gemm_decode_step(p: Packed, step: int, steps2: int, n0: int, ws: np.ndarray
 
 def _gemm_load_x(p: Packed, xp: np.ndarray, step: int, steps2: int, m0: int, tiles: int, xs: np.ndarray) -> None:
     """gemm.cu::load_x_async: 16-byte chunks, zero-filled past M and past the part's width."""
-    two = step < steps2
+    two, geo = step < steps2, geometry()
     width, offset = (p.k2p, 0) if two else (p.layout.k4, p.k2p)
-    col0 = (step if two else step - steps2) * GEMM_BK
+    col0 = (step if two else step - steps2) * geo.gemm_bk
     for i in range(tiles):
-        chunk = np.arange(GEMM_THREADS) + GEMM_THREADS * i
+        chunk = np.arange(geo.gemm_threads) + geo.gemm_threads * i
         r, c = chunk // 8, (chunk % 8) * 8
         valid = (m0 + r < xp.shape[0]) & (col0 + c < width)
         for j in range(8):
@@ -262,8 +263,8 @@ def _gemm_mma_step(xs: np.ndarray, ws: np.ndarray, tiles: int, acc: np.ndarray) 
 
     acc [4 warps, 32 lanes, tiles, 2, 4] holds every thread's accumulator registers.
     """
-    for warp in range(4):
-        for kk in range(GEMM_BK // 16):
+    for warp in range(geometry().gemm_threads // 32):
+        for kk in range(geometry().gemm_bk // 16):
             a_tile = np.zeros((tiles, 16, 16))
             b_tile = np.zeros((2, 16, 8))
             for lane in range(32):
@@ -294,22 +295,23 @@ def _gemm_mma_step(xs: np.ndarray, ws: np.ndarray, tiles: int, acc: np.ndarray) 
 
 def gemm_mixed(xp: np.ndarray, p: Packed, tiles: int) -> np.ndarray:
     """gemm.cu::gemm_mixed<tiles> (bias left out, no outliers). xp [M, kx] -> y [M, N]."""
-    lay, k2p = p.layout, p.k2p
-    m_rows, n = xp.shape[0], lay.out_features
-    steps2 = -(-k2p // GEMM_BK)
-    steps = steps2 + -(-lay.k4 // GEMM_BK)
+    lay, k2p, geo = p.layout, p.k2p, geometry()
+    m_rows, n, warps = xp.shape[0], lay.out_features, geo.gemm_threads // 32
+    steps2 = -(-k2p // geo.gemm_bk)
+    steps = steps2 + -(-lay.k4 // geo.gemm_bk)
     y = np.full((m_rows, n), np.nan)
-    for bx in range(-(-n // GEMM_BN)):
-        for by in range(-(-m_rows // (16 * tiles))):
-            n0, m0 = bx * GEMM_BN, by * 16 * tiles
-            acc = np.zeros((4, 32, tiles, 2, 4))
+    grid_x, grid_y = geo.gemm_grid(n, m_rows, tiles)
+    for bx in range(grid_x):
+        for by in range(grid_y):
+            n0, m0 = bx * geo.gemm_bn, by * geo.gemm_tile_m * tiles
+            acc = np.zeros((warps, 32, tiles, 2, 4))
             for step in range(steps):
-                xs = np.full((16 * tiles, GEMM_LDS), np.nan, dtype=np.float16)  # padding never read
-                ws = np.full((GEMM_BN, GEMM_LDS), np.nan, dtype=np.float16)
+                xs = np.full((geo.gemm_tile_m * tiles, geo.gemm_lds), np.nan, dtype=np.float16)  # padding never read
+                ws = np.full((geo.gemm_bn, geo.gemm_lds), np.nan, dtype=np.float16)
                 _gemm_load_x(p, xp, step, steps2, m0, tiles, xs)
                 _gemm_decode_step(p, step, steps2, n0, ws)
                 _gemm_mma_step(xs.astype(np.float64), ws.astype(np.float64), tiles, acc)
-            for warp in range(4):
+            for warp in range(warps):
                 for lane in range(32):
                     g, t = lane // 4, lane % 4
                     for mt in range(tiles):

@@ -12,19 +12,20 @@
 
 namespace llmq {
 
-// Grid: (ceil(kx / 256), M) blocks of 256 threads; thread c of row m writes xp[m, c].
+constexpr int GATHER_THREADS = 256;  // threads per block, one packed column each
+
+// Grid: (ceil(kx / GATHER_THREADS), min(M, 65535)) blocks; thread c of block row y writes xp[m, c]
+// for m = y, y + gridDim.y, ...: CUDA caps gridDim.y at 65535, and a prefill can have more rows.
 // x half [M, K] (row stride ldx), perm int [K], xp half [M, kx] with kx = k2p + k4.
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(GATHER_THREADS)
 gather_permuted(const half* __restrict__ x, int ldx, const int* __restrict__ perm, half* __restrict__ xp,
-                int k2, int k2p, int k4) {
+                int M, int k2, int k2p, int k4) {
     const int kx = k2p + k4;
-    const int c = blockIdx.x * 256 + threadIdx.x;
-    const long long m = blockIdx.y;
+    const int c = blockIdx.x * GATHER_THREADS + threadIdx.x;
     if (c >= kx) return;
-    half value = __float2half_rn(0.f);
-    if (c < k2) value = x[m * ldx + perm[c]];
-    else if (c >= k2p) value = x[m * ldx + perm[k2 + c - k2p]];
-    xp[m * kx + c] = value;
+    const int source = c < k2 ? perm[c] : (c >= k2p ? perm[k2 + c - k2p] : -1);  // -1: 2-bit padding
+    for (long long m = blockIdx.y; m < M; m += gridDim.y)
+        xp[m * kx + c] = source < 0 ? __float2half_rn(0.f) : x[m * ldx + source];
 }
 
 }  // namespace llmq

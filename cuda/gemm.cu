@@ -24,10 +24,12 @@
 
 namespace llmq {
 
-constexpr int GEMM_BN = 64;
-constexpr int GEMM_BK = 64;
+constexpr int GEMM_BN = 64;            // output features per block
+constexpr int GEMM_BK = 64;            // K columns per pipeline step
 constexpr int GEMM_LDS = GEMM_BK + 8;  // padded row length in halves
-constexpr int GEMM_THREADS = 128;
+constexpr int GEMM_THREADS = 128;      // 4 warps
+constexpr int GEMM_TILE_M = 16;        // rows of X per m16 tile; a block holds MT of them
+constexpr int GEMM_MAX_TILES = 4;      // largest MT instantiated (1, 2, 4)
 
 // What one thread carries from the load of a step to its decode: up to 4 words of one W row.
 struct StepRaw {
@@ -176,7 +178,7 @@ __device__ __forceinline__ void mma_step(const half (*xs)[GEMM_LDS], const half 
     }
 }
 
-// Grid: (ceil(N / 64), ceil(M / (16 * MT))) blocks of 128 threads.
+// Grid: (ceil(N / GEMM_BN), ceil(M / (GEMM_TILE_M * MT))) blocks of GEMM_THREADS threads.
 //
 // xp   half [M, kx]  permuted, padded activations (gather.cu), kx = k2p + k4, 16-byte aligned rows
 // y    half [M, N]   output, row stride N
@@ -187,14 +189,14 @@ gemm_mixed(const half* __restrict__ xp, half* __restrict__ y, const half* __rest
            const u32* __restrict__ q2, const u8* __restrict__ meta2, const half* __restrict__ scale2,
            const u8* __restrict__ szero2, int k2p, int g1, int g2,
            const u32* __restrict__ q4, const half* __restrict__ scale4, const u8* __restrict__ zero4, int k4, int g4) {
-    __shared__ __align__(16) half xs[2][16 * MT][GEMM_LDS];
+    __shared__ __align__(16) half xs[2][GEMM_TILE_M * MT][GEMM_LDS];
     __shared__ __align__(16) half ws[2][GEMM_BN][GEMM_LDS];
     const int groups2 = g1 > 0 ? k2p / g1 : 0;
     const GemmArgs a{xp, M, N, kx, k2p, k4, (k2p + GEMM_BK - 1) / GEMM_BK,
                      Part2{q2, meta2, scale2, szero2, k2p / 16, groups2, g2 > 0 ? (groups2 + g2 - 1) / g2 : 0, g1, g2},
                      Part4{q4, scale4, zero4, k4 / 8, g4 > 0 ? k4 / g4 : 0, g4}};
     const int steps = a.steps2 + (k4 + GEMM_BK - 1) / GEMM_BK;
-    const int n0 = blockIdx.x * GEMM_BN, m0 = blockIdx.y * 16 * MT;
+    const int n0 = blockIdx.x * GEMM_BN, m0 = blockIdx.y * GEMM_TILE_M * MT;
 
     float acc[MT][2][4];
 #pragma unroll

@@ -20,7 +20,10 @@
 
 namespace llmq {
 
-constexpr int GEMV_WARPS = 4;  // warps per block
+constexpr int GEMV_WARPS = 4;       // warps per block
+constexpr int GEMV_ROWS = 2;        // rows per warp of the instances the host launches (template ROWS)
+constexpr int GEMV_MAX_BATCH = 8;   // largest BATCH instantiated: acc[ROWS][BATCH] stays in registers
+constexpr int GEMV_VEC_WIDE = 4;    // words per lane in one 16-byte load (template VEC2 / VEC4)
 
 template <int VEC>
 __device__ __forceinline__ void load_words(u32 (&dst)[VEC], const u32* __restrict__ src) {

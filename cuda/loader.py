@@ -2,7 +2,7 @@
 
 Each ``.cu`` file in this package is one translation unit. Its ``#include "x.cuh"`` lines are
 inlined here with ``#line`` directives, so an NVRTC error names the real file and line. The
-template instances each file provides are listed in :data:`INSTANCES`; NVRTC compiles exactly
+template instances each file provides are listed by :func:`instances`; NVRTC compiles exactly
 those (name expressions), for the architecture of the device at hand, through
 ``cupy.RawModule``. Compiled modules are cached per device and file; nothing is compiled when
 this module is imported.
@@ -14,8 +14,10 @@ report (registers, spills, stack) that :func:`resource_report` parses.
 
 from __future__ import annotations
 
+import ast
 import functools
 import importlib.util
+import operator
 import os
 import re
 import sys
@@ -27,23 +29,126 @@ from pathlib import Path
 from llmq.errors import DeviceError, KernelCompileError
 
 PACKAGE = "llmq.cuda"
-GEMV_MAX_BATCH = 8
-GEMV_ROWS = 2  # rows per warp in gemv.cu
-GEMV_VECS = (1, 4)  # words per lane load: 4 when a part's rows allow 16-byte loads
-GEMM_TILES = (1, 2, 4)  # m16 tiles per block in gemm.cu
+KERNEL_FILES = ("gather.cu", "gemv.cu", "gemm.cu", "dequant.cu")
+CUDA_MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y (and z); gridDim.x goes to 2**31 - 1
 
-# Every kernel each file provides, spelled as NVRTC name expressions.
-INSTANCES: dict[str, tuple[str, ...]] = {
+
+@dataclass(frozen=True)
+class Geometry:
+    """The launch constants the kernels declare (``constexpr int`` in each ``.cu``), read from the
+    sources so the host's grids and the numpy emulation cannot drift from the kernels."""
+
+    gather_threads: int  # gather.cu GATHER_THREADS
+    dequant_threads: int  # dequant.cu DEQUANT_THREADS
+    outlier_warps: int  # dequant.cu OUTLIER_WARPS
+    gemv_warps: int  # gemv.cu GEMV_WARPS
+    gemv_rows: int  # gemv.cu GEMV_ROWS
+    gemv_max_batch: int  # gemv.cu GEMV_MAX_BATCH
+    gemv_vec_wide: int  # gemv.cu GEMV_VEC_WIDE
+    gemm_bn: int  # gemm.cu GEMM_BN
+    gemm_bk: int  # gemm.cu GEMM_BK
+    gemm_lds: int  # gemm.cu GEMM_LDS
+    gemm_threads: int  # gemm.cu GEMM_THREADS
+    gemm_tile_m: int  # gemm.cu GEMM_TILE_M
+    gemm_max_tiles: int  # gemm.cu GEMM_MAX_TILES
+
+    @property
+    def gemv_vecs(self) -> tuple[int, int]:
+        """Words per lane load: 1, or the 16-byte width when a part's rows allow it."""
+        return 1, self.gemv_vec_wide
+
+    @property
+    def gemm_tiles(self) -> tuple[int, ...]:
+        """The m16 tiles per block instantiated: powers of two up to GEMM_MAX_TILES."""
+        return tuple(1 << i for i in range(self.gemm_max_tiles.bit_length()) if 1 << i <= self.gemm_max_tiles)
+
+    # Launch grids, shared by the host (runtime/cuda_backend.py) and the emulation (emulate.py).
+    def gather_grid(self, kx: int, m: int) -> tuple[int, int]:
+        """gather.cu: one thread per packed column; rows beyond gridDim.y are looped over in the kernel."""
+        return -(-kx // self.gather_threads), min(m, CUDA_MAX_GRID_Y)
+
+    def gemv_grid(self, n: int) -> tuple[int]:
+        return (-(-n // (self.gemv_warps * self.gemv_rows)),)
+
+    def gemm_tiles_for(self, m: int) -> int:
+        """The fewest m16 tiles per block that cover ``m`` rows (the largest instance above that)."""
+        return next((t for t in self.gemm_tiles if self.gemm_tile_m * t >= m), self.gemm_tiles[-1])
+
+    def gemm_grid(self, n: int, m: int, tiles: int) -> tuple[int, int]:
+        return -(-n // self.gemm_bn), -(-m // (self.gemm_tile_m * tiles))
+
+    def dequant_grid(self, n: int, words_per_row: int) -> tuple[int]:
+        return (-(-n * words_per_row // self.dequant_threads),)
+
+    def outliers_grid(self, n: int) -> tuple[int]:
+        return (-(-n // self.outlier_warps),)
+
+
+@functools.cache
+def geometry() -> Geometry:
+    """The kernels' launch constants, read once from the ``.cu`` files."""
+    declared: dict[str, int] = {}
+    for name in KERNEL_FILES:
+        declared |= constants(name)
+    fields = Geometry.__dataclass_fields__
+    missing = [f.upper() for f in fields if f.upper() not in declared]
+    if missing:
+        raise KernelCompileError(f"the kernel sources do not declare {missing} as constexpr int")
+    return Geometry(**{f: declared[f.upper()] for f in fields})
+
+
+@functools.cache
+def instances(name: str) -> tuple[str, ...]:
+    """Every kernel ``cuda/NAME`` provides, spelled as NVRTC name expressions."""
+    g = geometry()
+    if name == "gemv.cu":
+        return tuple(
+            f"llmq::gemv_mixed<{batch}, {g.gemv_rows}, {vec2}, {vec4}>"
+            for batch in range(1, g.gemv_max_batch + 1)
+            for vec2 in g.gemv_vecs
+            for vec4 in g.gemv_vecs
+        )
+    if name == "gemm.cu":
+        return tuple(f"llmq::gemm_mixed<{tiles}>" for tiles in g.gemm_tiles)
+    return _PLAIN_INSTANCES.get(name, ())
+
+
+_PLAIN_INSTANCES = {
     "gather.cu": ("llmq::gather_permuted",),
-    "gemv.cu": tuple(
-        f"llmq::gemv_mixed<{batch}, {GEMV_ROWS}, {vec2}, {vec4}>"
-        for batch in range(1, GEMV_MAX_BATCH + 1)
-        for vec2 in GEMV_VECS
-        for vec4 in GEMV_VECS
-    ),
-    "gemm.cu": tuple(f"llmq::gemm_mixed<{tiles}>" for tiles in GEMM_TILES),
     "dequant.cu": ("llmq::dequant_packed", "llmq::outliers_add"),
 }
+
+
+_CONSTEXPR = re.compile(r"^constexpr\s+int\s+([A-Z][A-Z0-9_]*)\s*=\s*([^;]+);", re.M)
+
+
+@functools.cache
+def constants(name: str) -> dict[str, int]:
+    """``constexpr int NAME = expression;`` at the top level of ``cuda/NAME``, evaluated (integers,
+    earlier names, + - * /); no code from the file is executed."""
+    text = resources.files(PACKAGE).joinpath(name).read_text(encoding="utf-8")
+    values: dict[str, int] = {}
+    for constant, expression in _CONSTEXPR.findall(text):
+        try:
+            values[constant] = _integer(ast.parse(expression.strip(), mode="eval").body, values)
+        except (SyntaxError, ValueError) as err:
+            raise KernelCompileError(f"cuda/{name}: constexpr {constant} = {expression.strip()}: {err}") from None
+    return values
+
+
+_OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.floordiv}
+
+
+def _integer(node: ast.expr, names: dict[str, int]) -> int:
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return node.value
+    if isinstance(node, ast.Name) and node.id in names:
+        return names[node.id]
+    if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
+        return _OPERATORS[type(node.op)](_integer(node.left, names), _integer(node.right, names))
+    raise ValueError("only integers, earlier constants and + - * / are understood")
+
+
 OPTIONS = ("-std=c++17",)
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
 
@@ -147,9 +252,9 @@ _CACHE = _ModuleCache()
 
 
 def kernel(device_index: int, name: str, instance: str):
-    """The ``cupy.RawKernel`` for ``instance`` (one of ``INSTANCES[name]``) on CUDA device ``device_index``."""
-    if instance not in INSTANCES.get(name, ()):
-        raise KeyError(f"{instance!r} is not listed in INSTANCES[{name!r}]")
+    """The ``cupy.RawKernel`` for ``instance`` (one of ``instances(name)``) on CUDA device ``device_index``."""
+    if instance not in instances(name):
+        raise KeyError(f"{instance!r} is not listed among the instances of cuda/{name}")
     return _CACHE.function(device_index, name, instance)
 
 
@@ -160,7 +265,7 @@ def _compile_for_device(device_index: int, name: str):
     options = (*OPTIONS, f"-I{include}") if include else OPTIONS
     with cupy.cuda.Device(device_index):
         try:
-            module = cupy.RawModule(code=source, options=options, name_expressions=list(INSTANCES[name]))
+            module = cupy.RawModule(code=source, options=options, name_expressions=list(instances(name)))
             module.compile()
         except cupy.cuda.compiler.CompileException as err:
             hint = "" if include else f"\n({HEADER_HINT})"
@@ -242,7 +347,7 @@ def compile_offline(name: str, arch: str, source: str | None = None) -> OfflineB
     text = read_source(name) if source is None else source
     program = nvrtc.createProgram(text, name, [], [])
     try:
-        for expression in INSTANCES.get(name, ()):
+        for expression in instances(name):
             nvrtc.addNameExpression(program, expression)
         options = [*OPTIONS, f"-I{cuda_include_dir()}", f"-arch={arch}", "-Xptxas=-v"]
         try:
@@ -251,7 +356,7 @@ def compile_offline(name: str, arch: str, source: str | None = None) -> OfflineB
             raise KernelCompileError(
                 f"NVRTC could not compile cuda/{name} for {arch}:\n{nvrtc.getProgramLog(program)}"
             ) from None
-        lowered = {e: nvrtc.getLoweredName(program, e) for e in INSTANCES.get(name, ())}
+        lowered = {e: nvrtc.getLoweredName(program, e) for e in instances(name)}
         return OfflineBuild(name, arch, nvrtc.getCUBIN(program), nvrtc.getProgramLog(program), lowered)
     finally:
         nvrtc.destroyProgram(program)

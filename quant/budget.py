@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from llmq.errors import LlmqError
+from llmq.errors import BudgetError
 from llmq.runtime.format.layout import LinearLayout
 
 TOLERANCE = 0.02
@@ -44,7 +44,7 @@ def allocate(
     """Layouts with ``k4`` chosen per Linear so the total bits per weight is at most ``target``."""
     low, high = achievable_range(factories)
     if not low <= target <= high:
-        raise LlmqError(
+        raise BudgetError(
             f"--target-bits {target} is outside what this model can reach with these group sizes: "
             f"{low:.3f} (pure 2-bit) to {high:.3f} (all 4-bit)"
         )

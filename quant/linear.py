@@ -6,16 +6,12 @@ from dataclasses import replace
 
 import torch
 
-from llmq.errors import LlmqError
+from llmq.errors import NonFiniteWeightError
 from llmq.quant.config import QuantConfig, Rounding, Selection
 from llmq.quant.gptq import gptq_round
 from llmq.quant.groups import TwoBit, quantize_2bit, quantize_4bit
 from llmq.quant.select import range_score, select_channels, stripe_width
 from llmq.runtime.format import layout as L
-
-
-class NonFiniteWeightError(LlmqError):
-    """A weight to be quantized holds NaN or Inf."""
 
 
 def plan_layout(out_features: int, in_features: int, config: QuantConfig, k4: int | None = None) -> L.LinearLayout:

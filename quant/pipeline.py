@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 from llmq import __version__
-from llmq.errors import LlmqError, ModelSourceError
+from llmq.errors import InterruptedRun, ModelSourceError, NonFiniteWeightError, ResumeError, StatsFileError
 from llmq.quant.budget import allocate
 from llmq.quant.config import QuantConfig, Selection
-from llmq.quant.linear import NonFiniteWeightError, hessian_score, plan_layout, quantize_weight
-from llmq.quant.statsfile import CalibStats, StatsFileError
+from llmq.quant.linear import hessian_score, plan_layout, quantize_weight
+from llmq.quant.statsfile import CalibStats
 from llmq.quant.writer import ArtifactWriter, check_output, find_checkpoints, remove_stale_staging
 from llmq.runtime.format import artifact as A
 from llmq.runtime.format import dtypes
@@ -71,7 +71,7 @@ def make_plan(
             if module.bias is not None:
                 biases[name] = f"{name}.bias"
     if not linears:
-        raise LlmqError(
+        raise ModelSourceError(
             f"{source.spec} has no quantizable Linear layers matching {list(config.include)}"
             f"{' minus ' + str(list(config.exclude)) if config.exclude else ''}; check --include/--exclude"
         )
@@ -117,12 +117,6 @@ def _skeleton(model_config):
 
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(model_config)
-
-
-class InterruptedRun(LlmqError):
-    """Ctrl-C or SIGTERM stopped a quantize run; its finished layers are kept for ``--resume``."""
-
-    exit_code = 130
 
 
 def quantize_model(
@@ -208,7 +202,7 @@ def _open_writer(out: Path, force: bool, fingerprint: str, resume: bool, log) ->
         return ArtifactWriter(out, force)
     match = next((c for c in checkpoints if c.fingerprint == fingerprint), None)
     if match is None:
-        raise LlmqError(
+        raise ResumeError(
             f"--resume: the interrupted run in {checkpoints[0].staging.name} used a different model, settings or "
             "calibration; run without --resume to start over"
         )

@@ -16,17 +16,13 @@ from pathlib import Path
 
 import torch
 
-from llmq.errors import LlmqError
+from llmq.errors import StatsFileError
 from llmq.quant.calibrate import Calibration
 from llmq.quant.writer import writing
 
 STATS_FORMAT = "llmq-calib"
 STATS_VERSION = 1
 _META_KEY = "llmq_calib"
-
-
-class StatsFileError(LlmqError):
-    """A calibration stats file is missing, corrupt, or made for another model."""
 
 
 @dataclass(frozen=True)

@@ -23,16 +23,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from llmq.errors import LlmqError
+from llmq.errors import ArtifactWriteError, OutputError, OutputExistsError, ResumeError
 from llmq.runtime.format import artifact as A
-
-
-class OutputExistsError(LlmqError):
-    pass
-
-
-class ArtifactWriteError(LlmqError):
-    """Writing the artifact failed (a full disk, a quota, a vanished folder); nothing was committed."""
 
 
 @contextmanager
@@ -65,7 +57,7 @@ def check_output(out: Path, force: bool) -> None:
     if out.exists() and not A.is_artifact(out):
         raise OutputExistsError(f"{out} exists and is not an llmq artifact; refusing to replace it even with --force")
     if not out.parent.is_dir():
-        raise LlmqError(f"the output's folder {out.parent} does not exist")
+        raise OutputError(f"the output's folder {out.parent} does not exist")
 
 
 STOPPED = "stopped"  # the owner token of a staging directory kept by an interrupted run
@@ -141,7 +133,7 @@ class ArtifactWriter:
             return
         for name, info in resume_from.files.items():
             if A.file_problem(resume_from.staging / name, info):
-                raise LlmqError(
+                raise ResumeError(
                     f"the checkpoint in {resume_from.staging} is damaged ({name}); run without --resume to start over"
                 )
         os.rename(resume_from.staging, self.staging)

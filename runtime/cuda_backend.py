@@ -37,11 +37,12 @@ class Path(str, enum.Enum):
 
 @dataclass(frozen=True)
 class Crossovers:
-    gemv_max_batch: int = loader.GEMV_MAX_BATCH  # rows served by gemv.cu
+    """Rows up to gemv.cu's GEMV_MAX_BATCH take the gemv path; up to ``gemm_max_batch`` the gemm."""
+
     gemm_max_batch: int = 512  # above this, dequantize once and let cuBLAS do the matmul (unmeasured)
 
     def path(self, batch: int) -> Path:
-        if batch <= self.gemv_max_batch:
+        if batch <= loader.geometry().gemv_max_batch:
             return Path.gemv
         return Path.gemm if batch <= self.gemm_max_batch else Path.dequant
 
@@ -51,18 +52,13 @@ CROSSOVERS = Crossovers()
 
 def packed_columns(layout: LinearLayout) -> np.ndarray:
     """Indices of the real columns in the padded packed order ``[k2p + k4]`` (the 2-bit padding left out)."""
-    k2p = layout.k2_padded if layout.k2 > 0 else 0
-    return np.concatenate([np.arange(layout.k2), k2p + np.arange(layout.k4)])
-
-
-def _words_per_row(layout: LinearLayout) -> tuple[int, int]:
-    k2p = layout.k2_padded if layout.k2 > 0 else 0
-    return k2p // 16, layout.k4 // 8
+    return np.concatenate([np.arange(layout.k2), layout.k2_padded + np.arange(layout.k4)])
 
 
 def gemv_vectors(layout: LinearLayout) -> tuple[int, int]:
-    """Words per lane load in the 2- and 4-bit parts: 4 (16-byte loads) when every row starts aligned."""
-    return tuple(4 if words % 4 == 0 else 1 for words in _words_per_row(layout))
+    """Words per lane load in the 2- and 4-bit parts: the 16-byte width when every row starts aligned."""
+    wide = loader.geometry().gemv_vec_wide
+    return tuple(wide if words % wide == 0 else 1 for words in (layout.words2, layout.words4))
 
 
 def cuda_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -79,6 +75,18 @@ def cuda_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | N
     except DeviceError as err:
         return str(err)
     return None
+
+
+def _check_xp(xp: torch.Tensor, kx: int) -> None:
+    """The gathered activations the matmul kernels read with 16-byte vector loads: half [M, kx],
+    contiguous, 16-byte aligned (kx is a multiple of 8, so every row then starts aligned too)."""
+    if xp.dtype != torch.float16 or xp.dim() != 2 or xp.shape[1] != kx or not xp.is_contiguous():
+        raise ValueError(f"xp must be a contiguous fp16 tensor [M, {kx}], got {xp.dtype} {tuple(xp.shape)}")
+    if xp.data_ptr() % 16:
+        raise ValueError(
+            f"xp starts at an address that is not 16-byte aligned ({xp.data_ptr():#x}); the kernels load it "
+            "16 bytes at a time. Pass a tensor of its own (e.g. xp.clone()) or the output of gather()"
+        )
 
 
 def _output(out: torch.Tensor | None, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -118,6 +126,8 @@ def launch(device_index: int, file: str, instance: str, grid: tuple[int, ...], b
     device is made current for the launch.
     """
     args = loader.bind_arguments(loader.kernel_parameters(file, instance), arguments)
+    if not (all(d >= 1 for d in grid) and all(d <= loader.CUDA_MAX_GRID_Y for d in grid[1:])):
+        raise ValueError(f"grid {grid} for {instance} is outside CUDA's limits")
     if device_index < 0:
         raise DeviceError("a shape-only (meta) CudaLinear cannot launch kernels")
     function = loader.kernel(device_index, file, instance)
@@ -143,7 +153,7 @@ class CudaLinear:
             self.device_index = device.index if device.index is not None else torch.cuda.current_device()
         else:
             raise DeviceError(f"the cuda backend needs the packed tensors on a GPU, not on {device}")
-        self.k2p = layout.k2_padded if layout.k2 > 0 else 0
+        self.k2p = layout.k2_padded
         self.kx = self.k2p + layout.k4
         aligned = all(t.data_ptr() % 16 == 0 for n, t in self.t.items() if n.startswith("qweight"))
         self.vectors = gemv_vectors(layout) if aligned else (1, 1)
@@ -152,11 +162,10 @@ class CudaLinear:
     # -- the three steps a call is made of -------------------------------------------------
     def gather(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """x half [M, K] (rows contiguous) -> xp half [M, kx]: packed column order, 2-bit padding zeroed."""
-        m, lay = x.shape[0], self.layout
+        m, lay, g = x.shape[0], self.layout, loader.geometry()
         xp = _output(out, (m, self.kx), x.device)
-        grid = ((self.kx + 255) // 256, m)
-        launch(self.device_index, "gather.cu", "llmq::gather_permuted", grid, (256,),
-               x=x, ldx=x.stride(0), perm=self.t["perm"], xp=xp, k2=lay.k2, k2p=self.k2p, k4=lay.k4)  # fmt: skip
+        launch(self.device_index, "gather.cu", "llmq::gather_permuted", g.gather_grid(self.kx, m), (g.gather_threads,),
+               x=x, ldx=x.stride(0), perm=self.t["perm"], xp=xp, M=m, k2=lay.k2, k2p=self.k2p, k4=lay.k4)  # fmt: skip
         return xp
 
     def _parts(self) -> dict:
@@ -173,40 +182,42 @@ class CudaLinear:
         return {"orow": t.get("outlier_rowptr"), "ocol": t.get("outlier_col"), "oval": t.get("outlier_val")}
 
     def gemv(self, xp: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
-        m, n = xp.shape[0], self.layout.out_features
-        if not 1 <= m <= loader.GEMV_MAX_BATCH:
-            raise ValueError(f"the gemv path serves 1 to {loader.GEMV_MAX_BATCH} rows, not {m}")
+        """xp half [M, kx] (from :meth:`gather`), 1 <= M <= GEMV_MAX_BATCH -> y half [M, N]."""
+        _check_xp(xp, self.kx)
+        m, n, g = xp.shape[0], self.layout.out_features, loader.geometry()
+        if not 1 <= m <= g.gemv_max_batch:
+            raise ValueError(f"the gemv path serves 1 to {g.gemv_max_batch} rows, not {m}")
         y = _output(out, (m, n), xp.device)
         vec2, vec4 = self.vectors
-        instance = f"llmq::gemv_mixed<{m}, {loader.GEMV_ROWS}, {vec2}, {vec4}>"
-        grid = (-(-n // (4 * loader.GEMV_ROWS)),)  # gemv.cu: GEMV_WARPS = 4 warps per block
-        launch(self.device_index, "gemv.cu", instance, grid, (128,),
+        instance = f"llmq::gemv_mixed<{m}, {g.gemv_rows}, {vec2}, {vec4}>"
+        launch(self.device_index, "gemv.cu", instance, g.gemv_grid(n), (32 * g.gemv_warps,),
                xp=xp, y=y, bias=bias, N=n, kx=self.kx, **self._parts(), **self._outliers())  # fmt: skip
         return y
 
     def gemm(self, xp: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
-        m, n = xp.shape[0], self.layout.out_features
-        tiles = next((t for t in loader.GEMM_TILES if 16 * t >= m), loader.GEMM_TILES[-1])
+        """xp half [M, kx] (from :meth:`gather`) -> y half [M, N], on tensor cores; outliers added after."""
+        _check_xp(xp, self.kx)
+        m, n, g = xp.shape[0], self.layout.out_features, loader.geometry()
+        tiles = g.gemm_tiles_for(m)
         y = _output(out, (m, n), xp.device)
-        grid = (-(-n // 64), -(-m // (16 * tiles)))
-        launch(self.device_index, "gemm.cu", f"llmq::gemm_mixed<{tiles}>", grid, (128,),
-               xp=xp, y=y, bias=bias, M=m, N=n, kx=self.kx, **self._parts())  # fmt: skip
+        launch(self.device_index, "gemm.cu", f"llmq::gemm_mixed<{tiles}>", g.gemm_grid(n, m, tiles),
+               (g.gemm_threads,), xp=xp, y=y, bias=bias, M=m, N=n, kx=self.kx, **self._parts())  # fmt: skip
         if self.layout.n_outliers:
             self.add_outliers(xp, y)
         return y
 
     def add_outliers(self, xp: torch.Tensor, y: torch.Tensor) -> None:
-        n = self.layout.out_features
-        launch(self.device_index, "dequant.cu", "llmq::outliers_add", (-(-n // 4),), (128,),
+        n, g = self.layout.out_features, loader.geometry()
+        launch(self.device_index, "dequant.cu", "llmq::outliers_add", g.outliers_grid(n), (32 * g.outlier_warps,),
                xp=xp, kx=self.kx, y=y, M=xp.shape[0], N=n, **self._outliers())  # fmt: skip
 
     def dequant_packed(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """The weight as fp16 ``[N, k2p + k4]`` in packed column order, outliers included, padding zero."""
-        n = self.layout.out_features
-        wp = _output(out, (n, self.kx), self.t["perm"].device)
-        words = self.k2p // 16 + self.layout.k4 // 8
-        launch(self.device_index, "dequant.cu", "llmq::dequant_packed", (-(-n * words // 256),), (256,),
-               wp=wp, N=n, k2=self.layout.k2, **self._parts(), **self._outliers())  # fmt: skip
+        lay, g = self.layout, loader.geometry()
+        wp = _output(out, (lay.out_features, self.kx), self.t["perm"].device)
+        grid = g.dequant_grid(lay.out_features, lay.words2 + lay.words4)
+        launch(self.device_index, "dequant.cu", "llmq::dequant_packed", grid, (g.dequant_threads,),
+               wp=wp, N=lay.out_features, k2=lay.k2, **self._parts(), **self._outliers())  # fmt: skip
         return wp
 
     def dequantize(self) -> torch.Tensor:

@@ -21,11 +21,11 @@ ARCHS = ("sm_80", "sm_90")
 
 def collect() -> list[dict]:
     rows = []
-    for name, instances in loader.INSTANCES.items():
+    for name in loader.KERNEL_FILES:
         for arch in ARCHS:
             build = loader.compile_offline(name, arch)
             by_symbol = {r.symbol: r for r in loader.resource_report(build.log)}
-            for expression in instances:
+            for expression in loader.instances(name):
                 r = by_symbol[build.lowered[expression]]
                 rows.append(
                     {

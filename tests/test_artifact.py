@@ -309,7 +309,8 @@ def test_not_json_manifest(copy):
 
 
 def test_a_concurrent_writer_that_finishes_first_wins(tiny_model, tmp_path):
-    from llmq.quant.writer import ArtifactWriter, OutputExistsError
+    from llmq.errors import OutputExistsError
+    from llmq.quant.writer import ArtifactWriter
 
     out = tmp_path / "race.llmq"
     slow = ArtifactWriter(out, force=False)

@@ -127,7 +127,7 @@ def test_generate_graph_needs_a_gpu(cli, tiny_model):
 def test_generate_with_a_graph_on_the_gpu_gives_the_same_text(cli, tiny_artifact):
     import json
 
-    args = ("generate", str(tiny_artifact), "-p", "the first thing", "-n", "16", "--device", "cuda", "--backend", "cuda")
-    args = (*args, "--json")
+    args = ("generate", str(tiny_artifact), "-p", "the first thing", "-n", "16", "--device", "cuda")
+    args = (*args, "--backend", "cuda", "--json")
     dynamic, graph = (json.loads(cli(*args, "--decode", mode).stdout) for mode in ("dynamic", "graph"))
     assert graph["backend"] == "cuda" and graph["text"] == dynamic["text"]

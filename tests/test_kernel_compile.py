@@ -18,7 +18,7 @@ ARCHS = ("sm_80", "sm_90")
 
 
 @pytest.fixture(
-    scope="module", params=[(f, a) for f in loader.INSTANCES for a in ARCHS], ids=lambda p: f"{p[0]}-{p[1]}"
+    scope="module", params=[(f, a) for f in loader.KERNEL_FILES for a in ARCHS], ids=lambda p: f"{p[0]}-{p[1]}"
 )
 def build(request):
     name, arch = request.param
@@ -34,7 +34,7 @@ def _is_hot(expression: str) -> bool:
 
 def test_every_instance_compiles_and_has_a_symbol(build):
     assert build.cubin[:4] == b"\x7fELF"
-    assert set(build.lowered) == set(loader.INSTANCES[build.name])
+    assert set(build.lowered) == set(loader.instances(build.name))
     reported = {r.symbol for r in loader.resource_report(build.log)}
     assert set(build.lowered.values()) <= reported
 
@@ -106,10 +106,11 @@ def test_a_bad_arch_is_refused():
 def test_kernel_parameters_are_read_from_the_source():
     params = loader.kernel_parameters("gather.cu", "llmq::gather_permuted")
     assert [(p.name, p.pointer) for p in params] == [
-        ("x", True), ("ldx", False), ("perm", True), ("xp", True), ("k2", False), ("k2p", False), ("k4", False),
+        ("x", True), ("ldx", False), ("perm", True), ("xp", True), ("M", False), ("k2", False), ("k2p", False),
+        ("k4", False),
     ]  # fmt: skip
-    for name, instances in loader.INSTANCES.items():
-        for instance in instances:
+    for name in loader.KERNEL_FILES:
+        for instance in loader.instances(name):
             assert loader.kernel_parameters(name, instance)
 
 
@@ -119,7 +120,7 @@ def test_arguments_bind_by_name_and_type():
 
     params = loader.kernel_parameters("gather.cu", "llmq::gather_permuted")
     t = torch.zeros(4)
-    named = {"x": t, "ldx": 4, "perm": None, "xp": t, "k2": 1, "k2p": 16, "k4": 0}
+    named = {"x": t, "ldx": 4, "perm": None, "xp": t, "M": 1, "k2": 1, "k2p": 16, "k4": 0}
     bound = loader.bind_arguments(params, named)
     assert bound[2] == np.uint64(0) and bound[0] == np.uint64(t.data_ptr()) and bound[1].dtype == np.int32
     with pytest.raises(TypeError, match="missing \\['k4'\\]"):

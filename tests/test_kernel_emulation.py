@@ -101,7 +101,7 @@ def test_every_launch_binds_its_arguments_to_the_kernel_signature(case, monkeypa
 
     def fake_launch(device_index, file, instance, grid, block, **arguments):
         bound = loader.bind_arguments(loader.kernel_parameters(file, instance), arguments)
-        assert instance in loader.INSTANCES[file] and all(g >= 1 for g in grid)
+        assert instance in loader.instances(file) and all(g >= 1 for g in grid)
         launched.append((file, instance, len(bound)))
 
     monkeypatch.setattr(B, "launch", fake_launch)
@@ -118,3 +118,52 @@ def test_a_meta_linear_refuses_to_launch():
     linear = B.CudaLinear(layout, {k: v.to("meta") for k, v in tensors.items()})
     with pytest.raises(DeviceError, match="cannot launch"):
         linear(torch.empty(1, layout.in_features, dtype=torch.float16, device="meta"))
+
+
+def test_a_prefill_of_more_than_65535_rows_gathers_within_the_grid_limit(monkeypatch):
+    """CUDA caps gridDim.y at 65535: the gather tiles its rows instead of launching one block row each."""
+    from llmq.cuda import loader
+
+    layout, tensors, _ = packed_layer(CASES[1])
+    rows = loader.CUDA_MAX_GRID_Y + 4465  # e.g. profile --batch 64 --prompt-len 1094
+    grids = []
+    monkeypatch.setattr(B, "launch", lambda dev, file, instance, grid, block, **kw: grids.append(grid))
+    linear = B.CudaLinear(layout, {k: v.to("meta") for k, v in tensors.items()})
+    linear.gather(torch.empty(rows, layout.in_features, dtype=torch.float16, device="meta"))
+    assert grids and grids[0][1] <= loader.CUDA_MAX_GRID_Y
+    x = np.random.default_rng(0).standard_normal((rows, layout.in_features)).astype(np.float16).astype(np.float64)
+    p = E.Packed.from_torch(layout, tensors)
+    xp = E.gather(x, p)  # the emulation walks the same tiled grid
+    cols = B.packed_columns(layout)
+    np.testing.assert_array_equal(xp[:, cols], x[:, tensors["perm"].long().numpy()])
+    assert not xp[:, layout.k2 : p.k2p].any()
+
+
+def test_a_launch_outside_the_grid_limits_is_refused_before_the_gpu():
+    with pytest.raises(ValueError, match="outside CUDA's limits"):
+        B.launch(-1, "gather.cu", "llmq::gather_permuted", (1, 70_000), (256,),
+                 x=None, ldx=1, perm=None, xp=None, M=70_000, k2=0, k2p=0, k4=8)  # fmt: skip
+
+
+@pytest.mark.parametrize("path", ["gemv", "gemm"])
+def test_the_matmul_entry_points_refuse_a_misaligned_xp(path):
+    layout, tensors, _ = packed_layer(CASES[1])
+    linear = B.CudaLinear(layout, {k: v.to("meta") for k, v in tensors.items()})
+    storage = torch.zeros(2 * linear.kx + 8, dtype=torch.float16)
+    misaligned = storage[1 : 1 + 2 * linear.kx].view(2, linear.kx)  # 2 bytes past a 16-byte boundary
+    assert misaligned.is_contiguous() and misaligned.data_ptr() % 16
+    with pytest.raises(ValueError, match="not 16-byte aligned"):
+        getattr(linear, path)(misaligned, None)
+    with pytest.raises(ValueError, match="contiguous fp16 tensor"):
+        getattr(linear, path)(storage[: 2 * linear.kx].view(linear.kx, 2).T, None)
+
+
+def test_the_launch_constants_are_the_kernels_own():
+    from llmq.cuda import loader
+
+    g = loader.geometry()
+    assert loader.constants("gemm.cu")["GEMM_LDS"] == g.gemm_bk + 8 == g.gemm_lds
+    assert g.gemm_tiles == (1, 2, 4) and g.gemv_vecs == (1, 4)
+    assert len(loader.instances("gemv.cu")) == g.gemv_max_batch * 4
+    with pytest.raises(Exception, match="only integers"):
+        loader._integer(__import__("ast").parse("__import__('os')", mode="eval").body, {})

@@ -154,9 +154,7 @@ def test_a_forbidden_import_is_caught_wherever_it_hides():
     assert violations(quant) == ["llmq.quant.pipeline (quant) imports llmq.runtime.loader (execution)"]
     upward = dict(sources)
     upward["llmq.runtime.format.layout"] += "\nimport llmq.runtime.sources.models\n"
-    assert violations(upward) == [
-        "llmq.runtime.format.layout (format) imports llmq.runtime.sources.models (sources)"
-    ]
+    assert violations(upward) == ["llmq.runtime.format.layout (format) imports llmq.runtime.sources.models (sources)"]
 
 
 def test_a_cycle_hidden_in_a_function_is_caught():

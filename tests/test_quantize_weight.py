@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from llmq.errors import NonFiniteWeightError
 from llmq.quant.config import QuantConfig, Rounding
 from llmq.quant.groups import fit_scale_zero, quantize_2bit
-from llmq.quant.linear import NonFiniteWeightError, quantize_weight
+from llmq.quant.linear import quantize_weight
 from llmq.quant.select import select_channels, stripe_width
 from llmq.runtime.format import artifact
 from llmq.runtime.format import layout as L

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmq.errors import LlmqError
+from llmq.errors import CacheError, ModelSourceError
 from llmq.runtime.sources.cache import cache_dir
 
 BYTES_PER_VALUE = 2  # float16
@@ -55,15 +55,15 @@ def load(path: Path, key: dict, tokens_scored: int) -> np.ndarray | None:
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as err:
-        raise LlmqError(f"{meta_path} is corrupt ({err}); delete it and {path.name} to rebuild the cache") from err
+        raise CacheError(f"{meta_path} is corrupt ({err}); delete it and {path.name} to rebuild the cache") from err
     if meta != key:
         return None
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError) as err:
-        raise LlmqError(f"{path} is corrupt ({err}); delete it and {meta_path.name} to rebuild the cache") from err
+        raise CacheError(f"{path} is corrupt ({err}); delete it and {meta_path.name} to rebuild the cache") from err
     if array.dtype != np.float16 or array.ndim != 2 or array.shape[0] != tokens_scored:
-        raise LlmqError(f"{path} has shape {array.shape} {array.dtype}; delete it to rebuild the cache")
+        raise CacheError(f"{path} has shape {array.shape} {array.dtype}; delete it to rebuild the cache")
     return array
 
 
@@ -75,7 +75,7 @@ class Recorder:
         need = size_bytes(tokens_scored, vocab)
         free = shutil.disk_usage(path.parent).free
         if need > free:
-            raise LlmqError(
+            raise CacheError(
                 f"caching the base log-probs needs {need / 1e9:.2f} GB but {path.parent} has {free / 1e9:.2f} GB "
                 "free; free space, set LLMQ_CACHE_DIR elsewhere, or drop --cache-base"
             )
@@ -88,7 +88,9 @@ class Recorder:
         """Store the next rows; returns them as stored (float16), i.e. as a cached run will read them."""
         rows = log_probs.shape[0]
         if log_probs.shape[1] != self.array.shape[1]:
-            raise LlmqError(f"the base model gives {log_probs.shape[1]} logits, its config says {self.array.shape[1]}")
+            raise ModelSourceError(
+                f"the base model gives {log_probs.shape[1]} logits, its config says {self.array.shape[1]}"
+            )
         stored = self.array[self.filled : self.filled + rows]
         stored[:] = log_probs.to(torch.float16).cpu().numpy()
         self.filled += rows

@@ -122,6 +122,16 @@ class LinearLayout:
     def groups4(self) -> int:
         return self.k4 // self.g4
 
+    @property
+    def words2(self) -> int:
+        """32-bit words per row of the 2-bit codes (padding included)."""
+        return self.k2_padded // codes_per_word(2)
+
+    @property
+    def words4(self) -> int:
+        """32-bit words per row of the 4-bit codes."""
+        return self.k4 // codes_per_word(4)
+
     def check(self) -> list[str]:
         """Problems with these sizes, as messages; empty if the layout is valid."""
         problems = []
@@ -146,12 +156,12 @@ class LinearLayout:
         n = self.out_features
         specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {"perm": (torch.int32, (self.in_features,))}
         if self.k2 > 0:
-            specs["qweight2"] = (torch.int32, (n, self.k2_padded // codes_per_word(2)))
+            specs["qweight2"] = (torch.int32, (n, self.words2))
             specs["meta2"] = (torch.uint8, (n, self.groups2))
             specs["scale2"] = (torch.float16, (n, self.blocks2))
             specs["szero2"] = (torch.uint8, (n, self.blocks2))
         if self.k4 > 0:
-            specs["qweight4"] = (torch.int32, (n, self.k4 // codes_per_word(4)))
+            specs["qweight4"] = (torch.int32, (n, self.words4))
             specs["scale4"] = (torch.float16, (n, self.groups4))
             specs["zero4"] = (torch.uint8, (n, self.groups4))
         if self.n_outliers > 0:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from llmq.errors import LlmqError, UsageError
+from llmq.errors import ModelSourceError, UsageError
 
 
 def tokenize_stream(tokenizer, text: str) -> torch.Tensor:
@@ -34,7 +34,9 @@ def encode_prompt(tokenizer, prompt: str, chat: bool, system: str | None = None)
     if not chat:
         return torch.tensor([tokenizer(prompt, add_special_tokens=True)["input_ids"]], dtype=torch.long)
     if not getattr(tokenizer, "chat_template", None):
-        raise LlmqError("this model's tokenizer has no chat template; drop --chat to use the prompt as plain text")
+        raise ModelSourceError(
+            "this model's tokenizer has no chat template; drop --chat to use the prompt as plain text"
+        )
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
     return torch.tensor([encoded["input_ids"]], dtype=torch.long)
