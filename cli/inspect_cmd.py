@@ -21,7 +21,7 @@ def inspect(
     out = Reporter(json, quiet=True)
     manifest = A.open_artifact(artifact, verify=verify)
     accounting = manifest.accounting()
-    raw = manifest.raw
+    raw = manifest.to_json()
     document = {
         "command": "inspect",
         "artifact": str(artifact),
@@ -31,7 +31,7 @@ def inspect(
         "source": raw.get("source"),
         "quantization": raw.get("quantization"),
         "calibration": raw.get("calibration"),
-        "files": manifest.files,
+        "files": raw["files"],
         "accounting": accounting.to_json(),
     }
     if json:

@@ -28,6 +28,7 @@ from llmq.runtime.format import artifact as A
 from llmq.runtime.format import dtypes
 from llmq.runtime.format.accounting import Accounting, account
 from llmq.runtime.format.layout import LinearLayout
+from llmq.runtime.format.manifest import SHARD_PATTERN, DenseEntry, FileRecord, LinearEntry, Manifest, SourceRecord
 from llmq.runtime.sources.checkpoint import expected_params, model_files, read_tensor, source_keys
 from llmq.runtime.sources.models import ModelSource
 
@@ -131,8 +132,8 @@ def quantize_model(
     resume: bool = False,
     log: Callable[[str], None] = lambda message: None,
     stop: Callable[[], None] = lambda: None,
-) -> dict:
-    """Run the plan and write the artifact atomically; returns the manifest. GPTQ runs on ``device``.
+) -> Manifest:
+    """Run the plan and write the artifact atomically; returns its manifest. GPTQ runs on ``device``.
 
     With ``stats`` every Linear is quantized with its Hessian (ranked stripes + GPTQ); a Linear
     the stats do not cover is an error, never a silent fall back to round-to-nearest. With
@@ -146,16 +147,10 @@ def quantize_model(
     for path in remove_stale_staging(out):
         log(f"removed {path.name}, left by an earlier run that did not finish")
     try:
-        linear_shards = _write_units(plan, config, writer, on_unit, stats, device, fingerprint, stop)
+        _write_units(plan, config, writer, on_unit, stats, device, fingerprint, stop)
         for file in hf_files(source.path):
             writer.copy_file(file)
-        manifest = _manifest(source, config, plan, linear_shards)
-        if stats is not None:
-            manifest["calibration"] = {k: v for k, v in stats.meta.items() if k != "aliases"} | {
-                "file": stats.path.name,
-                "gptq_device": str(device or torch.device("cpu")),
-            }
-        writer.commit(manifest)
+        return writer.commit(_manifest(source, config, plan, stats, device))
     except KeyboardInterrupt:
         if not writer.units_done:
             writer.abort()
@@ -169,7 +164,6 @@ def quantize_model(
     except BaseException:
         writer.abort()
         raise
-    return manifest
 
 
 def run_fingerprint(source: ModelSource, config: QuantConfig, plan: Plan, stats: CalibStats | None) -> str:
@@ -177,7 +171,7 @@ def run_fingerprint(source: ModelSource, config: QuantConfig, plan: Plan, stats:
     files = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in model_files(source.path)}
     calibration = None
     if stats is not None:
-        where = [stats.path.stat().st_size, stats.path.stat().st_mtime_ns] if stats.path.is_file() else "inline"
+        where = stats.file_label if stats.path is None else [stats.path.stat().st_size, stats.path.stat().st_mtime_ns]
         calibration = {"meta": {k: v for k, v in stats.meta.items() if k != "aliases"}, "file": where}
     document = {
         "llmq": __version__,
@@ -215,14 +209,14 @@ def _hessian(stats: CalibStats | None, linear: str, in_features: int) -> torch.T
         return None
     hessian = stats.hessian(linear)
     if hessian is None or hessian.shape != (in_features, in_features):
-        raise StatsFileError(f"{stats.path} has no Hessian of size {in_features} for {linear}; recalibrate")
+        raise StatsFileError(f"{stats.file_label} has no Hessian of size {in_features} for {linear}; recalibrate")
     return hessian
 
 
 def _write_units(
     plan: Plan, config: QuantConfig, writer: ArtifactWriter, on_unit, stats, device, fingerprint: str, stop
-) -> dict[str, str]:
-    shards = {name: A.SHARD_PATTERN.format(plan.units.index(unit_of(f"{name}.weight"))) for name in plan.linears}
+) -> None:
+    """Each unit's tensors, quantized or cast, as shard ``SHARD_PATTERN.format(unit index)``."""
     by_unit: dict[str, list[str]] = {u: [] for u in plan.units}
     for key in plan.key_files:
         by_unit[unit_of(key)].append(key)
@@ -242,7 +236,7 @@ def _write_units(
                 by_budget = plan.scores and config.selection != Selection.range
                 scores = plan.scores.get(linear) if by_budget else None
                 layout, packed = quantize_weight(key, value, config, hessian, plan.linears[linear], scores, device)
-                assert layout == plan.linears[linear] and shards[linear] == A.SHARD_PATTERN.format(index)
+                assert layout == plan.linears[linear]
                 tensors.update({f"{linear}.{suffix}": t for suffix, t in packed.items()})
             else:
                 if not torch.isfinite(value.float()).all():
@@ -256,7 +250,6 @@ def _write_units(
         writer.checkpoint(fingerprint, unit)
         if on_unit is not None:
             on_unit(index + 1, len(plan.units), unit)
-    return shards
 
 
 def hf_files(folder: Path) -> list[Path]:
@@ -274,32 +267,28 @@ def hf_files(folder: Path) -> list[Path]:
     return files
 
 
-def _source_files(folder: Path) -> dict[str, dict]:
-    return {p.name: {"sha256": A.sha256_file(p), "bytes": p.stat().st_size} for p in model_files(folder)}
+def _source_files(folder: Path) -> dict[str, FileRecord]:
+    return {p.name: FileRecord(A.sha256_file(p), p.stat().st_size) for p in model_files(folder)}
 
 
-def _manifest(source: ModelSource, config: QuantConfig, plan: Plan, linear_shards: dict[str, str]) -> dict:
-    dense_shards = {key: A.SHARD_PATTERN.format(plan.units.index(unit_of(key))) for key in plan.dense}
-    return {
-        "format": A.FORMAT_NAME,
-        "format_version": A.FORMAT_VERSION,
-        "llmq_version": __version__,
-        "source": {
-            "spec": source.spec,
-            "kind": source.kind.value,
-            "label": source.label,
-            "revision": source.revision,
-            "files": _source_files(source.path),
-        },
-        "quantization": config.to_json(),
-        "calibration": None,
-        "linears": {
-            name: {"shard": linear_shards[name], "layout": layout.to_json(), "bias": plan.biases.get(name)}
+def _manifest(source: ModelSource, config: QuantConfig, plan: Plan, stats: CalibStats | None, device) -> Manifest:
+    def shard(key: str) -> str:
+        return SHARD_PATTERN.format(plan.units.index(unit_of(key)))
+
+    calibration = None
+    if stats is not None:
+        provenance = {k: v for k, v in stats.meta.items() if k != "aliases"}
+        calibration = provenance | {"file": stats.file_label, "gptq_device": str(device or torch.device("cpu"))}
+    return Manifest(
+        linears={
+            name: LinearEntry(shard(f"{name}.weight"), layout, plan.biases.get(name))
             for name, layout in plan.linears.items()
         },
-        "dense": {
-            key: {"shard": dense_shards[key], "dtype": dtypes.name(dtype), "shape": list(shape)}
-            for key, (dtype, shape) in plan.dense.items()
-        },
-        "accounting": plan.accounting().to_json(),
-    }
+        dense={key: DenseEntry(shard(key), dtype, shape) for key, (dtype, shape) in plan.dense.items()},
+        files={},  # the writer fills these in as it writes them
+        llmq_version=__version__,
+        source=SourceRecord(source.spec, source.kind.value, source.label, source.revision, _source_files(source.path)),
+        quantization=config.to_json(),
+        calibration=calibration,
+        accounting_record=plan.accounting().to_json(),
+    )

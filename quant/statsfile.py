@@ -25,11 +25,21 @@ STATS_VERSION = 1
 _META_KEY = "llmq_calib"
 
 
+INLINE = "inline"  # how the manifest names statistics collected in the quantize run itself
+
+
 @dataclass(frozen=True)
 class CalibStats:
-    path: Path
+    """Per-Linear input statistics: ``tensors`` by name (``<linear>.hessian`` float32 ``[K, K]``,
+    and ``<linear>.sq_mean`` from a file), ``meta`` the stats manifest (with its ``aliases``)."""
+
     meta: dict
     tensors: dict[str, torch.Tensor]
+    path: Path | None = None  # the stats file they were read from; None when collected in this process
+
+    @property
+    def file_label(self) -> str:
+        return INLINE if self.path is None else self.path.name
 
     def hessian(self, linear: str) -> torch.Tensor | None:
         canonical = self.meta["aliases"].get(linear)
@@ -39,7 +49,7 @@ class CalibStats:
 def in_memory(calibration: Calibration, meta: dict) -> CalibStats:
     """Stats collected in this process (``quantize --calib-data``), in the same shape as a read file."""
     tensors = {f"{name}.hessian": stats.hessian() for name, stats in calibration.stats.items()}
-    return CalibStats(Path("inline"), {**meta, "aliases": calibration.aliases}, tensors)
+    return CalibStats({**meta, "aliases": calibration.aliases}, tensors)
 
 
 def write_stats(path: Path, calibration: Calibration, meta: dict) -> None:
@@ -89,4 +99,4 @@ def read_stats(path: Path, fingerprint: str) -> CalibStats:
         h = tensors.get(f"{canonical}.hessian")
         if h is None or h.dim() != 2 or h.shape[0] != h.shape[1] or not torch.isfinite(h).all():
             raise StatsFileError(f"{path}: the Hessian for {linear} is missing or corrupt")
-    return CalibStats(path, meta, tensors)
+    return CalibStats(meta, tensors, path)

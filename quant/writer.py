@@ -16,15 +16,15 @@ import os
 import shutil
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
 from llmq.errors import ArtifactWriteError, OutputError, OutputExistsError, ResumeError
 from llmq.runtime.format import artifact as A
+from llmq.runtime.format.manifest import FORMAT_NAME, MANIFEST, SHARD_PATTERN, FileRecord, Manifest
 
 
 @contextmanager
@@ -99,7 +99,7 @@ class Checkpoint:
     staging: Path
     fingerprint: str
     units_done: list[str]
-    files: dict[str, dict[str, Any]]
+    files: dict[str, FileRecord]
 
 
 def find_checkpoints(out: Path) -> list[Checkpoint]:
@@ -110,7 +110,8 @@ def find_checkpoints(out: Path) -> list[Checkpoint]:
         if _ownerless(out, path) and record.is_file():
             try:
                 raw = json.loads(record.read_text(encoding="utf-8"))
-                found.append(Checkpoint(path, str(raw["fingerprint"]), list(raw["units_done"]), dict(raw["files"])))
+                files = {name: FileRecord(**info) for name, info in raw["files"].items()}
+                found.append(Checkpoint(path, str(raw["fingerprint"]), list(raw["units_done"]), files))
             except (OSError, ValueError, KeyError, TypeError):
                 continue  # unreadable: treated as no checkpoint, and removed with the other stale directories
     return sorted(found, key=lambda c: (c.staging / CHECKPOINT).stat().st_mtime, reverse=True)
@@ -126,7 +127,7 @@ class ArtifactWriter:
     def __init__(self, out: Path, force: bool, resume_from: Checkpoint | None = None):
         self.out, self.force = out, force
         self.staging = out.parent / f"{_staging_prefix(out)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.files: dict[str, dict[str, Any]] = {}
+        self.files: dict[str, FileRecord] = {}
         self.units_done: list[str] = []
         if resume_from is None:
             self.staging.mkdir()
@@ -143,17 +144,18 @@ class ArtifactWriter:
     def checkpoint(self, fingerprint: str, unit: str) -> None:
         """Record ``unit`` as done (after its shard is written), atomically."""
         self.units_done.append(unit)
-        record = {"fingerprint": fingerprint, "units_done": self.units_done, "files": self.files}
+        files = {name: info.to_json() for name, info in self.files.items()}
+        record = {"fingerprint": fingerprint, "units_done": self.units_done, "files": files}
         tmp = self.staging / f"{CHECKPOINT}.tmp"
         with writing(self.out, CHECKPOINT):
             tmp.write_text(json.dumps(record), encoding="utf-8")
             os.replace(tmp, self.staging / CHECKPOINT)
 
     def write_shard(self, index: int, tensors: dict[str, torch.Tensor]) -> str:
-        name = A.SHARD_PATTERN.format(index)
+        name = SHARD_PATTERN.format(index)
         contiguous = {k: v.contiguous() for k, v in tensors.items()}
         with writing(self.out, name):
-            save_file(contiguous, str(self.staging / name), metadata={"format": A.FORMAT_NAME})
+            save_file(contiguous, str(self.staging / name), metadata={"format": FORMAT_NAME})
             self._record(name)
         return name
 
@@ -164,14 +166,16 @@ class ArtifactWriter:
 
     def _record(self, name: str) -> None:
         path = self.staging / name
-        self.files[name] = {"sha256": A.sha256_file(path), "bytes": path.stat().st_size}
+        self.files[name] = FileRecord(A.sha256_file(path), path.stat().st_size)
 
-    def commit(self, manifest: dict[str, Any]) -> None:
+    def commit(self, manifest: Manifest) -> Manifest:
+        """Write ``manifest`` with the files written so far, and put the artifact in place; returns
+        the manifest as written."""
         (self.staging / CHECKPOINT).unlink(missing_ok=True)  # the finished artifact carries no checkpoint
-        manifest = {**manifest, "files": dict(sorted(self.files.items()))}
-        text = json.dumps(manifest, indent=2) + "\n"  # insertion order: module order, deterministic
-        with writing(self.out, A.MANIFEST):
-            (self.staging / A.MANIFEST).write_text(text, encoding="utf-8")
+        manifest = replace(manifest, files=dict(sorted(self.files.items())), path=self.out)
+        text = json.dumps(manifest.to_json(), indent=2) + "\n"  # insertion order: module order, deterministic
+        with writing(self.out, MANIFEST):
+            (self.staging / MANIFEST).write_text(text, encoding="utf-8")
             _fsync_tree(self.staging)
         if self.out.exists():
             check_output(self.out, self.force)
@@ -186,6 +190,7 @@ class ArtifactWriter:
                 raise OutputExistsError(
                     f"{self.out} was created by another run while this one worked; nothing replaced"
                 ) from err
+        return manifest
 
     def stop(self) -> Path:
         """Keep the staging directory as a checkpoint of an interrupted run; returns where it is."""

@@ -13,6 +13,7 @@ import torch
 from llmq.errors import ArtifactError, ModelSourceError
 from llmq.runtime.backend import Backend
 from llmq.runtime.format import artifact as A
+from llmq.runtime.format.manifest import Manifest
 from llmq.runtime.placement import device_of, plan_device_map
 from llmq.runtime.qlinear import QuantLinear, parent_module
 from llmq.runtime.sources.models import ModelSource, SourceKind
@@ -52,7 +53,7 @@ def load_model(
 
 
 def load_quantized_model(
-    manifest: A.Manifest,
+    manifest: Manifest,
     config,
     device: torch.device,
     dtype: torch.dtype,

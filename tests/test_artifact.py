@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from llmq.errors import ArtifactError
 from llmq.runtime.format import artifact as A
 from llmq.runtime.format import layout as L
+from llmq.runtime.format.manifest import FORMAT_VERSION
 
 MIXED = ("--g1", "16", "--g4", "16", "--stripe-fraction", "0.25")
 
@@ -39,7 +40,7 @@ def test_artifact_layout_on_disk(quantized):
     assert {"manifest.json", "config.json", "tokenizer.json", "shard-00000.safetensors"} <= names
     assert not any(n.endswith((".bin", ".pt", ".py", ".pkl")) for n in names)
     manifest = json.loads((quantized / "manifest.json").read_text())
-    assert manifest["format"] == "llmq" and manifest["format_version"] == A.FORMAT_VERSION
+    assert manifest["format"] == "llmq" and manifest["format_version"] == FORMAT_VERSION
     assert manifest["source"]["files"]["model.safetensors"]["sha256"]
     assert len(manifest["linears"]) == 14  # 2 layers x (q, k, v, o, gate, up, down)
     assert all(e["layout"]["k4"] > 0 for e in manifest["linears"].values())
@@ -311,19 +312,20 @@ def test_not_json_manifest(copy):
 def test_a_concurrent_writer_that_finishes_first_wins(tiny_model, tmp_path):
     from llmq.errors import OutputExistsError
     from llmq.quant.writer import ArtifactWriter
+    from llmq.runtime.format.manifest import DenseEntry, Manifest
 
     out = tmp_path / "race.llmq"
     slow = ArtifactWriter(out, force=False)
     slow.write_shard(0, {"x": torch.zeros(2)})
     fast = ArtifactWriter(out, force=False)
     fast.write_shard(0, {"x": torch.ones(2)})
-    dense = {"x": {"shard": "shard-00000.safetensors", "dtype": "float32", "shape": [2]}}
-    fast.commit({"format": A.FORMAT_NAME, "format_version": A.FORMAT_VERSION, "linears": {}, "dense": dense})
+    manifest = Manifest(linears={}, dense={"x": DenseEntry("shard-00000.safetensors", torch.float32, (2,))}, files={})
+    fast.commit(manifest)
     with pytest.raises(OutputExistsError, match="already exists"):
-        slow.commit({"format": A.FORMAT_NAME, "format_version": A.FORMAT_VERSION, "linears": {}, "dense": dense})
+        slow.commit(manifest)
     slow.abort()
     assert [p.name for p in tmp_path.iterdir()] == ["race.llmq"]
-    assert A.open_artifact(out).files["shard-00000.safetensors"]["bytes"] > 0
+    assert A.open_artifact(out).files["shard-00000.safetensors"].bytes > 0
 
 
 def test_dense_overflow_in_fp16_is_an_error_not_an_inf(cli, tiny_model, tmp_path):

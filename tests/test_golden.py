@@ -14,6 +14,7 @@ import torch
 from llmq.quant.writer import ArtifactWriter
 from llmq.runtime.format import artifact as A
 from llmq.runtime.format import layout as L
+from llmq.runtime.format.manifest import LinearEntry, Manifest
 
 GOLDEN = {
     "shard-00000.safetensors": "eef3321cecc0479687cc1147f5aa49074c182d65ba72c03819ba9107cc3fcfbc",
@@ -47,14 +48,14 @@ def test_golden_artifact_bytes(tmp_path):
     out = tmp_path / "golden.llmq"
     writer = ArtifactWriter(out, force=False)
     writer.write_shard(0, {f"proj.{k}": v for k, v in packed.items()})
-    manifest = {
-        "format": A.FORMAT_NAME,
-        "format_version": A.FORMAT_VERSION,
-        "llmq_version": "golden",
-        "linears": {"proj": {"shard": "shard-00000.safetensors", "layout": lay.to_json(), "bias": None}},
-        "dense": {},
-    }
-    writer.commit(manifest)
+    writer.commit(
+        Manifest(
+            linears={"proj": LinearEntry("shard-00000.safetensors", lay, None)},
+            dense={},
+            files={},
+            llmq_version="golden",
+        )
+    )
     hashes = {name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in GOLDEN}
     assert hashes == GOLDEN, json.dumps(hashes, indent=2)
 

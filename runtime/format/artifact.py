@@ -1,4 +1,4 @@
-"""The ``.llmq`` artifact: names, manifest schema, reading and strict validation.
+"""The ``.llmq`` artifact directory: reading it and checking every file and tensor strictly.
 
 An artifact is a directory (see ``docs/format.md``)::
 
@@ -8,79 +8,27 @@ An artifact is a directory (see ``docs/format.md``)::
 
 Nothing here executes anything from the file: JSON and safetensors only. Every shape, dtype,
 offset and code range is checked before a tensor reaches a decoder or kernel; a problem raises
-:class:`ArtifactError` naming the file and what is wrong. The writer lives in ``llmq.quant``.
+:class:`ArtifactError` naming the file and what is wrong. The manifest's schema is
+:mod:`llmq.runtime.format.manifest`; the writer lives in ``llmq.quant``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
-import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from llmq.errors import ArtifactError
 from llmq.runtime.format import dtypes
 from llmq.runtime.format import layout as L
+from llmq.runtime.format.manifest import MANIFEST, FileRecord, Manifest
 
-FORMAT_NAME = "llmq"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-SHARD_PATTERN = "shard-{:05d}.safetensors"
 # Source files an artifact may carry along: data only, never code or pickles.
 HF_FILE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
 HF_FILE_EXCLUDE = ("model.safetensors.index.json", MANIFEST)
-
-# The manifest's schema, version 1: these keys and no others (an unknown key means a file
-# this reader does not understand, which is refused rather than half-read).
-REQUIRED_KEYS = frozenset({"format", "format_version", "linears", "dense", "files"})
-ALLOWED_KEYS = REQUIRED_KEYS | {"llmq_version", "source", "quantization", "calibration", "accounting"}
-INFO_KEYS = ("llmq_version", "source", "quantization", "calibration", "accounting")  # provenance, not used to run
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-
-_DENSE_DTYPES = {info.name: info for info in dtypes.FLOATS}  # what a dense tensor may be stored as
 _MAX_JSON_BYTES = 64 << 20
-MAX_DENSE_ELEMENTS = 1 << 36  # 64 G elements: more than any real tensor, less than a hostile header claims
-
-
-@dataclass(frozen=True)
-class LinearEntry:
-    shard: str
-    layout: L.LinearLayout
-    bias: str | None  # dense tensor name of the bias, if the Linear has one
-
-
-@dataclass(frozen=True)
-class DenseEntry:
-    shard: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class Manifest:
-    path: Path
-    raw: dict[str, Any]
-    linears: dict[str, LinearEntry]
-    dense: dict[str, DenseEntry]
-    files: dict[str, dict[str, Any]]  # file name -> {"sha256", "bytes"} for shards and HF files
-
-    @property
-    def shards(self) -> list[str]:
-        return sorted(name for name in self.files if name.endswith(".safetensors"))
-
-    def accounting(self):
-        """The bits-per-weight accounting its layouts and dense shapes give (``runtime.accounting``)."""
-        from llmq.runtime.format.accounting import account
-
-        return account(
-            {name: entry.layout for name, entry in self.linears.items()},
-            {name: (entry.dtype, entry.shape) for name, entry in self.dense.items()},
-        )
 
 
 def is_artifact(path: Path) -> bool:
@@ -113,112 +61,17 @@ def read_manifest(path: Path) -> Manifest:
         raw = json.loads(file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise ArtifactError(f"{file}: not valid JSON ({err})") from err
-    _expect(isinstance(raw, dict), file, "the top level must be an object")
-    _keys(raw, REQUIRED_KEYS, ALLOWED_KEYS, file, "the manifest")
-    for key in INFO_KEYS:
-        kind = str if key == "llmq_version" else dict
-        _expect(raw.get(key) is None or isinstance(raw[key], kind), file, f"'{key}' must be a {kind.__name__} or null")
-    _expect(raw.get("format") == FORMAT_NAME, file, f"'format' must be {FORMAT_NAME!r}")
-    version = raw.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ArtifactError(f"{file}: unknown format_version {version!r}; this llmq reads version {FORMAT_VERSION}")
-    files = _files(raw.get("files"), file)
-    linears = {name: _linear(name, entry, files, file) for name, entry in _obj(raw, "linears", file).items()}
-    dense = {name: _dense(name, entry, files, file) for name, entry in _obj(raw, "dense", file).items()}
-    for name, entry in linears.items():
-        _expect(entry.bias is None or entry.bias in dense, file, f"linear {name}: bias {entry.bias!r} is not listed")
-    return Manifest(path, raw, linears, dense, files)
+    return Manifest.from_json(raw, file)
 
 
-def _expect(condition: bool, file: Path, message: str) -> None:
-    if not condition:
-        raise ArtifactError(f"{file}: {message}")
-
-
-def _keys(entry: dict, required: frozenset, allowed: frozenset, file: Path, what: str) -> None:
-    unknown = sorted(map(str, set(entry) - allowed))
-    missing = sorted(required - set(entry))
-    _expect(not unknown, file, f"{what} has unknown key(s) {unknown}; this llmq reads format {FORMAT_VERSION}")
-    _expect(not missing, file, f"{what} lacks key(s) {missing}")
-
-
-def _obj(raw: dict, key: str, file: Path) -> dict:
-    value = raw.get(key)
-    _expect(isinstance(value, dict), file, f"'{key}' must be an object")
-    return value
-
-
-def _int(value: Any, file: Path, what: str, lo: int = 0, hi: int = 1 << 40) -> int:
-    _expect(
-        isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi,
-        file,
-        f"{what} must be an integer in [{lo}, {hi}]",
-    )
-    return value
-
-
-def _files(value: Any, file: Path) -> dict[str, dict[str, Any]]:
-    _expect(isinstance(value, dict) and value, file, "'files' must be a non-empty object")
-    for name, info in value.items():
-        safe = isinstance(name, str) and name == Path(name).name and not name.startswith(".") and name != MANIFEST
-        _expect(safe, file, f"file name {name!r} must be a plain name inside the artifact")
-        _expect(isinstance(info, dict), file, f"files[{name!r}] must be an object")
-        _keys(info, frozenset({"sha256", "bytes"}), frozenset({"sha256", "bytes"}), file, f"files[{name!r}]")
-        sha = info["sha256"]
-        _expect(
-            isinstance(sha, str) and bool(_SHA256.fullmatch(sha)), file, f"files[{name!r}].sha256 must be 64 hex digits"
-        )
-        _int(info.get("bytes"), file, f"files[{name!r}].bytes")
-    return value
-
-
-def _linear(name: str, entry: Any, files: dict, file: Path) -> LinearEntry:
-    _expect(isinstance(entry, dict), file, f"linear {name}: must be an object")
-    _keys(entry, frozenset({"shard", "layout"}), frozenset({"shard", "layout", "bias"}), file, f"linear {name}")
-    shard = entry.get("shard")
-    known = isinstance(shard, str) and shard in files and shard.endswith(".safetensors")
-    _expect(known, file, f"linear {name}: unknown shard {shard!r}")
-    spec = entry.get("layout")
-    _expect(
-        isinstance(spec, dict) and set(spec) == set(L.LinearLayout.__dataclass_fields__),
-        file,
-        f"linear {name}: bad layout keys",
-    )
-    values = {k: _int(v, file, f"linear {name}: layout.{k}") for k, v in spec.items()}
-    layout = L.LinearLayout(**values)
-    problems = layout.check()
-    _expect(not problems, file, f"linear {name}: {'; '.join(problems)}")
-    bias = entry.get("bias")
-    _expect(bias is None or isinstance(bias, str), file, f"linear {name}: bias must be a tensor name or null")
-    return LinearEntry(shard, layout, bias)
-
-
-def _dense(name: str, entry: Any, files: dict, file: Path) -> DenseEntry:
-    _expect(isinstance(entry, dict), file, f"dense {name}: must be an object")
-    dense_keys = frozenset({"shard", "dtype", "shape"})
-    _keys(entry, dense_keys, dense_keys, file, f"dense {name}")
-    shard, dtype, shape = entry.get("shard"), entry.get("dtype"), entry.get("shape")
-    known = isinstance(shard, str) and shard in files and shard.endswith(".safetensors")
-    _expect(known, file, f"dense {name}: unknown shard {shard!r}")
-    _expect(
-        isinstance(dtype, str) and dtype in _DENSE_DTYPES,
-        file,
-        f"dense {name}: dtype {dtype!r} is not one of {sorted(_DENSE_DTYPES)}",
-    )
-    _expect(isinstance(shape, list) and len(shape) <= 4, file, f"dense {name}: shape must be a list of at most 4 ints")
-    dims = tuple(_int(d, file, f"dense {name}: shape", 0, 1 << 32) for d in shape)
-    _expect(math.prod(dims) <= MAX_DENSE_ELEMENTS, file, f"dense {name}: shape {list(dims)} is implausibly large")
-    return DenseEntry(shard, _DENSE_DTYPES[dtype].torch(), dims)
-
-
-def file_problem(path: Path, info: dict[str, Any]) -> str | None:
-    """What is wrong with ``path`` against its record ``{"bytes", "sha256"}``, or None."""
+def file_problem(path: Path, record: FileRecord) -> str | None:
+    """What is wrong with ``path`` against its size and checksum record, or None."""
     if not path.is_file():
         return "listed in the manifest but missing"
     size = path.stat().st_size
-    if size != info["bytes"]:
-        return f"{size} bytes, the manifest says {info['bytes']} (truncated or replaced)"
-    if sha256_file(path) != info["sha256"]:
+    if size != record.bytes:
+        return f"{size} bytes, the manifest says {record.bytes} (truncated or replaced)"
+    if sha256_file(path) != record.sha256:
         return "checksum mismatch (the file is corrupt or was modified)"
     return None
 

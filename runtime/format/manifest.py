@@ -127,7 +127,9 @@ class Manifest:
         _expect(isinstance(raw, dict), file, "the top level must be an object")
         _keys(raw, _REQUIRED, _REQUIRED | _INFO.keys(), file, "the manifest")
         for key, kind in _INFO.items():
-            _expect(raw.get(key) is None or isinstance(raw[key], kind), file, f"'{key}' must be a {kind.__name__} or null")
+            _expect(
+                raw.get(key) is None or isinstance(raw[key], kind), file, f"'{key}' must be a {kind.__name__} or null"
+            )
         _expect(raw.get("format") == FORMAT_NAME, file, f"'format' must be {FORMAT_NAME!r}")
         version = raw.get("format_version")
         if version != FORMAT_VERSION:
@@ -136,7 +138,9 @@ class Manifest:
         linears = {name: _linear(name, entry, files, file) for name, entry in _obj(raw, "linears", file).items()}
         dense = {name: _dense(name, entry, files, file) for name, entry in _obj(raw, "dense", file).items()}
         for name, entry in linears.items():
-            _expect(entry.bias is None or entry.bias in dense, file, f"linear {name}: bias {entry.bias!r} is not listed")
+            _expect(
+                entry.bias is None or entry.bias in dense, file, f"linear {name}: bias {entry.bias!r} is not listed"
+            )
         source = _source(raw["source"], file) if raw.get("source") is not None else None
         return cls(
             linears, dense, files, raw.get("llmq_version"), source, raw.get("quantization"), raw.get("calibration"),
@@ -188,7 +192,11 @@ def _files(value: Any, file: Path, what: str, inside: bool = True) -> dict[str, 
         _expect(isinstance(info, dict), file, f"{what}[{name!r}] must be an object")
         _keys(info, record_keys, record_keys, file, f"{what}[{name!r}]")
         sha = info["sha256"]
-        _expect(isinstance(sha, str) and bool(_SHA256.fullmatch(sha)), file, f"{what}[{name!r}].sha256 must be 64 hex digits")
+        _expect(
+            isinstance(sha, str) and bool(_SHA256.fullmatch(sha)),
+            file,
+            f"{what}[{name!r}].sha256 must be 64 hex digits",
+        )
         records[name] = FileRecord(sha, _int(info.get("bytes"), file, f"{what}[{name!r}].bytes"))
     return records
 
@@ -198,7 +206,11 @@ def _source(value: dict, file: Path) -> SourceRecord:
     _keys(value, keys, keys, file, "'source'")
     for key in ("spec", "kind", "label"):
         _expect(isinstance(value[key], str), file, f"source.{key} must be a string")
-    _expect(value["revision"] is None or isinstance(value["revision"], str), file, "source.revision must be a string or null")
+    _expect(
+        value["revision"] is None or isinstance(value["revision"], str),
+        file,
+        "source.revision must be a string or null",
+    )
     files = _files(value["files"], file, "source.files", inside=False)
     return SourceRecord(value["spec"], value["kind"], value["label"], value["revision"], files)
 

@@ -25,6 +25,7 @@ import torch
 
 from llmq.runtime.format import artifact as A
 from llmq.runtime.format.layout import dequantize
+from llmq.runtime.format.manifest import Manifest
 
 
 @dataclass
@@ -74,7 +75,7 @@ def verify_artifact(path: Path, on_shard: Callable[[int, int], None] | None = No
     """Run every check on the artifact at ``path``; ``on_shard(done, total)`` reports progress."""
     start = time.perf_counter()
     manifest = A.open_artifact(path, verify=True)
-    report = VerifyReport(path, len(manifest.files), sum(int(f["bytes"]) for f in manifest.files.values()))
+    report = VerifyReport(path, len(manifest.files), sum(record.bytes for record in manifest.files.values()))
     linears_by_shard: dict[str, list[str]] = {}
     for name, entry in manifest.linears.items():
         linears_by_shard.setdefault(entry.shard, []).append(name)
@@ -103,7 +104,7 @@ def verify_artifact(path: Path, on_shard: Callable[[int, int], None] | None = No
     return report
 
 
-def _json_problems(manifest: A.Manifest) -> list[str]:
+def _json_problems(manifest: Manifest) -> list[str]:
     problems = []
     for name in manifest.files:
         if name.endswith(".json"):
@@ -114,9 +115,9 @@ def _json_problems(manifest: A.Manifest) -> list[str]:
     return problems
 
 
-def _accounting_problems(manifest: A.Manifest) -> list[str]:
+def _accounting_problems(manifest: Manifest) -> list[str]:
     """The manifest's bits-per-weight accounting must be what its layouts and dense shapes give."""
-    recorded = manifest.raw.get("accounting")
+    recorded = manifest.accounting_record
     if recorded is None:
         return []
     computed = manifest.accounting().to_json()

@@ -87,7 +87,7 @@ def resolve_model(
     if kind == SourceKind.artifact:
         path = Path(spec).expanduser().resolve()
         manifest = artifact.open_artifact(path)
-        label = manifest.raw.get("source", {}).get("label", "unknown source")
+        label = manifest.source.label if manifest.source else "unknown source"
         return ModelSource(spec, kind, path, f"llmq artifact {path} (quantized from {label})")
     folder = _fetch_from_hub(spec, revision)
     check_model_folder(folder)
