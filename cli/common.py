@@ -6,8 +6,11 @@ human-readable result. Logs, progress bars and tables go to stderr, progress onl
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
+import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +22,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from llmq.runtime.backend import Backend
 from llmq.runtime.decode.modes import DecodeMode
+from llmq.runtime.options import LoadOptions
 from llmq.runtime.sources.device import DType
+from llmq.runtime.sources.feedback import Feedback
 from llmq.runtime.sources.text import Dataset
 
 Device = Annotated[str, typer.Option("--device", help="auto (cuda if present, else cpu), cpu, cuda, cuda:N or mps.")]
@@ -103,6 +108,11 @@ class Reporter:
     def show_progress(self) -> bool:
         return not self.quiet and self.err.is_terminal
 
+    def feedback(self, stop=None) -> Feedback:
+        """The library's view of this reporter; ``stop`` is a :class:`StopRequest`'s check."""
+        quiet_libraries(self.show_progress)
+        return Feedback(self.info, self.warn, self.progress, self.show_progress, stop or (lambda: None))
+
     @contextmanager
     def progress(self, description: str):
         """Yield ``update(done, total)``; draws a bar on a terminal, does nothing elsewhere."""
@@ -119,17 +129,6 @@ class Reporter:
         with Progress(*columns, console=self.err, transient=True) as bar:
             task = bar.add_task(description, total=None)
             yield lambda done, total: bar.update(task, completed=done, total=total)
-
-
-def source_json(source) -> dict[str, Any]:
-    """The ``model`` object of every command's JSON: what was asked for and what it resolved to."""
-    return {
-        "spec": source.spec,
-        "kind": source.kind.value,
-        "path": str(source.path),
-        "label": source.label,
-        "revision": source.revision,
-    }
 
 
 def render_accounting(accounting) -> str:
@@ -162,45 +161,69 @@ def quiet_libraries(show_progress: bool) -> None:
         disable_progress_bars()
 
 
-def pick_backend(source, requested: Backend, device, dtype, out: Reporter) -> Backend | None:
-    """The backend for ``source``'s quantized Linears, or None when it has none (a plain HF model)."""
-    from llmq.errors import UsageError
-    from llmq.runtime.backend import resolve_backend
-    from llmq.runtime.sources.models import SourceKind
-
-    if source.kind != SourceKind.artifact:
-        if requested == Backend.cuda:
-            raise UsageError(
-                f"--backend cuda applies to llmq artifacts, and {source.spec} is a {source.kind.value} model"
-            )
-        return None
-    chosen, notice = resolve_backend(requested, device, dtype)
-    if notice:
-        out.info(notice)
-    return chosen
+# The model-loading options every command that loads a model shares (llmq.runtime.options.LoadOptions).
+_LOAD_OPTIONS = (
+    ("device", Device, "auto"),
+    ("device_map", DeviceMapOpt, None),
+    ("max_memory", MaxMemory, None),
+    ("dtype", DTypeOpt, DType.auto),
+    ("backend", BackendOpt, Backend.auto),
+    ("seed", Seed, 0),
+    ("revision", Revision, None),
+    ("trust_remote_code", TrustRemoteCode, False),
+)
 
 
-def resolve_placement(device: str, device_map: str | None, max_memory: str | None):
-    """(torch device, max_memory dict or None): ``--device-map auto`` places the model over all
-    devices and runs inputs from the first GPU (or the CPU); otherwise ``--device`` as usual."""
-    import torch
+def with_load_options(command):
+    """Declare the shared model-loading options on ``command`` in place of its ``options``
+    parameter, which then receives them as one :class:`LoadOptions`: every command offers the same
+    options with the same help, and none can drift."""
+    signature = inspect.signature(command, eval_str=True)
+    shared = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+        for name, annotation, default in _LOAD_OPTIONS
+    ]
+    params = [q for p in signature.parameters.values() for q in (shared if p.name == "options" else [p])]
+    assert signature.parameters["options"].kind == inspect.Parameter.KEYWORD_ONLY, "declare it as `*, options`"
 
-    from llmq.errors import UsageError
-    from llmq.runtime.placement import parse_max_memory
-    from llmq.runtime.sources.device import resolve_device
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        options = LoadOptions(**{name: kwargs.pop(name) for name, _, _ in _LOAD_OPTIONS})
+        return command(*args, options=options, **kwargs)
 
-    if device_map is None:
-        if max_memory is not None:
-            raise UsageError("--max-memory limits --device-map; add --device-map auto")
-        return resolve_device(device), None
-    if device_map != "auto":
-        raise UsageError(f"--device-map {device_map!r}: the one value is auto")
-    if device != "auto":
-        raise UsageError("give --device or --device-map, not both")
-    limits = parse_max_memory(max_memory) if max_memory else None
-    if limits is None:
-        from accelerate.utils import get_max_memory
+    wrapper.__signature__ = signature.replace(parameters=params)
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    return wrapper
 
-        limits = get_max_memory()
-    first = torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
-    return first, limits
+
+class StopRequest:
+    """Ctrl-C and SIGTERM (a scheduler's kill) during a long run.
+
+    The first asks the run to stop at the next bounded step (the library calls ``check``): raised
+    anywhere, the interrupt can land inside a library call that turns it into another error
+    (safetensors reported a ``ValueError`` that way), and finished work would not be kept. A
+    second signal stops at once.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt(f"signal {signum}")
+        self.requested = True
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt("stop requested")
+
+    @classmethod
+    @contextmanager
+    def installed(cls):
+        stop = cls()
+        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield stop
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)

@@ -16,30 +16,29 @@ def inspect(
     json: Json = False,
 ) -> None:
     """Show an artifact's source, config and per-layer bits per weight (the same accounting as --dry-run)."""
-    from llmq.runtime.format import artifact as A
+    from llmq.runtime import api
 
     out = Reporter(json, quiet=True)
-    manifest = A.open_artifact(artifact, verify=verify)
-    accounting = manifest.accounting()
-    raw = manifest.to_json()
-    document = {
-        "command": "inspect",
-        "artifact": str(artifact),
-        "format_version": raw["format_version"],
-        "llmq_version": raw.get("llmq_version"),
-        "verified": verify,
-        "source": raw.get("source"),
-        "quantization": raw.get("quantization"),
-        "calibration": raw.get("calibration"),
-        "files": raw["files"],
-        "accounting": accounting.to_json(),
-    }
+    manifest = api.inspect(artifact, verify_checksums=verify)
+    accounting, raw = manifest.accounting(), manifest.to_json()
     if json:
-        out.emit_json(document)
+        out.emit_json(
+            {
+                "command": "inspect",
+                "artifact": str(artifact),
+                "format_version": raw["format_version"],
+                "llmq_version": manifest.llmq_version,
+                "verified": verify,
+                "source": raw.get("source"),
+                "quantization": manifest.quantization,
+                "calibration": manifest.calibration,
+                "files": raw["files"],
+                "accounting": accounting.to_json(),
+            }
+        )
         return
-    source = raw.get("source") or {}
-    out.result(f"artifact {artifact}  (format {raw['format_version']}, written by llmq {raw.get('llmq_version')})")
-    out.result(f"source: {source.get('label')}")
-    out.result(f"config: {raw.get('quantization')}")
+    out.result(f"artifact {artifact}  (format {raw['format_version']}, written by llmq {manifest.llmq_version})")
+    out.result(f"source: {manifest.source.label if manifest.source else None}")
+    out.result(f"config: {manifest.quantization}")
     out.result(f"files: {len(manifest.files)}, checksums {'verified' if verify else 'not checked'}")
     out.result(render_accounting(accounting))

@@ -1,59 +1,22 @@
 """``llmq profile MODEL``: prefill and decode latency, the decode step's breakdown, and GB/s.
 
-The protocol is in :mod:`llmq.runtime.decode.profile`. ``--baseline`` runs the same artifact a second
-time with dense weights (the torch backend: every quantized Linear decoded once into the run's
-dtype, fp16 on a GPU) in the same process, and reports the speedups.
+The protocol is in :mod:`llmq.runtime.decode.profile`. ``--baseline`` runs the same artifact a
+second time with dense weights (the torch backend: every quantized Linear decoded once into the
+run's dtype, fp16 on a GPU) in the same process, and reports the speedups.
 """
 
 from __future__ import annotations
 
-import platform
 from typing import Annotated
 
 import typer
 
-from llmq import __version__
-from llmq.cli.common import (
-    BackendOpt,
-    DecodeOpt,
-    Device,
-    DeviceMapOpt,
-    DTypeOpt,
-    Json,
-    MaxMemory,
-    ModelArg,
-    Quiet,
-    Reporter,
-    Revision,
-    Seed,
-    TrustRemoteCode,
-    pick_backend,
-    quiet_libraries,
-    resolve_placement,
-    source_json,
-)
-from llmq.errors import UsageError
-from llmq.runtime.backend import Backend
-from llmq.runtime.decode.modes import DecodeMode, check_decode_device
-from llmq.runtime.sources.device import DType
-
-MAX_BATCH = 4096
+from llmq.cli.common import DecodeOpt, Json, ModelArg, Quiet, Reporter, with_load_options
+from llmq.runtime.decode.modes import DecodeMode
+from llmq.runtime.options import LoadOptions
 
 
-def parse_batches(spec: str) -> list[int]:
-    """``"1,16"`` -> ``[1, 16]``; every entry a positive integer up to MAX_BATCH."""
-    batches = []
-    for part in spec.split(","):
-        try:
-            value = int(part.strip())
-        except ValueError:
-            raise UsageError(f"--batch {spec!r}: {part.strip()!r} is not an integer; give e.g. --batch 1,16") from None
-        if not 1 <= value <= MAX_BATCH:
-            raise UsageError(f"--batch {spec!r}: {value} must be between 1 and {MAX_BATCH}")
-        batches.append(value)
-    return batches
-
-
+@with_load_options
 def profile(
     model: ModelArg,
     batch: Annotated[str, typer.Option("--batch", help="Comma-separated batch sizes, e.g. 1,16.")] = "1",
@@ -68,128 +31,23 @@ def profile(
         bool, typer.Option("--baseline", help="Also run the same artifact with dense weights (torch backend).")
     ] = False,
     decode: DecodeOpt = DecodeMode.dynamic,
-    device: Device = "auto",
-    device_map: DeviceMapOpt = None,
-    max_memory: MaxMemory = None,
-    dtype: DTypeOpt = DType.auto,
-    backend: BackendOpt = Backend.auto,
-    seed: Seed = 0,
-    revision: Revision = None,
-    trust_remote_code: TrustRemoteCode = False,
+    *,
+    options: LoadOptions,
     json: Json = False,
     quiet: Quiet = False,
 ) -> None:
     """Time prefill and decode of MODEL per batch size, and show where a decode step's time goes."""
-    from llmq.runtime.decode import profile as P
-    from llmq.runtime.format.dtypes import short as dtype_name
-    from llmq.runtime.loader import load_model
-    from llmq.runtime.sources import models
-    from llmq.runtime.sources.device import resolve_dtype
+    from llmq.runtime import api
 
     out = Reporter(json, quiet)
-    batches = parse_batches(batch)
-    kind = models.check_model_spec(model, revision)
-    if baseline and kind != models.SourceKind.artifact:
-        raise UsageError(f"--baseline compares an llmq artifact with its dense weights, and {model} is not one")
-    quiet_libraries(out.show_progress)
-    torch_device, limits = resolve_placement(device, device_map, max_memory)
-    torch_dtype = resolve_dtype(dtype, torch_device)
-    check_decode_device(decode, torch_device)
-    source = models.resolve_model(model, revision=revision, progress=out.show_progress, log=out.info)
-    out.info(f"model: {source.label}")
-    config = models.load_config(source, trust_remote_code)
-    context = models.context_length(config)
-    if context is not None and prompt_len + gen_len > context:
-        raise UsageError(f"--prompt-len {prompt_len} plus --gen-len {gen_len} exceeds the model's context of {context}")
-    chosen = pick_backend(source, backend, torch_device, torch_dtype, out)
-    copy_gbps = P.copy_bandwidth_gbps(torch_device, (256 if torch_device.type == "cuda" else 64) << 20)
-    runs = [("llmq" if chosen else "model", chosen)] + ([("dense baseline", Backend.torch)] if baseline else [])
-    documents = []
-    for label, run_backend in runs:
-        out.info(f"profiling {label} ({run_backend.value if run_backend else 'dense'}) on {torch_device}")
-        lm = load_model(
-            source, config, torch_device, torch_dtype, trust_remote_code, run_backend or Backend.torch, limits
-        )
-        memory = sum(t.numel() * t.element_size() for t in (*lm.parameters(), *lm.buffers()))
-        results = P.profile_batches(
-            lm,
-            config.vocab_size,
-            batches,
-            prompt_len,
-            gen_len,
-            warmup,
-            reps,
-            breakdown_steps,
-            seed,
-            torch_device,
-            decode,
-        )
-        documents.append(
-            {
-                "label": label,
-                "backend": run_backend.value if run_backend else None,
-                "model_memory_bytes": memory,
-                "batches": [r.to_json(copy_gbps) for r in results],
-            }
-        )
-        del lm
-        _free(torch_device)
-    document = {
-        "command": "profile",
-        "llmq_version": __version__,
-        "model": source_json(source),
-        "device": str(torch_device),
-        "device_name": _device_name(torch_device),
-        "dtype": dtype_name(torch_dtype),
-        "protocol": {
-            "prompt_len": prompt_len,
-            "gen_len": gen_len,
-            "warmup": warmup,
-            "reps": reps,
-            "breakdown_steps": breakdown_steps,
-            "seed": seed,
-            "prompt": "random token ids",
-            "decode": "greedy argmax, KV cache, one token per sequence per step",
-            "decode_mode": decode.value,
-        },  # fmt: skip
-        "copy_bandwidth_gbps": copy_gbps,
-        "runs": documents,
-        "speedup": _speedups(documents) if baseline else None,
-    }
+    report = api.profile(
+        model, batches=batch, prompt_len=prompt_len, gen_len=gen_len, warmup=warmup, reps=reps,
+        breakdown_steps=breakdown_steps, baseline=baseline, decode=decode, options=options, feedback=out.feedback(),
+    )  # fmt: skip
     if json:
-        out.emit_json(document)
+        out.emit_json(report.to_json())
         return
-    out.result(render_markdown(document))
-
-
-def _free(device) -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _device_name(device) -> str:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
-
-
-def _speedups(runs: list[dict]) -> list[dict]:
-    ours, dense = runs
-    return [
-        {
-            "batch": a["batch"],
-            "prefill": a["prefill_tokens_per_s"] / b["prefill_tokens_per_s"],
-            "decode": a["decode_tokens_per_s"] / b["decode_tokens_per_s"],
-        }
-        for a, b in zip(ours["batches"], dense["batches"], strict=True)
-    ]
+    out.result(render_markdown(report.to_json()))
 
 
 def render_markdown(document: dict) -> str:

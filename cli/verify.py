@@ -17,11 +17,10 @@ def verify(
     quiet: Quiet = False,
 ) -> None:
     """Check an artifact completely: files, tensors, and every layer decoded with a NaN/Inf check."""
-    from llmq.runtime.format.verify import verify_artifact
+    from llmq.runtime import api
 
     out = Reporter(json, quiet)
-    with out.progress("verifying shards") as update:
-        report = verify_artifact(artifact, on_shard=update)
+    report = api.verify(artifact, feedback=out.feedback())
     if json:
         out.emit_json({"command": "verify", **report.to_json()})
     else:

@@ -46,9 +46,12 @@ class QuantConfig:
     selection: Selection = Selection.auto
     gptq_damp: float = 0.01  # GPTQ dampening, as a fraction of the Hessian's mean diagonal
     gptq_block: int = 128  # columns per lazy-update block (speed only: the result is the same up to rounding)
-    act_order: bool = True  # with calibration: GPTQ in descending E[x^2] order within each part (the permutation)
+    # GPTQ in descending E[x^2] order within each part (the permutation); None: on when calibrated
+    act_order: bool | None = None
     include: tuple[str, ...] = DEFAULT_INCLUDE  # fnmatch patterns on Linear module names
     exclude: tuple[str, ...] = field(default_factory=tuple)
+    # Model-wide bits per weight: stripes spread over the Linears by sensitivity (replaces stripe_fraction)
+    target_bits: float | None = None
 
     def check(self) -> None:
         """Raise :class:`UsageError` naming the first invalid value."""
@@ -72,6 +75,19 @@ class QuantConfig:
             raise UsageError(f"--gptq-block {self.gptq_block} must be at least 1")
         if not self.include:
             raise UsageError("--include needs at least one pattern")
+        if self.target_bits is not None and not 0 < self.target_bits <= 32:
+            raise UsageError(f"--target-bits {self.target_bits} must be a number of bits per weight above 0")
+
+    def for_run(self, calibrated: bool) -> QuantConfig:
+        """This config as a run uses it: checked against whether the run has calibration statistics,
+        with act-order decided (on with them, as measured best; meaningless without)."""
+        if self.selection == Selection.hessian and not calibrated:
+            raise UsageError(
+                "--selection hessian ranks channels with calibration statistics; add --calib or --calib-data"
+            )
+        if self.act_order and not calibrated:
+            raise UsageError("--act-order orders GPTQ by calibration statistics; add --calib or --calib-data")
+        return replace(self, act_order=calibrated if self.act_order is None else self.act_order)
 
     def selects(self, module_name: str) -> bool:
         included = any(fnmatch.fnmatchcase(module_name, p) for p in self.include)
@@ -122,10 +138,13 @@ PRESETS: dict[str, Preset] = {
 DEFAULT_PRESET = "mixed"
 
 
-def preset_config(name: str, **overrides) -> QuantConfig:
-    """The preset's config with non-None ``overrides`` applied, validated."""
+def preset_config(name: str = DEFAULT_PRESET, **overrides) -> QuantConfig:
+    """The preset's config with the non-None ``overrides`` applied, validated."""
     if name not in PRESETS:
         raise UsageError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-    config = replace(PRESETS[name].config, **{k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "target_bits" in given and "stripe_fraction" in given:
+        raise UsageError("--target-bits chooses the stripes per Linear; drop --stripe-fraction")
+    config = replace(PRESETS[name].config, **given)
     config.check()
     return config

@@ -59,7 +59,7 @@ def _quantize_weight(name, weight, config, hessian, layout, scores, device):
     if scores is None:
         by_hessian = hessian is not None and config.selection != Selection.range
         scores = hessian_score(w, hessian, config) if by_hessian else range_score(w, config.g1)
-    order_key = torch.diag(hessian) if hessian is not None and config.act_order else None
+    order_key = torch.diag(hessian) if hessian is not None and config.act_order is not False else None
     perm = select_channels(scores, layout.k4, order_key)
     packed = w[:, perm.long()]
     two = _fit_2bit(packed[:, : layout.k2], layout, config) if layout.k2 else None

@@ -56,10 +56,9 @@ def make_plan(
     model_config,
     config: QuantConfig,
     dense_dtype: torch.dtype | None,
-    target_bits: float | None = None,
     stats: CalibStats | None = None,
 ) -> Plan:
-    """The layouts to write. With ``target_bits`` the stripes are spread over the Linears by
+    """The layouts to write. With ``config.target_bits`` the stripes are spread over the Linears by
     :mod:`llmq.quant.budget`, scored with the Hessians in ``stats`` if given (one extra read of
     every weight); otherwise every Linear gets the config's stripe fraction."""
     skeleton = _skeleton(model_config)
@@ -84,13 +83,13 @@ def make_plan(
             dense[key] = (dense_dtype or _default_dense_dtype(dtype), shape)
     units = sorted({unit_of(k) for k in params} - {REST}, key=int) + [REST]
     scores = None
-    if target_bits is not None:
+    if config.target_bits is not None:
         scores = _channel_scores(linears, key_files, config, stats)
         factories = {
             name: (lambda k4, n=lay.out_features, k=lay.in_features: plan_layout(n, k, config, k4))
             for name, lay in linears.items()
         }
-        linears = allocate(factories, scores, target_bits)
+        linears = allocate(factories, scores, config.target_bits)
     return Plan(linears, biases, dense, {k: key_files[k] for k in params}, units, scores)
 
 

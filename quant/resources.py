@@ -17,6 +17,7 @@ the disk is refused before any work is done.
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import shutil
@@ -24,6 +25,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmq.quant.pipeline import Plan, hf_files, unit_of
+from llmq.quant.statsfile import CalibStats
 from llmq.runtime.format.layout import LinearLayout
 
 WORK_COPIES = 12  # fp32 copies of a weight alive while it is quantized (weight, permuted, scale search, decodes)
@@ -87,8 +90,6 @@ def estimate(
     """
     output: dict[str, int] = {}
     work: dict[str, int] = {}
-    from llmq.quant.pipeline import unit_of
-
     for name, layout in linears.items():
         unit = unit_of(name)
         output[unit] = output.get(unit, 0) + layout.stored_bits() // 8
@@ -109,6 +110,14 @@ def estimate(
         free_disk_bytes=free_disk_bytes(out_folder),
         available_memory_bytes=available_memory_bytes(),
     )
+
+
+def estimate_plan(plan: Plan, model_folder: Path, stats: CalibStats | None, out: Path) -> Estimate:
+    """:func:`estimate` for a quantize plan of the model in ``model_folder``, written to ``out``."""
+    dense_bytes = {k: (math.prod(shape) * dtype.itemsize, math.prod(shape)) for k, (dtype, shape) in plan.dense.items()}
+    hf_bytes = sum(f.stat().st_size for f in hf_files(model_folder))
+    stats_bytes = sum(t.numel() * t.element_size() for t in stats.tensors.values()) if stats is not None else 0
+    return estimate(plan.linears, dense_bytes, hf_bytes, stats_bytes, out.expanduser().resolve().parent)
 
 
 def disk_problem(e: Estimate, out: Path) -> str | None:

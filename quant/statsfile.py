@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ import torch
 from llmq.errors import StatsFileError
 from llmq.quant.calibrate import Calibration
 from llmq.quant.writer import writing
+from llmq.runtime.sources.models import ModelSource
 
 STATS_FORMAT = "llmq-calib"
 STATS_VERSION = 1
@@ -35,7 +36,18 @@ class CalibStats:
 
     meta: dict
     tensors: dict[str, torch.Tensor]
-    path: Path | None = None  # the stats file they were read from; None when collected in this process
+    path: Path | None = None  # the stats file they were read from or written to; None: only in memory
+    model: ModelSource | None = None  # the model they were collected from, when that was in this process
+
+    @property
+    def linears(self) -> int:
+        """How many Linears the statistics cover."""
+        return len(self.meta["aliases"])
+
+    @property
+    def inputs(self) -> int:
+        """How many distinct inputs they hold statistics of (Linears reading one tensor share them)."""
+        return len(set(self.meta["aliases"].values()))
 
     @property
     def file_label(self) -> str:
@@ -46,28 +58,29 @@ class CalibStats:
         return None if canonical is None else self.tensors[f"{canonical}.hessian"]
 
 
-def in_memory(calibration: Calibration, meta: dict) -> CalibStats:
-    """Stats collected in this process (``quantize --calib-data``), in the same shape as a read file."""
-    tensors = {f"{name}.hessian": stats.hessian() for name, stats in calibration.stats.items()}
-    return CalibStats({**meta, "aliases": calibration.aliases}, tensors)
-
-
-def write_stats(path: Path, calibration: Calibration, meta: dict) -> None:
-    """Write atomically: a temporary file in the same folder, then rename."""
-    from safetensors.torch import save_file
-
+def in_memory(calibration: Calibration, meta: dict, model: ModelSource | None = None) -> CalibStats:
+    """Stats collected in this process, in the same shape as a file holds them."""
     tensors = {}
     for name, stats in calibration.stats.items():
         tensors[f"{name}.hessian"] = stats.hessian().contiguous()
         tensors[f"{name}.sq_mean"] = stats.sq_mean().contiguous()
-    record = {"format": STATS_FORMAT, "version": STATS_VERSION, **meta, "aliases": calibration.aliases}
+    return CalibStats({**meta, "aliases": calibration.aliases}, tensors, model=model)
+
+
+def write_stats(path: Path, stats: CalibStats) -> CalibStats:
+    """Write atomically (a temporary file in the same folder, then rename); returns the stats as
+    read back from ``path`` would be."""
+    from safetensors.torch import save_file
+
+    record = {"format": STATS_FORMAT, "version": STATS_VERSION, **stats.meta}
     tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
     try:
         with writing(path, "the statistics"):
-            save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(record)})
+            save_file(stats.tensors, str(tmp), metadata={_META_KEY: json.dumps(record)})
             os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    return replace(stats, path=path)
 
 
 def read_stats(path: Path, fingerprint: str) -> CalibStats:

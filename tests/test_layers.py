@@ -26,6 +26,7 @@ LAYER_OF = {
     "llmq.quant": "quant",
     "llmq.runtime.backend": "execution",
     "llmq.runtime.loader": "execution",
+    "llmq.runtime.options": "execution",
     "llmq.runtime.placement": "execution",
     "llmq.runtime.qlinear": "execution",
     "llmq.runtime.cuda_backend": "execution",
@@ -160,4 +161,4 @@ def test_a_forbidden_import_is_caught_wherever_it_hides():
 def test_a_cycle_hidden_in_a_function_is_caught():
     sources = dict(package_sources())
     sources["llmq.runtime.placement"] += "\n\ndef g():\n    from llmq.runtime.loader import load_model\n"
-    assert ["llmq.runtime.loader", "llmq.runtime.placement"] in cycles(sources)
+    assert any({"llmq.runtime.loader", "llmq.runtime.placement"} <= set(group) for group in cycles(sources))

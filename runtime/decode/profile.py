@@ -22,7 +22,9 @@ of a device-to-device copy (read plus write), as CUDA's bandwidthTest counts it.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
+import platform
 import statistics
 import sys
 import time
@@ -30,10 +32,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from llmq.errors import UsageError
 from llmq.runtime.decode.modes import DecodeMode
 from llmq.runtime.decode.static import StaticDecoder, cache_keyword, greedy
 from llmq.runtime.qlinear import QuantLinear
 
+MAX_BATCH = 4096
 LLMQ_KERNELS = ("gemv_mixed", "gemm_mixed", "gather_permuted", "dequant_packed", "outliers_add")
 MATMUL_KERNEL_HINTS = ("gemm", "gemv", "cutlass", "xmma", "cublas", "matmul")
 
@@ -103,6 +107,40 @@ class BatchResult:
             "all_matmul_gbps": linear,
             "quantized_matmul_fraction_of_copy_bandwidth": quant / copy_gbps if quant else None,
         }
+
+
+def check_batches(batches: list[int]) -> list[int]:
+    """Batch sizes to profile: at least one, each between 1 and MAX_BATCH."""
+    if not batches:
+        raise UsageError("--batch needs at least one batch size, e.g. --batch 1,16")
+    for value in batches:
+        if not 1 <= value <= MAX_BATCH:
+            raise UsageError(f"--batch {','.join(map(str, batches))}: {value} must be between 1 and {MAX_BATCH}")
+    return batches
+
+
+def parse_batches(spec: str) -> list[int]:
+    """``"1,16"`` -> ``[1, 16]``; every entry a positive integer up to MAX_BATCH."""
+    batches = []
+    for part in spec.split(","):
+        try:
+            batches.append(int(part.strip()))
+        except ValueError:
+            raise UsageError(f"--batch {spec!r}: {part.strip()!r} is not an integer; give e.g. --batch 1,16") from None
+    return check_batches(batches)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def free_memory(device: torch.device) -> None:
+    """Release a dropped model's memory before the next one is loaded."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def synchronize(device: torch.device) -> None:

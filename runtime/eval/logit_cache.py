@@ -12,17 +12,22 @@ leaves a cache that looks whole.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from llmq.errors import CacheError, ModelSourceError
+from llmq.runtime.eval.kld import BaseLogProbs, model_log_probs, scored_tokens
 from llmq.runtime.sources.cache import cache_dir
+from llmq.runtime.sources.feedback import Feedback
+from llmq.runtime.sources.models import ModelSource
 
 BYTES_PER_VALUE = 2  # float16
 LARGE_BYTES = 1 << 30  # warn above 1 GiB
@@ -47,7 +52,7 @@ def size_bytes(tokens_scored: int, vocab: int) -> int:
     return tokens_scored * vocab * BYTES_PER_VALUE
 
 
-def load(path: Path, key: dict, tokens_scored: int) -> np.ndarray | None:
+def load_cached(path: Path, key: dict, tokens_scored: int) -> np.ndarray | None:
     """The cached array if ``path`` holds this key's complete log-probs, else None."""
     meta_path = path.with_suffix(".json")
     if not (path.is_file() and meta_path.is_file()):
@@ -132,3 +137,35 @@ def recording_base(model_base, recorder: Recorder):
         return renormalized(recorder.write(model_base(i, chunk, n)))
 
     return run
+
+
+@contextlib.contextmanager
+def base_log_probs(
+    source: ModelSource, config, ids: torch.Tensor, protocol: dict, use_cache: bool, load: Callable, feedback: Feedback
+) -> Iterator[BaseLogProbs]:
+    """The base side of a KL: the model ``load()`` returns, or its log-probs read from the cache, or
+    computed and recorded into it (kept only if the run completes).
+
+    ``protocol`` (seq_len, stride, max_tokens, dtype, device) is part of the cache key.
+    """
+    if not use_cache:
+        yield model_log_probs(load())
+        return
+    scored = scored_tokens(len(ids), protocol["seq_len"], protocol["stride"], protocol["max_tokens"])
+    key = base_key(source.path, ids, protocol)
+    path = cache_path(key)
+    cached = load_cached(path, key, sum(scored))
+    if cached is not None:
+        feedback.info(f"base log-probs: reusing {path}")
+        yield cached_base(cached, scored)
+        return
+    size = size_bytes(sum(scored), config.vocab_size)
+    if size > LARGE_BYTES:
+        feedback.warn(f"caching the base log-probs writes {size / 1e9:.2f} GB to {path.parent}")
+    recorder = Recorder(path, key, sum(scored), config.vocab_size)
+    try:
+        yield recording_base(model_log_probs(load()), recorder)
+        recorder.commit()
+        feedback.info(f"base log-probs: cached in {path}")
+    finally:
+        recorder.discard()

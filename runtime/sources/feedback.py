@@ -41,4 +41,5 @@ class Feedback:
     stop: Callable[[], None] = _never_stop
 
 
+LOGGED = Feedback()  # the default of every API call: the "llmq" logger, no bars
 SILENT = Feedback(info=lambda message: None, warn=lambda message: None)

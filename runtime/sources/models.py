@@ -16,14 +16,17 @@ unpickle checkpoints.
 from __future__ import annotations
 
 import enum
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from llmq.errors import HubUnreachableError, ModelSourceError
 from llmq.runtime.format import artifact
 from llmq.runtime.sources import demo
+from llmq.runtime.sources.feedback import LOGGED, Feedback
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 # Config, tokenizer and safetensors weights only; *.bin / *.pt pickles are never downloaded.
@@ -46,6 +49,16 @@ class ModelSource:
     path: Path
     label: str
     revision: str | None = None
+
+    def to_json(self) -> dict:
+        """The ``model`` object of every JSON result: what was asked for and what it resolved to."""
+        return {
+            "spec": self.spec,
+            "kind": self.kind.value,
+            "path": str(self.path),
+            "label": self.label,
+            "revision": self.revision,
+        }
 
 
 def check_model_spec(spec: str, revision: str | None = None) -> SourceKind:
@@ -93,6 +106,20 @@ def resolve_model(
     check_model_folder(folder)
     rev = f"@{revision}" if revision else ""
     return ModelSource(spec, kind, folder, f"hub model {spec}{rev}", revision)
+
+
+def open_model(
+    spec: str | os.PathLike,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    feedback: Feedback = LOGGED,
+    role: str = "model",
+) -> tuple[ModelSource, Any]:
+    """Resolve MODEL (building the demo or fetching from the hub if needed) and read its config;
+    ``role`` names it in the log line (``model``, ``base``)."""
+    source = resolve_model(str(spec), revision=revision, progress=feedback.show_progress, log=feedback.info)
+    feedback.info(f"{role}: {source.label}")
+    return source, load_config(source, trust_remote_code)
 
 
 def _looks_like_path(spec: str) -> bool:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -51,19 +52,64 @@ _WIKITEXT = ("Salesforce/wikitext", "wikitext-2-raw-v1")
 _WIKITEXT_SPLITS = {Split.eval: "test", Split.calib: "train"}
 
 
+@dataclass(frozen=True)
+class TextRequest:
+    """Which text to read: one of the datasets or a UTF-8 file; neither means the command's default."""
+
+    dataset: Dataset | None = None
+    file: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.dataset is not None and self.file is not None:
+            raise UsageError("give either --dataset or --text-file, not both")
+
+    def is_local(self, default: Dataset | None) -> bool:
+        """True unless reading it may go to the network (wikitext2 through ``datasets``)."""
+        return self.file is not None or (self.dataset or default) == Dataset.austen
+
+    def load(self, split: Split, default: Dataset | None = None) -> Text:
+        if self.file is not None:
+            return _load_file(self.file)
+        dataset = self.dataset or default
+        if dataset == Dataset.austen:
+            return _load_austen(split)
+        if dataset == Dataset.wikitext2:
+            return _load_wikitext2(split)
+        raise UsageError("give --dataset or --text-file")
+
+
+# What the Python API accepts as a text: a dataset (or its name), a file path, a request, or a Text.
+TextSpec = Dataset | str | os.PathLike | TextRequest | Text
+
+
+def request(spec: TextSpec | None) -> TextRequest | Text:
+    """``"austen"`` and ``"wikitext2"`` name datasets; any other string or path is a text file."""
+    if spec is None:
+        return TextRequest()
+    if isinstance(spec, TextRequest | Text):
+        return spec
+    if isinstance(spec, Dataset):
+        return TextRequest(dataset=spec)
+    names = {d.value: d for d in Dataset}
+    if isinstance(spec, str) and spec in names:
+        return TextRequest(dataset=names[spec])
+    if isinstance(spec, str | os.PathLike):
+        return TextRequest(file=Path(spec))
+    raise UsageError(f"a text is a dataset name ({', '.join(names)}), a file path or a Text, not {type(spec).__name__}")
+
+
+def load_local_first(spec: TextSpec | None, split: Split, default: Dataset | None) -> Text | None:
+    """The text now if it is on this machine (so a bad file fails before any model is built or
+    fetched), else None: a dataset that may need the network waits until the model resolved."""
+    wanted = request(spec)
+    if isinstance(wanted, Text):
+        return wanted
+    return wanted.load(split, default) if wanted.is_local(default) else None
+
+
 def load_text(dataset: Dataset | None, text_file: Path | None, split: Split, default: Dataset | None = None) -> Text:
     """Load exactly one of ``dataset`` or ``text_file``; ``default`` when neither is given."""
-    if dataset is not None and text_file is not None:
-        raise UsageError("give either --dataset or --text-file, not both")
-    if dataset is None and text_file is None:
-        dataset = default
-    if text_file is not None:
-        return _load_file(text_file)
-    if dataset == Dataset.austen:
-        return _load_austen(split)
-    if dataset == Dataset.wikitext2:
-        return _load_wikitext2(split)
-    raise UsageError("give --dataset or --text-file")
+    return TextRequest(dataset, text_file).load(split, default)
 
 
 def _load_file(path: Path) -> Text:

@@ -1,0 +1,213 @@
+"""The quantizer's public API: calibrate a model, estimate a quantize run, and quantize into an artifact.
+
+``llmq calibrate`` and ``llmq quantize`` are option parsing around these; every rule on which
+options go together lives here, so a script gets the same errors as the shell. ``import llmq``
+re-exports them (``llmq.quantize``, ``llmq.calibrate``, ``llmq.estimate``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmq.errors import ArtifactWriteError, OutputExistsError, UsageError
+from llmq.quant import pipeline, resources, statsfile, writer
+from llmq.quant.calibrate import calibrate_model
+from llmq.quant.config import QuantConfig
+from llmq.quant.statsfile import CalibStats
+from llmq.runtime.format import dtypes
+from llmq.runtime.format.accounting import Accounting
+from llmq.runtime.format.manifest import Manifest
+from llmq.runtime.sources import text as T
+from llmq.runtime.sources.checkpoint import model_fingerprint
+from llmq.runtime.sources.device import resolve_device
+from llmq.runtime.sources.feedback import LOGGED, Feedback
+from llmq.runtime.sources.models import ModelSource, SourceKind, check_model_spec, open_model
+
+Model = str | os.PathLike  # "demo", a local HF folder or a hub id
+DENSE_DTYPES = ("auto", *(d.short for d in dtypes.FLOATS))
+
+
+@dataclass(frozen=True)
+class CalibData:
+    """Calibrate within the quantize run (``--calib-data``) instead of reading a stats file."""
+
+    text: T.TextSpec = T.Dataset.wikitext2  # calibration split: Pride and Prejudice for austen, train for wikitext2
+    samples: int = 64  # windows, at random offsets
+    seq_len: int = 512  # tokens per window
+    seed: int = 0  # of the window offsets
+
+
+def calibrate(
+    model: Model,
+    text: T.TextSpec | None = None,
+    *,
+    out: str | os.PathLike | None = None,
+    force: bool = False,
+    samples: int = 64,
+    seq_len: int = 512,
+    seed: int = 0,
+    config: QuantConfig | None = None,
+    device: str = "auto",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    feedback: Feedback = LOGGED,
+) -> CalibStats:
+    """Each Linear's input statistics (Hessian ``E[x xᵀ]`` float32 ``[K, K]``, and ``E[x²]``) over
+    ``samples`` windows of ``seq_len`` tokens of ``text``'s calibration split (default wikitext2).
+
+    The model is streamed one decoder layer at a time on ``device``. ``config.include`` and
+    ``exclude`` choose the Linears. With ``out`` the statistics are also written there (a stats
+    file ``quantize(calib=...)`` reads, refused for any other model); an existing file needs ``force``.
+    """
+    out = None if out is None else Path(out)
+    if out is not None and out.exists() and not force:
+        raise OutputExistsError(f"{out} already exists; pass --force to replace it")
+    stats = _collect(model, text, samples, seq_len, seed, config or QuantConfig(), device, revision,
+                     trust_remote_code, feedback)  # fmt: skip
+    return stats if out is None else statsfile.write_stats(out, stats)
+
+
+def _collect(model, text, samples, seq_len, seed, config, device, revision, trust_remote_code, feedback,
+             source: ModelSource | None = None, model_config=None) -> CalibStats:  # fmt: skip
+    """Calibration on ``model`` (already resolved when ``source`` is given)."""
+    torch_device = resolve_device(device)
+    early = None
+    if source is None:
+        check_model_spec(str(model), revision)
+        early = T.load_local_first(text, T.Split.calib, T.Dataset.wikitext2)
+        source, model_config = open_model(model, revision, trust_remote_code, feedback)
+    loaded = early or T.request(text).load(T.Split.calib, T.Dataset.wikitext2)
+    feedback.info(f"calibration: {loaded.source}, {samples} samples x {seq_len} tokens, seed {seed}, on {torch_device}")
+    with feedback.progress("calibrating layers") as update:
+        calibration, meta = calibrate_model(
+            source, model_config, config, loaded.source, loaded.text, samples, seq_len, seed,
+            on_layer=update, device=torch_device,
+        )  # fmt: skip
+    return statsfile.in_memory(calibration, meta, source)
+
+
+@dataclass(frozen=True)
+class QuantizeEstimate:
+    """What a quantize run would write and need (``quantize --dry-run``); nothing is written."""
+
+    source: ModelSource
+    config: QuantConfig  # as the run would use it
+    accounting: Accounting  # bits per weight, per layer and in total
+    resources: resources.Estimate  # disk and peak memory
+    calibration: dict | None  # the stats file's provenance, when one was given
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    source: ModelSource
+    config: QuantConfig
+    plan: pipeline.Plan
+    stats: CalibStats | None
+    needs: resources.Estimate
+
+
+def _prepare(model, out: Path, config, calib, calib_data, dense_dtype, device, force, revision, trust_remote_code,
+             feedback: Feedback, dry_run: bool) -> _Prepared:  # fmt: skip
+    """Every check that needs no weights, then the model resolved, calibration, and the plan."""
+    config = config or QuantConfig()
+    config.check()
+    resolve_device(device)
+    if dense_dtype not in DENSE_DTYPES:
+        raise UsageError(f"--dense-dtype {dense_dtype!r} must be one of {', '.join(DENSE_DTYPES)}")
+    if calib is not None and calib_data is not None:
+        raise UsageError("give --calib (a stats file) or --calib-data (calibrate now), not both")
+    run_config = config.for_run(calibrated=calib is not None or calib_data is not None)
+    if not dry_run:
+        writer.check_output(out, force)
+    check_model_spec(str(model), revision)
+    source, model_config = open_model(model, revision, trust_remote_code, feedback)
+    if source.kind == SourceKind.artifact:
+        raise UsageError(f"{model} is already a quantized llmq artifact; quantize the original model instead")
+    stats = _stats(calib, source)
+    if calib_data is not None and not dry_run:
+        d = calib_data
+        stats = _collect(model, d.text, d.samples, d.seq_len, d.seed, run_config, device, revision,
+                         trust_remote_code, feedback, source, model_config)  # fmt: skip
+    if stats is None and not dry_run:
+        feedback.info(
+            "no calibration data: rounding to nearest, which loses far more accuracy at 2-3 bits than GPTQ "
+            "(docs/benchmarks.md); add --calib-data or --calib"
+        )
+    if dry_run and calib_data is not None and config.target_bits is not None:
+        feedback.info("dry run: stripes allocated without calibration data; the real run ranks them with its Hessians")
+    dense = None if dense_dtype == "auto" else dtypes.BY_SHORT[dense_dtype].torch()
+    plan = pipeline.make_plan(source, model_config, run_config, dense, stats)
+    return _Prepared(source, run_config, plan, stats, resources.estimate_plan(plan, source.path, stats, out))
+
+
+def _stats(calib: CalibStats | str | os.PathLike | None, source: ModelSource) -> CalibStats | None:
+    """``calib`` as statistics for ``source``: read and checked if it names a file."""
+    if calib is None or isinstance(calib, CalibStats):
+        return calib
+    return statsfile.read_stats(Path(calib), model_fingerprint(source.path))
+
+
+def estimate(
+    model: Model,
+    out: str | os.PathLike,
+    config: QuantConfig | None = None,
+    *,
+    calib: CalibStats | str | os.PathLike | None = None,
+    calib_data: CalibData | None = None,
+    dense_dtype: str = "auto",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    feedback: Feedback = LOGGED,
+) -> QuantizeEstimate:
+    """Per-layer bits per weight, artifact size, disk and peak memory of :func:`quantize` with the
+    same arguments; writes nothing and reads no weights (except to rank stripes for ``target_bits``).
+    ``calib_data`` is not collected: with ``target_bits`` the stripes are allocated without it."""
+    p = _prepare(model, Path(out), config, calib, calib_data, dense_dtype, "cpu", False, revision,
+                 trust_remote_code, feedback, dry_run=True)  # fmt: skip
+    calibration = {k: v for k, v in p.stats.meta.items() if k != "aliases"} if p.stats is not None else None
+    return QuantizeEstimate(p.source, p.config, p.plan.accounting(), p.needs, calibration)
+
+
+def quantize(
+    model: Model,
+    out: str | os.PathLike,
+    config: QuantConfig | None = None,
+    *,
+    calib: CalibStats | str | os.PathLike | None = None,
+    calib_data: CalibData | None = None,
+    dense_dtype: str = "auto",
+    device: str = "auto",
+    force: bool = False,
+    resume: bool = False,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    feedback: Feedback = LOGGED,
+) -> Manifest:
+    """Quantize ``model`` to range-aware mixed 2/4-bit weights and write the artifact ``out``.
+
+    config       group sizes, stripes, rounding, GPTQ settings, Linears to quantize, ``target_bits``
+                 (default: the ``mixed`` preset, :data:`llmq.quant.config.PRESETS`)
+    calib        statistics (from :func:`calibrate`, or a stats file's path): Hessian-ranked stripes + GPTQ
+    calib_data   calibrate now instead; without either, rounding to nearest (much less accurate)
+    dense_dtype  unquantized tensors: ``auto`` (16-bit, the source's if 16-bit), ``fp16``, ``bf16``, ``fp32``
+    device       where calibration, the scale search, rounding and GPTQ run
+    force        replace an existing artifact; ``resume`` continues an interrupted run of the same call
+
+    The model is streamed one decoder layer at a time; the artifact appears atomically, complete
+    and checksummed. Returns its manifest (``manifest.path`` is ``out``).
+    """
+    out = Path(out)
+    p = _prepare(model, out, config, calib, calib_data, dense_dtype, device, force, revision, trust_remote_code,
+                 feedback, dry_run=False)  # fmt: skip
+    problem = resources.disk_problem(p.needs, out)
+    if problem:
+        raise ArtifactWriteError(problem)
+    if warning := resources.memory_warning(p.needs):
+        feedback.warn(warning)
+    with feedback.progress("quantizing layers") as update:
+        return pipeline.quantize_model(
+            p.source, out, p.config, p.plan, force, lambda done, total, _unit: update(done, total), p.stats,
+            resolve_device(device), resume=resume, log=feedback.info, stop=feedback.stop,
+        )  # fmt: skip

@@ -1,0 +1,439 @@
+"""The runtime's public API: load a model or an artifact, evaluate it, generate with it, profile it.
+
+Each function does what one ``llmq`` command does, with the same checks in the same order and
+the same errors, and returns a typed report whose ``to_json()`` is that command's ``--json``
+document. ``import llmq`` re-exports them (``llmq.perplexity``, ...); ``docs/api.md`` has examples.
+Every function takes the same :class:`~llmq.runtime.loader.LoadOptions` and a
+:class:`~llmq.runtime.sources.feedback.Feedback` for logs and progress.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llmq import __version__
+from llmq.errors import ModelSourceError, UsageError
+from llmq.runtime.backend import Backend
+from llmq.runtime.decode import profile as P
+from llmq.runtime.decode.generate import GenerationResult, SamplingOptions, generate_static
+from llmq.runtime.decode.generate import generate as generate_dynamic
+from llmq.runtime.decode.modes import DecodeMode, check_decode_device
+from llmq.runtime.eval import logit_cache
+from llmq.runtime.eval import perplexity as ppl
+from llmq.runtime.eval.kld import KldResult, kl_divergence
+from llmq.runtime.format import artifact as A
+from llmq.runtime.format import dtypes
+from llmq.runtime.format.manifest import Manifest
+from llmq.runtime.format.verify import VerifyReport, verify_artifact
+from llmq.runtime.loader import OpenedModel, check_model, open_for_run
+from llmq.runtime.options import LoadOptions
+from llmq.runtime.sources import text as T
+from llmq.runtime.sources.feedback import LOGGED, Feedback
+from llmq.runtime.sources.models import ModelSource, SourceKind, context_length
+from llmq.runtime.sources.tokenize import bos_policy, check_prompt, encode_prompt, tokenize_stream
+
+DEFAULT_SEQ_LEN = 2048  # eval ppl's window when the model's context allows it
+DEFAULTS = LoadOptions()
+Model = str | os.PathLike  # "demo", a local HF folder, a hub id, or a .llmq artifact
+
+
+def _header(command: str, run: OpenedModel, base: ModelSource | None = None) -> dict:
+    """The keys every report's JSON starts with."""
+    models = {"model": run.source.to_json()} | ({"base": base.to_json()} if base else {})
+    return {"command": command, "llmq_version": __version__, **models} | {
+        "device": str(run.device),
+        "dtype": dtypes.short(run.dtype),
+    }
+
+
+def load(model: Model, options: LoadOptions = DEFAULTS, feedback: Feedback = LOGGED):
+    """A ``transformers`` causal LM in eval mode, ready for ``generate()``, pipelines or a forward.
+
+    ``model`` is ``"demo"``, a local HF folder, a hub id or a ``.llmq`` artifact; an artifact's
+    quantized Linears are :class:`~llmq.runtime.qlinear.QuantLinear` modules computing with
+    ``options.backend``. Activations go to ``options.device`` in ``options.dtype``.
+    """
+    return open_for_run(model, options, feedback).load()
+
+
+# -- perplexity ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PerplexityReport:
+    """``llmq eval ppl``: the result, the exact protocol, and where and how it ran."""
+
+    run: OpenedModel
+    text_source: str
+    protocol: dict  # seq_len, stride, max_tokens and the written rules (docs/eval.md)
+    result: ppl.PplResult
+    load_seconds: float
+    wall_seconds: float
+
+    def to_json(self) -> dict:
+        r = self.result
+        return _header("eval ppl", self.run) | {
+            "text": {"source": self.text_source, "tokens": r.tokens_in_text},
+            "result": {
+                "ppl": r.ppl,
+                "ppl_stderr": r.ppl_stderr,
+                "ppl_ci95": list(r.ppl_ci95),
+                "ppl_stderr_windows": r.ppl_stderr_windows,
+                "mean_nll": r.mean_nll,
+                "tokens_scored": r.tokens_scored,
+                "windows": r.windows,
+                "tokens_used": r.tokens_used,
+            },  # fmt: skip
+            "timing": {
+                "eval_seconds": round(r.seconds, 3),
+                "tokens_per_s": round(r.tokens_used / r.seconds, 1) if r.seconds > 0 else None,
+                "load_seconds": round(self.load_seconds, 3),
+                "wall_seconds": round(self.wall_seconds, 3),
+            },
+            "backend": self.run.backend.value if self.run.backend else None,
+            "protocol": self.protocol,
+        }
+
+
+def _open_with_text(model: Model, text: T.TextSpec | None, options: LoadOptions, feedback: Feedback):
+    """The model opened for a run and its eval text, in the order that fails fastest: options and
+    MODEL checked, a local text read, MODEL resolved (a download or the demo build), then a dataset."""
+    check_model(model, options)
+    early = T.load_local_first(text, T.Split.eval, T.Dataset.wikitext2)
+    run = open_for_run(model, options, feedback)
+    return run, early or T.request(text).load(T.Split.eval, T.Dataset.wikitext2)
+
+
+def perplexity(
+    model: Model,
+    text: T.TextSpec | None = None,
+    *,
+    seq_len: int | None = None,
+    stride: int | None = None,
+    max_tokens: int | None = None,
+    options: LoadOptions = DEFAULTS,
+    feedback: Feedback = LOGGED,
+) -> PerplexityReport:
+    """Perplexity of ``model`` on ``text`` (default: wikitext2 test), to the protocol of docs/eval.md.
+
+    seq_len     window length in tokens; default 2048, capped by the model's context
+    stride      start a window every ``stride`` tokens (default ``seq_len``: no overlap)
+    max_tokens  use only the first ``max_tokens`` tokens of the text
+    """
+    wall_start = time.perf_counter()
+    torch.manual_seed(options.seed)
+    run, loaded = _open_with_text(model, text, options, feedback)
+    context = context_length(run.config)
+    if seq_len is None:
+        seq_len = min(DEFAULT_SEQ_LEN, context or DEFAULT_SEQ_LEN)
+        if seq_len < DEFAULT_SEQ_LEN:
+            feedback.info(f"--seq-len defaults to the model's context of {seq_len} tokens")
+    stride = seq_len if stride is None else stride
+    ppl.check_protocol(seq_len, stride, max_tokens, context)
+    # Tokenization comes before the weights, so a too-short text fails in seconds.
+    tokenizer = run.tokenizer()
+    ids = tokenize_stream(tokenizer, loaded.text)
+    ppl.require_one_window(len(ids), seq_len, loaded.source)
+    load_start = time.perf_counter()
+    lm = run.load()
+    load_seconds = time.perf_counter() - load_start
+    feedback.info(f"text: {loaded.source}, {len(ids)} tokens; windows of {seq_len}, stride {stride}")
+    feedback.info(f"running {dtypes.short(run.dtype)} on {run.device}")
+    with feedback.progress("perplexity") as update:
+        result = ppl.perplexity(lm, ids, seq_len, stride, max_tokens, on_window=update)
+    protocol = {
+        "seq_len": seq_len, "stride": stride, "max_tokens": max_tokens, "tokenization": ppl.TOKENIZATION_RULE,
+        "bos": bos_policy(tokenizer, ids), "scoring": ppl.SCORING_RULE, "uncertainty": ppl.UNCERTAINTY_RULE,
+    }  # fmt: skip
+    return PerplexityReport(run, loaded.source, protocol, result, load_seconds, time.perf_counter() - wall_start)
+
+
+# -- KL divergence --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KldReport:
+    """``llmq eval kld``: KL(P_base || P_model) per token, top-1 agreement, both perplexities."""
+
+    run: OpenedModel
+    base: ModelSource
+    text_source: str
+    text_tokens: int
+    protocol: dict  # seq_len, stride, max_tokens, how KL is computed, whether base log-probs were cached
+    result: KldResult
+    wall_seconds: float
+
+    def to_json(self) -> dict:
+        r = self.result
+        return _header("eval kld", self.run, self.base) | {
+            "backend": self.run.backend.value if self.run.backend else None,
+            "text": {"source": self.text_source, "tokens": self.text_tokens},
+            "protocol": self.protocol,
+            "result": {
+                "kl_mean": r.mean,
+                "kl_median": r.median,
+                "kl_p99": r.p99,
+                "kl_p999": r.p999,
+                "top1_agreement": r.top1_agreement,
+                "ppl_model": r.ppl_quant,
+                "ppl_base": r.ppl_base,
+                "tokens_scored": r.tokens_scored,
+                "windows": r.windows,
+            },  # fmt: skip
+            "timing": {"eval_seconds": round(r.seconds, 3), "wall_seconds": round(self.wall_seconds, 3)},
+        }
+
+
+def kld(
+    model: Model,
+    base: Model,
+    text: T.TextSpec | None = None,
+    *,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    stride: int | None = None,
+    max_tokens: int | None = None,
+    cache_base: bool = False,
+    options: LoadOptions = DEFAULTS,
+    feedback: Feedback = LOGGED,
+) -> KldReport:
+    """KL divergence of ``model``'s next-token distribution from ``base``'s on the perplexity windows.
+
+    With ``cache_base`` the base's log-probabilities are kept in the llmq cache (keyed by the base
+    files, the text's tokens and the protocol) and a later call reads them instead of loading it.
+    """
+    wall_start = time.perf_counter()
+    torch.manual_seed(options.seed)
+    check_model(base, options)
+    run, loaded = _open_with_text(model, text, options, feedback)
+    base_run = open_for_run(base, options, feedback, role="base")
+    stride = seq_len if stride is None else stride
+    contexts = [c for c in (context_length(r.config) for r in (run, base_run)) if c]
+    ppl.check_protocol(seq_len, stride, max_tokens, min(contexts) if contexts else None)
+    ids, base_ids = (tokenize_stream(r.tokenizer(), loaded.text) for r in (run, base_run))
+    if not (len(ids) == len(base_ids) and bool((ids == base_ids).all())):
+        raise ModelSourceError(
+            f"{model} and {base} tokenize the text differently; KL divergence needs the same tokenizer"
+        )
+    ppl.require_one_window(len(ids), seq_len, loaded.source)
+    lm = run.load()
+    key_protocol = {"seq_len": seq_len, "stride": stride, "max_tokens": max_tokens,
+                    "dtype": dtypes.short(run.dtype), "device": run.device.type}  # fmt: skip
+    with logit_cache.base_log_probs(base_run.source, base_run.config, base_ids, key_protocol, cache_base,
+                                    base_run.load, feedback) as base_lp:  # fmt: skip
+        with feedback.progress("kl divergence") as update:
+            result = kl_divergence(base_lp, lm, ids, seq_len, stride, max_tokens, on_window=update)
+    protocol = {
+        "seq_len": seq_len, "stride": stride, "max_tokens": max_tokens,
+        "kl": "KL(P_base || P_model) per scored token, fp32",
+        "base_log_probs": "cached, float16" if cache_base else "computed",
+    }  # fmt: skip
+    wall = time.perf_counter() - wall_start
+    return KldReport(run, base_run.source, loaded.source, len(ids), protocol, result, wall)
+
+
+# -- generation -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerateReport:
+    """``llmq generate``: the text, why it stopped, and prefill/decode timing."""
+
+    run: OpenedModel
+    decode: DecodeMode
+    prompt: str
+    chat: bool
+    sampling: SamplingOptions
+    result: GenerationResult
+    wall_seconds: float
+
+    def to_json(self) -> dict:
+        r, s, speed = self.result, self.sampling, self.result.decode_tokens_per_s
+        return _header("generate", self.run) | {
+            "backend": self.run.backend.value if self.run.backend else None,
+            "decode": self.decode.value,
+            "prompt": self.prompt,
+            "chat": self.chat,
+            "sampling": {
+                "temperature": s.temperature,
+                "top_p": s.top_p,
+                "top_k": s.top_k,
+                "seed": s.seed,
+                "greedy": s.temperature == 0,
+            },  # fmt: skip
+            "text": r.text,
+            "prompt_tokens": r.prompt_tokens,
+            "new_tokens": r.new_tokens,
+            "stop_reason": r.stop_reason,
+            "timing": {
+                "prefill_seconds": round(r.prefill_seconds, 4),
+                "decode_seconds": round(r.decode_seconds, 4),
+                "decode_tokens_per_s": round(speed, 2) if speed else None,
+                "wall_seconds": round(self.wall_seconds, 3),
+            },
+        }
+
+
+def generate(
+    model: Model,
+    prompt: str,
+    *,
+    chat: bool = False,
+    system: str | None = None,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    decode: DecodeMode = DecodeMode.dynamic,
+    on_text: Callable[[str], None] | None = None,
+    options: LoadOptions = DEFAULTS,
+    feedback: Feedback = LOGGED,
+) -> GenerateReport:
+    """Continue ``prompt`` (greedy unless ``temperature`` > 0, seeded by ``options.seed``), stopping
+    at EOS or after ``max_new_tokens``; ``on_text`` receives the text as it is decoded.
+
+    chat    wrap the prompt (and ``system``) in the model's chat template as a user turn
+    decode  ``dynamic`` (transformers' cache), ``static`` (preallocated cache, sampling on the
+            device) or ``graph`` (static, the step replayed as a CUDA graph; GPU only)
+    """
+    wall_start = time.perf_counter()
+    sampling = SamplingOptions(max_new_tokens, temperature, top_p, top_k, options.seed)
+    sampling.check()
+    check_prompt(prompt, chat, system)
+    device, _, _ = check_model(model, options)
+    check_decode_device(decode, device)
+    run = open_for_run(model, options, feedback)
+    tokenizer = run.tokenizer()
+    input_ids = encode_prompt(tokenizer, prompt, chat, system)
+    context = context_length(run.config)
+    if context is not None and input_ids.shape[1] + max_new_tokens > context:
+        raise UsageError(
+            f"the prompt ({input_ids.shape[1]} tokens) plus --max-new-tokens {max_new_tokens} exceeds the model's "
+            f"context of {context} tokens"
+        )
+    lm = run.load()
+    if decode == DecodeMode.dynamic:
+        result = generate_dynamic(lm, tokenizer, input_ids, sampling, on_text=on_text)
+    else:
+        result = generate_static(lm, tokenizer, input_ids, sampling, on_text, graph=decode == DecodeMode.graph)
+    return GenerateReport(run, decode, prompt, chat, sampling, result, time.perf_counter() - wall_start)
+
+
+# -- profile --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProfileRun:
+    label: str  # "llmq", "model" (a plain HF model) or "dense baseline"
+    backend: Backend | None
+    model_memory_bytes: int
+    batches: list[P.BatchResult]
+
+
+@dataclass(frozen=True)
+class ProfileReport:
+    """``llmq profile``: prefill and decode latency per batch, the decode step's breakdown, GB/s."""
+
+    run: OpenedModel
+    device_name: str
+    protocol: dict
+    copy_bandwidth_gbps: float
+    runs: list[ProfileRun]
+
+    def to_json(self) -> dict:
+        runs = [
+            {"label": r.label, "backend": r.backend.value if r.backend else None,
+             "model_memory_bytes": r.model_memory_bytes,
+             "batches": [b.to_json(self.copy_bandwidth_gbps) for b in r.batches]}
+            for r in self.runs
+        ]  # fmt: skip
+        return _header("profile", self.run) | {
+            "device_name": self.device_name,
+            "protocol": self.protocol,
+            "copy_bandwidth_gbps": self.copy_bandwidth_gbps,
+            "runs": runs,
+            "speedup": _speedups(runs) if len(runs) == 2 else None,
+        }
+
+
+def _speedups(runs: list[dict]) -> list[dict]:
+    ours, dense = runs
+    return [
+        {
+            "batch": a["batch"],
+            "prefill": a["prefill_tokens_per_s"] / b["prefill_tokens_per_s"],
+            "decode": a["decode_tokens_per_s"] / b["decode_tokens_per_s"],
+        }
+        for a, b in zip(ours["batches"], dense["batches"], strict=True)
+    ]
+
+
+def profile(
+    model: Model,
+    *,
+    batches: Sequence[int] | str = (1,),
+    prompt_len: int = 128,
+    gen_len: int = 32,
+    warmup: int = 1,
+    reps: int = 3,
+    breakdown_steps: int = 4,
+    baseline: bool = False,
+    decode: DecodeMode = DecodeMode.dynamic,
+    options: LoadOptions = DEFAULTS,
+    feedback: Feedback = LOGGED,
+) -> ProfileReport:
+    """Time prefill (``prompt_len`` random tokens) and ``gen_len`` greedy decode steps per batch size,
+    mean ± sd over ``reps`` after ``warmup``; break ``breakdown_steps`` decode steps down by kernel
+    (GPU) or module (CPU). ``baseline`` runs the same artifact again with dense weights."""
+    batch_sizes = P.parse_batches(batches) if isinstance(batches, str) else P.check_batches(list(batches))
+    device, _, _ = check_model(model, options)
+    check_decode_device(decode, device)
+    run = open_for_run(model, options, feedback)
+    if baseline and run.source.kind != SourceKind.artifact:
+        raise UsageError(f"--baseline compares an llmq artifact with its dense weights, and {model} is not one")
+    context = context_length(run.config)
+    if context is not None and prompt_len + gen_len > context:
+        raise UsageError(f"--prompt-len {prompt_len} plus --gen-len {gen_len} exceeds the model's context of {context}")
+    copy_gbps = P.copy_bandwidth_gbps(run.device, (256 if run.device.type == "cuda" else 64) << 20)
+    plan = [("llmq" if run.backend else "model", run.backend)]
+    if baseline:
+        plan.append(("dense baseline", Backend.torch))
+    runs = []
+    for label, backend in plan:
+        feedback.info(f"profiling {label} ({backend.value if backend else 'dense'}) on {run.device}")
+        lm = run.load(backend)
+        memory = sum(t.numel() * t.element_size() for t in (*lm.parameters(), *lm.buffers()))
+        results = P.profile_batches(lm, run.config.vocab_size, batch_sizes, prompt_len, gen_len, warmup, reps,
+                                    breakdown_steps, options.seed, run.device, decode)  # fmt: skip
+        runs.append(ProfileRun(label, backend, memory, results))
+        del lm
+        P.free_memory(run.device)
+    protocol = {
+        "prompt_len": prompt_len, "gen_len": gen_len, "warmup": warmup, "reps": reps,
+        "breakdown_steps": breakdown_steps, "seed": options.seed, "prompt": "random token ids",
+        "decode": "greedy argmax, KV cache, one token per sequence per step", "decode_mode": decode.value,
+    }  # fmt: skip
+    return ProfileReport(run, P.device_name(run.device), protocol, copy_gbps, runs)
+
+
+# -- artifacts ------------------------------------------------------------------------------
+
+
+def verify(artifact: str | os.PathLike, feedback: Feedback = LOGGED) -> VerifyReport:
+    """Every check an artifact can get without running it: files, tensors, every layer decoded.
+
+    Structural damage raises :class:`~llmq.errors.ArtifactError`; non-finite weights and bad JSON
+    are collected in the report (``report.ok``, ``report.problems``).
+    """
+    with feedback.progress("verifying shards") as update:
+        return verify_artifact(Path(artifact), on_shard=update)
+
+
+def inspect(artifact: str | os.PathLike, verify_checksums: bool = True) -> Manifest:
+    """An artifact's manifest (provenance, config, layouts, files), checksums checked unless told not to."""
+    return A.open_artifact(Path(artifact), verify=verify_checksums)
