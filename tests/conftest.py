@@ -138,6 +138,15 @@ def tiny_chat_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_artifact(tiny_model, tmp_path_factory) -> Path:
+    """The tiny model quantized once per session (default preset, g4 16, round-to-nearest); read-only."""
+    out = tmp_path_factory.mktemp("tiny-artifact") / "tiny.llmq"
+    result = run_cli("quantize", str(tiny_model), "-o", str(out), "--g4", "16", "-q")
+    assert result.code == 0, result.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
 def demo_cache(tmp_path_factory) -> Path:
     """A cache directory holding the demo model, converted once for the whole session."""
     return tmp_path_factory.mktemp("demo-cache")

@@ -11,15 +11,6 @@ from llmq.errors import DeviceError
 from llmq.runtime.backend import Backend, resolve_backend
 
 
-@pytest.fixture(scope="module")
-def tiny_artifact(tiny_model, tmp_path_factory):
-    from conftest import run_cli
-
-    out = tmp_path_factory.mktemp("backend") / "tiny.llmq"
-    assert run_cli("quantize", str(tiny_model), "-o", str(out), "--g4", "16", "-q").code == 0
-    return out
-
-
 def test_auto_on_a_cpu_picks_torch_and_says_why():
     backend, notice = resolve_backend(Backend.auto, torch.device("cpu"), torch.float32)
     assert backend == Backend.torch

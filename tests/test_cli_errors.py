@@ -10,6 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from llmq.runtime.sources import text as text_module
+
 from conftest import TINY_CONTEXT
 
 
@@ -158,3 +160,15 @@ def test_debug_env_shows_the_traceback(cli, monkeypatch):
 
 def test_unknown_option_is_exit_2(cli):
     assert cli("eval", "ppl", "demo", "--no-such-flag").code == 2
+
+
+def test_an_offline_hub_id_fails_on_the_hub_before_any_text_is_fetched(cli, workdir, monkeypatch):
+    """wikitext2 (the default text) would be fetched through `datasets`; the model is resolved first."""
+    import time
+
+    fetched = []
+    monkeypatch.setattr(text_module, "_load_wikitext2", lambda split: fetched.append(split))
+    start = time.perf_counter()
+    result = cli("eval", "ppl", "some-org/some-model")
+    _assert_error(result, 1, "could not reach the Hugging Face hub")
+    assert fetched == [] and time.perf_counter() - start < 10

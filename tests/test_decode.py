@@ -12,15 +12,6 @@ from llmq.runtime.loader import load_model
 from llmq.runtime.sources import models
 
 
-@pytest.fixture(scope="module")
-def tiny_artifact(tiny_model, tmp_path_factory):
-    from conftest import run_cli
-
-    out = tmp_path_factory.mktemp("decode") / "tiny.llmq"
-    assert run_cli("quantize", str(tiny_model), "-o", str(out), "--g4", "16", "-q").code == 0
-    return out
-
-
 def _load(path):
     source = models.resolve_model(str(path), progress=False)
     return load_model(source, models.load_config(source), torch.device("cpu"), torch.float32)

@@ -7,6 +7,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 import llmq
 
 
@@ -62,3 +64,29 @@ def test_the_repo_cuda_folder_does_not_shadow_nvidia_cuda():
     repo_cuda = (Path(llmq.__file__).parent / "cuda").resolve()
     found = [Path(p).resolve() for p in (spec.submodule_search_locations or [])] if spec else []
     assert repo_cuda not in found, "the repo root is on sys.path; run tests through the pytest entry point"
+
+
+COMMANDS = (["quantize"], ["calibrate"], ["inspect"], ["verify"], ["generate"], ["profile"], ["eval", "ppl"],
+            ["eval", "kld"], [])  # fmt: skip
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "llmq")
+def test_help_shows_flags_without_a_value(cli, command, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    result = cli(*command, "--help")
+    assert result.code == 0 and "--help" in result.stdout
+    assert "<bool>" not in result.stdout  # a flag takes no value; typer would print one
+
+
+def test_help_keeps_text_that_looks_like_markup(cli, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    assert "Hessian, E[x²])" in cli("calibrate", "--help").stdout
+
+
+def test_every_model_loading_command_offers_the_same_loading_options(cli, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    shared = ("--device ", "--device-map", "--max-memory", "--dtype", "--backend", "--seed", "--revision",
+              "--trust-remote-code")  # fmt: skip
+    for command in (["generate"], ["profile"], ["eval", "ppl"], ["eval", "kld"]):
+        text = cli(*command, "--help").stdout
+        assert [option for option in shared if option not in text] == [], command

@@ -85,15 +85,6 @@ def test_a_planned_artifact_runs_on_the_cpu_like_a_plain_load(tiny_model, tmp_pa
         assert torch.equal(placed(ids).logits, plain(ids).logits)
 
 
-@pytest.fixture(scope="module")
-def tiny_artifact(tiny_model, tmp_path_factory):
-    from conftest import run_cli
-
-    out = tmp_path_factory.mktemp("placement") / "tiny.llmq"
-    assert run_cli("quantize", str(tiny_model), "-o", str(out), "--g4", "16", "-q").code == 0
-    return out
-
-
 @pytest.mark.parametrize("which", ["artifact", "folder"])
 def test_cli_device_map_gives_the_same_text(cli, tiny_artifact, tiny_model, which):
     import json

@@ -9,16 +9,6 @@ import torch
 
 from llmq.runtime.decode import profile as P
 
-
-@pytest.fixture(scope="module")
-def tiny_artifact(tiny_model, tmp_path_factory):
-    from conftest import run_cli
-
-    out = tmp_path_factory.mktemp("profile") / "tiny.llmq"
-    assert run_cli("quantize", str(tiny_model), "-o", str(out), "--g4", "16", "-q").code == 0
-    return out
-
-
 FAST = ("--prompt-len", "8", "--gen-len", "3", "--reps", "2", "--warmup", "1", "--breakdown-steps", "2")
 
 
