@@ -85,16 +85,24 @@ def gather(x: np.ndarray, p: Packed) -> np.ndarray:
     perm = p.arrays["perm"]
     xp = np.full((m_rows, kx), np.nan)  # anything not written stays NaN and fails the comparison
     grid_x, grid_y = g.gather_grid(kx, m_rows)
+    rows = _strided_rows(m_rows, grid_y)
+    assert np.array_equal(np.bincount(rows, minlength=m_rows), np.ones(m_rows)), "each row written exactly once"
     for block_x in range(grid_x):
         c = block_x * g.gather_threads + np.arange(g.gather_threads)
         c = c[c < kx]
         source = np.full(c.size, -1)
         two, four = c < lay.k2, c >= k2p
         source[two], source[four] = perm[c[two]], perm[lay.k2 + c[four] - k2p]
-        for block_y in range(grid_y):
-            m = np.arange(block_y, m_rows, grid_y)
-            xp[np.ix_(m, c)] = np.where(source >= 0, x[np.ix_(m, np.maximum(source, 0))], 0.0)
+        xp[np.ix_(rows, c)] = np.where(source >= 0, x[np.ix_(rows, np.maximum(source, 0))], 0.0)
     return xp
+
+
+def _strided_rows(m_rows: int, grid_y: int) -> np.ndarray:
+    """Every row the kernel's loop ``for (m = blockIdx.y; m < M; m += gridDim.y)`` visits, over all block rows."""
+    first = np.arange(grid_y)
+    visits = -(-(m_rows - first) // grid_y)  # rows block row y writes
+    offsets = np.arange(visits.sum()) - np.repeat(np.cumsum(visits) - visits, visits)
+    return np.repeat(first, visits) + offsets * grid_y
 
 
 def _gemv_part(p: Packed, bits: int, vec: int, rows: np.ndarray, xp: np.ndarray, xoff: int, acc: np.ndarray) -> None:
