@@ -108,9 +108,11 @@ class Reporter:
     def show_progress(self) -> bool:
         return not self.quiet and self.err.is_terminal
 
-    def feedback(self, stop=None) -> Feedback:
-        """The library's view of this reporter; ``stop`` is a :class:`StopRequest`'s check."""
-        quiet_libraries(self.show_progress)
+    def feedback(self, stop=None, models: bool = True) -> Feedback:
+        """The library's view of this reporter; ``stop`` is a :class:`StopRequest`'s check. ``models``:
+        the command loads models, so transformers' own warnings and bars are kept off stderr."""
+        if models:
+            quiet_libraries(self.show_progress)
         return Feedback(self.info, self.warn, self.progress, self.show_progress, stop or (lambda: None))
 
     @contextmanager

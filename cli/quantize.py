@@ -103,31 +103,27 @@ def quantize(
     inline = None if calib_data is None else api.CalibData(request(calib_data), samples, calib_seq_len, seed)
     run = {"calib": calib, "calib_data": inline, "dense_dtype": dense_dtype, "revision": revision,
            "trust_remote_code": trust_remote_code}  # fmt: skip
-    document = {"command": "quantize", "llmq_version": __version__}
+    document = {"command": "quantize", "llmq_version": __version__, "output": str(output), "preset": preset}
+    document |= {"target_bits": target_bits} if target_bits is not None else {}
     if dry_run:
         plan = api.estimate(model, output, config, **run, feedback=out.feedback())
-        document |= {"model": plan.source.to_json(), "output": str(output), "dry_run": True, "preset": preset,
-                     "config": plan.config.to_json(), "accounting": plan.accounting.to_json()}  # fmt: skip
-        document |= {"calibration": plan.calibration} if plan.calibration else {}
-        accounting = plan.accounting
+        document |= plan.to_json()
     else:
         with StopRequest.installed() as stop:
             manifest = api.quantize(
                 model, output, config, **run, device=device, force=force, resume=resume,
                 feedback=out.feedback(stop.check),
             )  # fmt: skip
-        document |= {"model": manifest.source.to_json(), "output": str(output), "dry_run": False, "preset": preset,
-                     "config": manifest.quantization, "accounting": manifest.accounting_record}  # fmt: skip
+        document |= {"model": manifest.source.to_json(), "dry_run": False, "config": manifest.quantization,
+                     "accounting": manifest.accounting_record}  # fmt: skip
         document |= {"calibration": manifest.calibration} if manifest.calibration else {}
-        accounting = manifest.accounting()
-    document |= {"target_bits": target_bits} if target_bits is not None else {}
-    document |= {"estimate": plan.resources.to_json()} if dry_run else {}
     document["seconds"] = round(time.perf_counter() - start, 2)
     if json:
         out.emit_json(document)
     elif dry_run:
         _print_estimate(out, plan, output)
     else:
+        accounting = manifest.accounting()
         out.result(
             f"wrote {output}: {len(manifest.linears)} Linears at {accounting.bits_per_weight:.3f} bits/weight, "
             f"{accounting.model_bits_per_param:.3f} bits/param overall, {accounting.tensor_bytes / 1e6:.1f} MB, "

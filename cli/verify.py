@@ -20,7 +20,7 @@ def verify(
     from llmq.runtime import api
 
     out = Reporter(json, quiet)
-    report = api.verify(artifact, feedback=out.feedback())
+    report = api.verify(artifact, feedback=out.feedback(models=False))
     if json:
         out.emit_json({"command": "verify", **report.to_json()})
     else:

@@ -98,6 +98,14 @@ class QuantizeEstimate:
     resources: resources.Estimate  # disk and peak memory
     calibration: dict | None  # the stats file's provenance, when one was given
 
+    def to_json(self) -> dict:
+        document = {"model": self.source.to_json(), "dry_run": True, "config": self.config.to_json()}
+        document["accounting"] = self.accounting.to_json()
+        if self.calibration:
+            document["calibration"] = self.calibration
+        document["estimate"] = self.resources.to_json()
+        return document
+
 
 @dataclass(frozen=True)
 class _Prepared:
