@@ -10,12 +10,12 @@ import typer
 
 from llmq import __version__
 from llmq.cli.common import DatasetOpt, Device, Json, ModelArg, Quiet, Reporter, Revision, TextFile, TrustRemoteCode
+from llmq.quant.config import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
 from llmq.runtime.sources.text import TextRequest
 
 Samples = Annotated[int, typer.Option("--samples", min=1, help="Calibration windows, sampled at random offsets.")]
 CalibSeqLen = Annotated[int, typer.Option("--seq-len", min=2, help="Tokens per calibration window.")]
 CalibSeed = Annotated[int, typer.Option("--seed", min=0, help="Seed for the window offsets.")]
-DEFAULT_SAMPLES, DEFAULT_SEQ_LEN = 64, 512
 
 
 def calibrate(
@@ -46,7 +46,7 @@ def calibrate(
         device=device, revision=revision, trust_remote_code=trust_remote_code, feedback=out.feedback(),
     )  # fmt: skip
     seconds = round(time.perf_counter() - start, 2)
-    meta = {k: v for k, v in stats.meta.items() if k != "aliases"}
+    meta = stats.provenance
     if json:
         out.emit_json(
             {

@@ -108,12 +108,13 @@ class Reporter:
     def show_progress(self) -> bool:
         return not self.quiet and self.err.is_terminal
 
-    def feedback(self, stop=None, models: bool = True) -> Feedback:
-        """The library's view of this reporter; ``stop`` is a :class:`StopRequest`'s check. ``models``:
-        the command loads models, so transformers' own warnings and bars are kept off stderr."""
+    def feedback(self, models: bool = True) -> Feedback:
+        """The library's view of this reporter. Ctrl-C and SIGTERM inside the library's stoppable
+        regions stop at the next bounded step (:class:`StopRequest`). ``models``: the command loads
+        models, so transformers' own warnings and bars are kept off stderr."""
         if models:
             quiet_libraries(self.show_progress)
-        return Feedback(self.info, self.warn, self.progress, self.show_progress, stop or (lambda: None))
+        return Feedback(self.info, self.warn, self.progress, self.show_progress, StopRequest.installed)
 
     @contextmanager
     def progress(self, description: str):
@@ -222,10 +223,11 @@ class StopRequest:
     @classmethod
     @contextmanager
     def installed(cls):
+        """The handlers for the length of the block, which gets the check to call at each step."""
         stop = cls()
         previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            yield stop
+            yield stop.check
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

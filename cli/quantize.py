@@ -9,8 +9,16 @@ from typing import Annotated
 import typer
 
 from llmq import __version__
-from llmq.cli.common import Json, ModelArg, Quiet, Reporter, Revision, StopRequest, TrustRemoteCode, render_accounting
-from llmq.quant.config import DEFAULT_PRESET, PRESETS, Rounding, Selection, preset_config
+from llmq.cli.common import Json, ModelArg, Quiet, Reporter, Revision, TrustRemoteCode, render_accounting
+from llmq.quant.config import (
+    DEFAULT_PRESET,
+    DEFAULT_SAMPLES,
+    DEFAULT_SEQ_LEN,
+    PRESETS,
+    Rounding,
+    Selection,
+    preset_config,
+)
 
 _PRESET_HELP = "Starting point: " + "; ".join(f"{p.name}: {p.summary}" for p in PRESETS.values()) + "."
 
@@ -60,8 +68,12 @@ def quantize(
     calib_data: Annotated[
         str | None, typer.Option("--calib-data", help="Calibrate inline on austen, wikitext2 or a text file path.")
     ] = None,
-    samples: Annotated[int, typer.Option("--samples", min=1, help="Calibration windows for --calib-data.")] = 64,
-    calib_seq_len: Annotated[int, typer.Option("--calib-seq-len", min=2, help="Tokens per calibration window.")] = 512,
+    samples: Annotated[
+        int, typer.Option("--samples", min=1, help="Calibration windows for --calib-data.")
+    ] = DEFAULT_SAMPLES,
+    calib_seq_len: Annotated[
+        int, typer.Option("--calib-seq-len", min=2, help="Tokens per calibration window.")
+    ] = DEFAULT_SEQ_LEN,
     seed: Annotated[int, typer.Option("--seed", min=0, help="Seed for the calibration windows.")] = 0,
     target_bits: Annotated[
         float | None,
@@ -106,14 +118,12 @@ def quantize(
     document = {"command": "quantize", "llmq_version": __version__, "output": str(output), "preset": preset}
     document |= {"target_bits": target_bits} if target_bits is not None else {}
     if dry_run:
-        plan = api.estimate(model, output, config, **run, feedback=out.feedback())
+        plan = api.estimate(model, output, config, **run, device=device, feedback=out.feedback())
         document |= plan.to_json()
     else:
-        with StopRequest.installed() as stop:
-            manifest = api.quantize(
-                model, output, config, **run, device=device, force=force, resume=resume,
-                feedback=out.feedback(stop.check),
-            )  # fmt: skip
+        manifest = api.quantize(
+            model, output, config, **run, device=device, force=force, resume=resume, feedback=out.feedback()
+        )
         document |= {"model": manifest.source.to_json(), "dry_run": False, "config": manifest.quantization,
                      "accounting": manifest.accounting_record}  # fmt: skip
         document |= {"calibration": manifest.calibration} if manifest.calibration else {}

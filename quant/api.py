@@ -14,7 +14,7 @@ from pathlib import Path
 from llmq.errors import ArtifactWriteError, OutputExistsError, UsageError
 from llmq.quant import pipeline, resources, statsfile, writer
 from llmq.quant.calibrate import calibrate_model
-from llmq.quant.config import QuantConfig
+from llmq.quant.config import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, QuantConfig
 from llmq.quant.statsfile import CalibStats
 from llmq.runtime.format import dtypes
 from llmq.runtime.format.accounting import Accounting
@@ -23,9 +23,8 @@ from llmq.runtime.sources import text as T
 from llmq.runtime.sources.checkpoint import model_fingerprint
 from llmq.runtime.sources.device import resolve_device
 from llmq.runtime.sources.feedback import LOGGED, Feedback
-from llmq.runtime.sources.models import ModelSource, SourceKind, check_model_spec, open_model
+from llmq.runtime.sources.models import ModelSource, ModelSpec, SourceKind, check_model_spec, open_model
 
-Model = str | os.PathLike  # "demo", a local HF folder or a hub id
 DENSE_DTYPES = ("auto", *(d.short for d in dtypes.FLOATS))
 
 
@@ -34,19 +33,19 @@ class CalibData:
     """Calibrate within the quantize run (``--calib-data``) instead of reading a stats file."""
 
     text: T.TextSpec = T.Dataset.wikitext2  # calibration split: Pride and Prejudice for austen, train for wikitext2
-    samples: int = 64  # windows, at random offsets
-    seq_len: int = 512  # tokens per window
+    samples: int = DEFAULT_SAMPLES  # windows, at random offsets
+    seq_len: int = DEFAULT_SEQ_LEN  # tokens per window
     seed: int = 0  # of the window offsets
 
 
 def calibrate(
-    model: Model,
+    model: ModelSpec,
     text: T.TextSpec | None = None,
     *,
     out: str | os.PathLike | None = None,
     force: bool = False,
-    samples: int = 64,
-    seq_len: int = 512,
+    samples: int = DEFAULT_SAMPLES,
+    seq_len: int = DEFAULT_SEQ_LEN,
     seed: int = 0,
     config: QuantConfig | None = None,
     device: str = "auto",
@@ -75,10 +74,10 @@ def _collect(model, text, samples, seq_len, seed, config, device, revision, trus
     torch_device = resolve_device(device)
     early = None
     if source is None:
-        check_model_spec(str(model), revision)
+        check_model_spec(model, revision)
         early = T.load_local_first(text, T.Split.calib, T.Dataset.wikitext2)
         source, model_config = open_model(model, revision, trust_remote_code, feedback)
-    loaded = early or T.request(text).load(T.Split.calib, T.Dataset.wikitext2)
+    loaded = early or T.load(text, T.Split.calib, T.Dataset.wikitext2)
     feedback.info(f"calibration: {loaded.source}, {samples} samples x {seq_len} tokens, seed {seed}, on {torch_device}")
     with feedback.progress("calibrating layers") as update:
         calibration, meta = calibrate_model(
@@ -129,14 +128,14 @@ def _prepare(model, out: Path, config, calib, calib_data, dense_dtype, device, f
     run_config = config.for_run(calibrated=calib is not None or calib_data is not None)
     if not dry_run:
         writer.check_output(out, force)
-    check_model_spec(str(model), revision)
+    check_model_spec(model, revision)
     source, model_config = open_model(model, revision, trust_remote_code, feedback)
     if source.kind == SourceKind.artifact:
         raise UsageError(f"{model} is already a quantized llmq artifact; quantize the original model instead")
     stats = _stats(calib, source)
     if calib_data is not None and not dry_run:
         d = calib_data
-        stats = _collect(model, d.text, d.samples, d.seq_len, d.seed, run_config, device, revision,
+        stats = _collect(model, d.text, d.samples, d.seq_len, d.seed, QuantConfig(), device, revision,
                          trust_remote_code, feedback, source, model_config)  # fmt: skip
     if stats is None and not dry_run:
         feedback.info(
@@ -151,35 +150,41 @@ def _prepare(model, out: Path, config, calib, calib_data, dense_dtype, device, f
 
 
 def _stats(calib: CalibStats | str | os.PathLike | None, source: ModelSource) -> CalibStats | None:
-    """``calib`` as statistics for ``source``: read and checked if it names a file."""
-    if calib is None or isinstance(calib, CalibStats):
-        return calib
-    return statsfile.read_stats(Path(calib), model_fingerprint(source.path))
+    """``calib`` as statistics for ``source``, refused if they were collected from another model."""
+    if calib is None:
+        return None
+    if not isinstance(calib, CalibStats):
+        return statsfile.read_stats(Path(calib), model_fingerprint(source.path))
+    if calib.model is None or calib.model.path != source.path:  # a folder's path is cheaper than hashing it
+        statsfile.check_fingerprint(calib.meta, model_fingerprint(source.path), calib.file_label)
+    return calib
 
 
 def estimate(
-    model: Model,
+    model: ModelSpec,
     out: str | os.PathLike,
     config: QuantConfig | None = None,
     *,
     calib: CalibStats | str | os.PathLike | None = None,
     calib_data: CalibData | None = None,
     dense_dtype: str = "auto",
+    device: str = "auto",
     revision: str | None = None,
     trust_remote_code: bool = False,
     feedback: Feedback = LOGGED,
 ) -> QuantizeEstimate:
     """Per-layer bits per weight, artifact size, disk and peak memory of :func:`quantize` with the
-    same arguments; writes nothing and reads no weights (except to rank stripes for ``target_bits``).
+    same arguments (``device`` is checked, not used). Writes nothing; reads weights only to rank
+    stripes for ``config.target_bits`` and to check a stats file's model fingerprint.
     ``calib_data`` is not collected: with ``target_bits`` the stripes are allocated without it."""
-    p = _prepare(model, Path(out), config, calib, calib_data, dense_dtype, "cpu", False, revision,
+    p = _prepare(model, Path(out), config, calib, calib_data, dense_dtype, device, False, revision,
                  trust_remote_code, feedback, dry_run=True)  # fmt: skip
-    calibration = {k: v for k, v in p.stats.meta.items() if k != "aliases"} if p.stats is not None else None
+    calibration = p.stats.provenance if p.stats is not None else None
     return QuantizeEstimate(p.source, p.config, p.plan.accounting(), p.needs, calibration)
 
 
 def quantize(
-    model: Model,
+    model: ModelSpec,
     out: str | os.PathLike,
     config: QuantConfig | None = None,
     *,
@@ -214,8 +219,8 @@ def quantize(
         raise ArtifactWriteError(problem)
     if warning := resources.memory_warning(p.needs):
         feedback.warn(warning)
-    with feedback.progress("quantizing layers") as update:
+    with feedback.stoppable() as stop, feedback.progress("quantizing layers") as update:
         return pipeline.quantize_model(
             p.source, out, p.config, p.plan, force, lambda done, total, _unit: update(done, total), p.stats,
-            resolve_device(device), resume=resume, log=feedback.info, stop=feedback.stop,
+            resolve_device(device), resume=resume, log=feedback.info, stop=stop,
         )  # fmt: skip

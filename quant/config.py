@@ -30,6 +30,9 @@ class Selection(str, enum.Enum):
     hessian = "hessian"  # 2-bit-over-4-bit error weighted by E[x_c^2]; needs calibration
 
 
+# Calibration windows, and tokens per window: 32k tokens, what every calibrated benchmark used.
+DEFAULT_SAMPLES, DEFAULT_SEQ_LEN = 64, 512
+
 # Linears inside the decoder blocks; embeddings, norms and the LM head stay 16-bit by default.
 DEFAULT_INCLUDE = ("*.layers.*",)
 
@@ -53,6 +56,17 @@ class QuantConfig:
     # Model-wide bits per weight: stripes spread over the Linears by sensitivity (replaces stripe_fraction)
     target_bits: float | None = None
 
+    def __post_init__(self) -> None:  # the enums' strings and single patterns, as a script may write them
+        for name, kind in (("rounding", Rounding), ("selection", Selection)):
+            value = getattr(self, name)
+            try:
+                object.__setattr__(self, name, kind(value))
+            except ValueError:
+                raise UsageError(f"--{name} {value!r} must be one of {', '.join(k.value for k in kind)}") from None
+        for name in ("include", "exclude"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
+
     def check(self) -> None:
         """Raise :class:`UsageError` naming the first invalid value."""
         from llmq.runtime.format.layout import MAX_SCALE_BITS
@@ -75,8 +89,6 @@ class QuantConfig:
             raise UsageError(f"--gptq-block {self.gptq_block} must be at least 1")
         if not self.include:
             raise UsageError("--include needs at least one pattern")
-        if self.target_bits is not None and not 0 < self.target_bits <= 32:
-            raise UsageError(f"--target-bits {self.target_bits} must be a number of bits per weight above 0")
 
     def for_run(self, calibrated: bool) -> QuantConfig:
         """This config as a run uses it: checked against whether the run has calibration statistics,

@@ -171,7 +171,7 @@ def run_fingerprint(source: ModelSource, config: QuantConfig, plan: Plan, stats:
     calibration = None
     if stats is not None:
         where = stats.file_label if stats.path is None else [stats.path.stat().st_size, stats.path.stat().st_mtime_ns]
-        calibration = {"meta": {k: v for k, v in stats.meta.items() if k != "aliases"}, "file": where}
+        calibration = {"meta": stats.provenance, "file": where}
     document = {
         "llmq": __version__,
         "source": files,
@@ -276,8 +276,7 @@ def _manifest(source: ModelSource, config: QuantConfig, plan: Plan, stats: Calib
 
     calibration = None
     if stats is not None:
-        provenance = {k: v for k, v in stats.meta.items() if k != "aliases"}
-        calibration = provenance | {"file": stats.file_label, "gptq_device": str(device or torch.device("cpu"))}
+        calibration = stats.provenance | {"file": stats.file_label, "gptq_device": str(device or torch.device("cpu"))}
     return Manifest(
         linears={
             name: LinearEntry(shard(f"{name}.weight"), layout, plan.biases.get(name))

@@ -31,8 +31,8 @@ INLINE = "inline"  # how the manifest names statistics collected in the quantize
 
 @dataclass(frozen=True)
 class CalibStats:
-    """Per-Linear input statistics: ``tensors`` by name (``<linear>.hessian`` float32 ``[K, K]``,
-    and ``<linear>.sq_mean`` from a file), ``meta`` the stats manifest (with its ``aliases``)."""
+    """Per-Linear input statistics: ``tensors`` by name (``<linear>.hessian`` float32 ``[K, K]`` and
+    ``<linear>.sq_mean`` float32 ``[K]``), ``meta`` the stats manifest (with its ``aliases``)."""
 
     meta: dict
     tensors: dict[str, torch.Tensor]
@@ -43,6 +43,11 @@ class CalibStats:
     def linears(self) -> int:
         """How many Linears the statistics cover."""
         return len(self.meta["aliases"])
+
+    @property
+    def provenance(self) -> dict:
+        """The manifest without the alias table: what an artifact records of its calibration."""
+        return {key: value for key, value in self.meta.items() if key != "aliases"}
 
     @property
     def inputs(self) -> int:
@@ -68,8 +73,8 @@ def in_memory(calibration: Calibration, meta: dict, model: ModelSource | None = 
 
 
 def write_stats(path: Path, stats: CalibStats) -> CalibStats:
-    """Write atomically (a temporary file in the same folder, then rename); returns the stats as
-    read back from ``path`` would be."""
+    """Write atomically (a temporary file in the same folder, then rename); returns the stats with
+    their ``path`` set."""
     from safetensors.torch import save_file
 
     record = {"format": STATS_FORMAT, "version": STATS_VERSION, **stats.meta}
@@ -101,10 +106,7 @@ def read_stats(path: Path, fingerprint: str) -> CalibStats:
         raise StatsFileError(f"{path}: its manifest is not valid JSON") from err
     if not isinstance(meta, dict) or meta.get("format") != STATS_FORMAT or meta.get("version") != STATS_VERSION:
         raise StatsFileError(f"{path}: not an llmq calibration stats file (version {STATS_VERSION})")
-    if meta.get("model_fingerprint") != fingerprint:
-        raise StatsFileError(
-            f"{path} was made for another model ({meta.get('model', '?')}); run `llmq calibrate` for this one"
-        )
+    check_fingerprint(meta, fingerprint, str(path))
     aliases = meta.get("aliases")
     if not isinstance(aliases, dict):
         raise StatsFileError(f"{path}: manifest has no alias table")
@@ -113,3 +115,11 @@ def read_stats(path: Path, fingerprint: str) -> CalibStats:
         if h is None or h.dim() != 2 or h.shape[0] != h.shape[1] or not torch.isfinite(h).all():
             raise StatsFileError(f"{path}: the Hessian for {linear} is missing or corrupt")
     return CalibStats(meta, tensors, path)
+
+
+def check_fingerprint(meta: dict, fingerprint: str, where: str) -> None:
+    """Refuse statistics (their manifest ``meta``) collected from another model than ``fingerprint``'s."""
+    if meta.get("model_fingerprint") != fingerprint:
+        raise StatsFileError(
+            f"{where} was made for another model ({meta.get('model', '?')}); run `llmq calibrate` for this one"
+        )

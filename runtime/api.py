@@ -1,10 +1,10 @@
 """The runtime's public API: load a model or an artifact, evaluate it, generate with it, profile it.
 
 Each function does what one ``llmq`` command does, with the same checks in the same order and
-the same errors, and returns a typed report whose ``to_json()`` is that command's ``--json``
+the same errors, and returns a typed result; a report's ``to_json()`` is the command's ``--json``
 document. ``import llmq`` re-exports them (``llmq.perplexity``, ...); ``docs/api.md`` has examples.
-Every function takes the same :class:`~llmq.runtime.loader.LoadOptions` and a
-:class:`~llmq.runtime.sources.feedback.Feedback` for logs and progress.
+Every function that loads a model takes the same :class:`~llmq.runtime.options.LoadOptions`, and
+every one a :class:`~llmq.runtime.sources.feedback.Feedback` for logs and progress.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -31,16 +31,15 @@ from llmq.runtime.format import artifact as A
 from llmq.runtime.format import dtypes
 from llmq.runtime.format.manifest import Manifest
 from llmq.runtime.format.verify import VerifyReport, verify_artifact
-from llmq.runtime.loader import OpenedModel, check_model, open_for_run
+from llmq.runtime.loader import OpenedModel, open_for_run
 from llmq.runtime.options import LoadOptions
 from llmq.runtime.sources import text as T
 from llmq.runtime.sources.feedback import LOGGED, Feedback
-from llmq.runtime.sources.models import ModelSource, SourceKind, context_length
+from llmq.runtime.sources.models import ModelSource, ModelSpec, SourceKind, check_model_spec, context_length
 from llmq.runtime.sources.tokenize import bos_policy, check_prompt, encode_prompt, tokenize_stream
 
 DEFAULT_SEQ_LEN = 2048  # eval ppl's window when the model's context allows it
 DEFAULTS = LoadOptions()
-Model = str | os.PathLike  # "demo", a local HF folder, a hub id, or a .llmq artifact
 
 
 def _header(command: str, run: OpenedModel, base: ModelSource | None = None) -> dict:
@@ -52,7 +51,7 @@ def _header(command: str, run: OpenedModel, base: ModelSource | None = None) -> 
     }
 
 
-def load(model: Model, options: LoadOptions = DEFAULTS, feedback: Feedback = LOGGED):
+def load(model: ModelSpec, options: LoadOptions = DEFAULTS, feedback: Feedback = LOGGED):
     """A ``transformers`` causal LM in eval mode, ready for ``generate()``, pipelines or a forward.
 
     ``model`` is ``"demo"``, a local HF folder, a hub id or a ``.llmq`` artifact; an artifact's
@@ -101,17 +100,31 @@ class PerplexityReport:
         }
 
 
-def _open_with_text(model: Model, text: T.TextSpec | None, options: LoadOptions, feedback: Feedback):
-    """The model opened for a run and its eval text, in the order that fails fastest: options and
-    MODEL checked, a local text read, MODEL resolved (a download or the demo build), then a dataset."""
-    check_model(model, options)
+def _open_with_text(models: list[ModelSpec], text: T.TextSpec | None, options: LoadOptions, feedback: Feedback):
+    """The models opened for a run and the eval text, in the order that fails fastest: the options
+    and every MODEL checked, a local text read, the models resolved (a download or the demo build),
+    then a dataset that may need the network."""
+    placement = options.placement()
+    revisions = _revisions(models, options.revision)
     early = T.load_local_first(text, T.Split.eval, T.Dataset.wikitext2)
-    run = open_for_run(model, options, feedback)
-    return run, early or T.request(text).load(T.Split.eval, T.Dataset.wikitext2)
+    runs = [
+        open_for_run(model, replace(options, revision=revision), feedback, role, placement)
+        for model, revision, role in zip(models, revisions, ("model", "base"), strict=False)
+    ]
+    return runs, early or T.load(text, T.Split.eval, T.Dataset.wikitext2)
+
+
+def _revisions(models: list[ModelSpec], revision: str | None) -> list[str | None]:
+    """``revision`` applies to the hub ids among ``models`` (``kld``: the model, its base or both);
+    given where none is a hub id, it is the usual error."""
+    kinds = [check_model_spec(model) for model in models]
+    if revision is not None and SourceKind.hub not in kinds:
+        check_model_spec(models[0], revision)
+    return [revision if kind == SourceKind.hub else None for kind in kinds]
 
 
 def perplexity(
-    model: Model,
+    model: ModelSpec,
     text: T.TextSpec | None = None,
     *,
     seq_len: int | None = None,
@@ -128,7 +141,7 @@ def perplexity(
     """
     wall_start = time.perf_counter()
     torch.manual_seed(options.seed)
-    run, loaded = _open_with_text(model, text, options, feedback)
+    (run,), loaded = _open_with_text([model], text, options, feedback)
     context = context_length(run.config)
     if seq_len is None:
         seq_len = min(DEFAULT_SEQ_LEN, context or DEFAULT_SEQ_LEN)
@@ -191,8 +204,8 @@ class KldReport:
 
 
 def kld(
-    model: Model,
-    base: Model,
+    model: ModelSpec,
+    base: ModelSpec,
     text: T.TextSpec | None = None,
     *,
     seq_len: int = DEFAULT_SEQ_LEN,
@@ -209,9 +222,7 @@ def kld(
     """
     wall_start = time.perf_counter()
     torch.manual_seed(options.seed)
-    check_model(base, options)
-    run, loaded = _open_with_text(model, text, options, feedback)
-    base_run = open_for_run(base, options, feedback, role="base")
+    (run, base_run), loaded = _open_with_text([model, base], text, options, feedback)
     stride = seq_len if stride is None else stride
     contexts = [c for c in (context_length(r.config) for r in (run, base_run)) if c]
     ppl.check_protocol(seq_len, stride, max_tokens, min(contexts) if contexts else None)
@@ -280,7 +291,7 @@ class GenerateReport:
 
 
 def generate(
-    model: Model,
+    model: ModelSpec,
     prompt: str,
     *,
     chat: bool = False,
@@ -305,9 +316,11 @@ def generate(
     sampling = SamplingOptions(max_new_tokens, temperature, top_p, top_k, options.seed)
     sampling.check()
     check_prompt(prompt, chat, system)
-    device, _, _ = check_model(model, options)
-    check_decode_device(decode, device)
-    run = open_for_run(model, options, feedback)
+    decode = DecodeMode(decode)
+    check_model_spec(model, options.revision)
+    placement = options.placement()
+    check_decode_device(decode, placement.device)
+    run = open_for_run(model, options, feedback, placement=placement)
     tokenizer = run.tokenizer()
     input_ids = encode_prompt(tokenizer, prompt, chat, system)
     context = context_length(run.config)
@@ -374,7 +387,7 @@ def _speedups(runs: list[dict]) -> list[dict]:
 
 
 def profile(
-    model: Model,
+    model: ModelSpec,
     *,
     batches: Sequence[int] | str = (1,),
     prompt_len: int = 128,
@@ -391,11 +404,12 @@ def profile(
     mean ± sd over ``reps`` after ``warmup``; break ``breakdown_steps`` decode steps down by kernel
     (GPU) or module (CPU). ``baseline`` runs the same artifact again with dense weights."""
     batch_sizes = P.parse_batches(batches) if isinstance(batches, str) else P.check_batches(list(batches))
-    device, _, _ = check_model(model, options)
-    check_decode_device(decode, device)
-    run = open_for_run(model, options, feedback)
-    if baseline and run.source.kind != SourceKind.artifact:
+    decode = DecodeMode(decode)
+    if baseline and check_model_spec(model, options.revision) != SourceKind.artifact:
         raise UsageError(f"--baseline compares an llmq artifact with its dense weights, and {model} is not one")
+    placement = options.placement()
+    check_decode_device(decode, placement.device)
+    run = open_for_run(model, options, feedback, placement=placement)
     context = context_length(run.config)
     if context is not None and prompt_len + gen_len > context:
         raise UsageError(f"--prompt-len {prompt_len} plus --gen-len {gen_len} exceeds the model's context of {context}")

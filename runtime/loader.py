@@ -8,7 +8,6 @@ tied weights are re-tied. Nothing is read from outside the artifact.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,11 +17,11 @@ from llmq.errors import ArtifactError, ModelSourceError
 from llmq.runtime.backend import Backend, backend_for
 from llmq.runtime.format import artifact as A
 from llmq.runtime.format.manifest import Manifest
-from llmq.runtime.options import LoadOptions
+from llmq.runtime.options import LoadOptions, Placement, free_memory
 from llmq.runtime.placement import device_of, plan_device_map
 from llmq.runtime.qlinear import QuantLinear, parent_module
 from llmq.runtime.sources.feedback import LOGGED, Feedback
-from llmq.runtime.sources.models import ModelSource, SourceKind, check_model_spec, load_tokenizer, open_model
+from llmq.runtime.sources.models import ModelSource, ModelSpec, SourceKind, load_tokenizer, open_model
 
 
 @dataclass(frozen=True)
@@ -31,40 +30,51 @@ class OpenedModel:
 
     source: ModelSource
     config: Any
-    device: torch.device
-    dtype: torch.dtype
-    max_memory: dict | None
+    placement: Placement
     backend: Backend | None  # for an artifact's quantized Linears; None for a plain HF model
     options: LoadOptions
+
+    @property
+    def device(self) -> torch.device:
+        return self.placement.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.placement.dtype
 
     def tokenizer(self):
         return load_tokenizer(self.source, self.options.trust_remote_code)
 
     def load(self, backend: Backend | None = None):
-        """The model in eval mode; ``backend`` overrides the chosen one (``profile --baseline``)."""
+        """The model in eval mode; ``backend`` overrides the chosen one (``profile --baseline``).
+
+        Under ``--device-map auto`` without ``--max-memory`` the devices' free memory is measured
+        now, so a model loaded earlier in the same run (``eval kld``'s base) is accounted for."""
+        limits = self.placement.max_memory
+        if limits is not None and self.options.max_memory is None:
+            limits = free_memory()
         chosen = backend or self.backend or Backend.torch
         return load_model(
-            self.source, self.config, self.device, self.dtype, self.options.trust_remote_code, chosen, self.max_memory
+            self.source, self.config, self.device, self.dtype, self.options.trust_remote_code, chosen, limits
         )
 
 
-def check_model(spec: str | os.PathLike, options: LoadOptions) -> tuple[torch.device, torch.dtype, dict | None]:
-    """The cheap checks, before anything is built or downloaded: the options, and what MODEL names."""
-    placement = options.placement()
-    check_model_spec(str(spec), options.revision)
-    return placement
-
-
 def open_for_run(
-    spec: str | os.PathLike, options: LoadOptions, feedback: Feedback = LOGGED, role: str = "model"
+    spec: ModelSpec,
+    options: LoadOptions,
+    feedback: Feedback = LOGGED,
+    role: str = "model",
+    placement: Placement | None = None,
 ) -> OpenedModel:
-    """Resolve MODEL, read its config, place it and choose its backend (the choice is logged)."""
-    device, dtype, max_memory = check_model(spec, options)
+    """Resolve MODEL, read its config, place it and choose its backend (the choice is logged).
+
+    ``placement`` is ``options.placement()``, passed when the caller has checked it already."""
+    placement = placement or options.placement()
     source, config = open_model(spec, options.revision, options.trust_remote_code, feedback, role)
-    backend, notice = backend_for(source, options.backend, device, dtype)
+    backend, notice = backend_for(source, options.backend, placement.device, placement.dtype)
     if notice:
         feedback.info(notice)
-    return OpenedModel(source, config, device, dtype, max_memory, backend, options)
+    return OpenedModel(source, config, placement, backend, options)
 
 
 def load_model(

@@ -47,9 +47,9 @@ class LoadOptions:
                 choices = ", ".join(k.value for k in kind)
                 raise UsageError(f"--{name} {value!r} must be one of {choices}") from None
 
-    def placement(self) -> tuple[torch.device, torch.dtype, dict | None]:
-        """(device inputs go to, dtype, max_memory for accelerate or None), checked without loading
-        anything. With ``device_map`` the inputs start on the first GPU, or the CPU without one."""
+    def placement(self) -> Placement:
+        """Where and in what dtype the model runs, checked without loading anything. With
+        ``device_map`` the inputs start on the first GPU, or the CPU without one."""
         import torch
 
         from llmq.runtime.placement import parse_max_memory
@@ -58,15 +58,25 @@ class LoadOptions:
             if self.max_memory is not None:
                 raise UsageError("--max-memory limits --device-map; add --device-map auto")
             device = resolve_device(self.device)
-            return device, resolve_dtype(self.dtype, device), None
+            return Placement(device, resolve_dtype(self.dtype, device), None)
         if self.device_map != "auto":
             raise UsageError(f"--device-map {self.device_map!r}: the one value is auto")
         if self.device != "auto":
             raise UsageError("give --device or --device-map, not both")
-        limits = parse_max_memory(self.max_memory) if self.max_memory else None
-        if limits is None:
-            from accelerate.utils import get_max_memory
-
-            limits = get_max_memory()
+        limits = parse_max_memory(self.max_memory) if self.max_memory else free_memory()
         device = torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
-        return device, resolve_dtype(self.dtype, device), limits
+        return Placement(device, resolve_dtype(self.dtype, device), limits)
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: torch.device  # where the inputs go
+    dtype: torch.dtype
+    max_memory: dict | None  # accelerate's per-device limits with --device-map, else None
+
+
+def free_memory() -> dict:
+    """What each GPU and the CPU can hold now (accelerate's measure), for ``--device-map`` without limits."""
+    from accelerate.utils import get_max_memory
+
+    return get_max_memory()

@@ -1,8 +1,9 @@
 """How the library talks to its caller while it works: log lines, warnings, progress, stop requests.
 
 Every public API call takes a :class:`Feedback`. The default one sends log lines and warnings to
-the ``llmq`` logger and draws nothing; the CLI gives one that writes to stderr, draws progress
-bars on a terminal and stops at the next layer, window or token when a signal asks it to.
+the ``llmq`` logger and draws nothing. The CLI gives one that writes to stderr, draws progress
+bars on a terminal, and turns Ctrl-C or SIGTERM into a stop at the next bounded step inside the
+regions where the library checks for one (today the quantize pipeline: the next tensor).
 """
 
 from __future__ import annotations
@@ -17,14 +18,16 @@ log = logging.getLogger("llmq")
 
 # update(done, total), called as a unit of work completes
 ProgressUpdate = Callable[[int, int], None]
+# check(), called at each bounded step of a stoppable region; raises KeyboardInterrupt to stop there
+StopCheck = Callable[[], None]
 
 
 def _no_progress(description: str) -> AbstractContextManager[ProgressUpdate]:
     return contextlib.nullcontext(lambda done, total: None)
 
 
-def _never_stop() -> None:
-    return None
+def _never_stop() -> AbstractContextManager[StopCheck]:
+    return contextlib.nullcontext(lambda: None)
 
 
 @dataclass(frozen=True)
@@ -32,14 +35,14 @@ class Feedback:
     """``info``: one log line; ``warn``: something to act on (shown even when quiet);
     ``progress(description)``: a context manager yielding ``update(done, total)``;
     ``show_progress``: whether libraries may draw their own bars (downloads, conversions);
-    ``stop()``: called at each bounded step, raises ``KeyboardInterrupt`` to end the run there."""
+    ``stoppable()``: a context manager around work that checks for a stop at each bounded step,
+    yielding that check. Outside such regions an interrupt acts at once, as usual."""
 
     info: Callable[[str], None] = log.info
     warn: Callable[[str], None] = log.warning
     progress: Callable[[str], AbstractContextManager[ProgressUpdate]] = _no_progress
     show_progress: bool = False
-    stop: Callable[[], None] = _never_stop
+    stoppable: Callable[[], AbstractContextManager[StopCheck]] = _never_stop
 
 
 LOGGED = Feedback()  # the default of every API call: the "llmq" logger, no bars
-SILENT = Feedback(info=lambda message: None, warn=lambda message: None)

@@ -33,6 +33,18 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 
 
+ModelSpec = str | os.PathLike  # "demo", a local folder, a hub id "org/name", or a .llmq artifact
+
+
+def spec_string(spec: ModelSpec) -> str:
+    """MODEL as the command line spells it. A path object is always a path: ``Path("demo")`` is the
+    folder ``./demo``, never the embedded demo, and ``Path("org/name")`` is never a hub id."""
+    if not isinstance(spec, os.PathLike):
+        return spec
+    text = os.fspath(spec)
+    return text if text.startswith(("/", ".", "~")) else f"./{text}"
+
+
 class SourceKind(str, enum.Enum):
     demo = "demo"
     folder = "folder"
@@ -61,8 +73,9 @@ class ModelSource:
         }
 
 
-def check_model_spec(spec: str, revision: str | None = None) -> SourceKind:
+def check_model_spec(spec: ModelSpec, revision: str | None = None) -> SourceKind:
     """What MODEL names, checked without building or downloading anything."""
+    spec = spec_string(spec)
     if spec == demo.DEMO_NAME:
         kind = SourceKind.demo
     elif Path(spec).expanduser().exists():
@@ -88,9 +101,10 @@ def _no_revision(kind: SourceKind, spec: str, revision: str | None) -> SourceKin
 
 
 def resolve_model(
-    spec: str, *, revision: str | None = None, progress: bool = True, log: Callable[[str], None] | None = None
+    spec: ModelSpec, *, revision: str | None = None, progress: bool = True, log: Callable[[str], None] | None = None
 ) -> ModelSource:
     """Map the user's MODEL string to a local folder, building the demo or fetching from the hub if needed."""
+    spec = spec_string(spec)
     kind = check_model_spec(spec, revision)
     if kind == SourceKind.demo:
         return ModelSource(spec, kind, demo.ensure_demo_model(progress, log), demo.DEMO_LABEL)
@@ -109,7 +123,7 @@ def resolve_model(
 
 
 def open_model(
-    spec: str | os.PathLike,
+    spec: ModelSpec,
     revision: str | None = None,
     trust_remote_code: bool = False,
     feedback: Feedback = LOGGED,
@@ -117,7 +131,7 @@ def open_model(
 ) -> tuple[ModelSource, Any]:
     """Resolve MODEL (building the demo or fetching from the hub if needed) and read its config;
     ``role`` names it in the log line (``model``, ``base``)."""
-    source = resolve_model(str(spec), revision=revision, progress=feedback.show_progress, log=feedback.info)
+    source = resolve_model(spec, revision=revision, progress=feedback.show_progress, log=feedback.info)
     feedback.info(f"{role}: {source.label}")
     return source, load_config(source, trust_remote_code)
 

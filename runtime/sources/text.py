@@ -98,13 +98,18 @@ def request(spec: TextSpec | None) -> TextRequest | Text:
     raise UsageError(f"a text is a dataset name ({', '.join(names)}), a file path or a Text, not {type(spec).__name__}")
 
 
+def load(spec: TextSpec | None, split: Split, default: Dataset | None) -> Text:
+    """The text ``spec`` names (its ``split`` for a dataset; ``default`` when it names none)."""
+    wanted = request(spec)
+    return wanted if isinstance(wanted, Text) else wanted.load(split, default)
+
+
 def load_local_first(spec: TextSpec | None, split: Split, default: Dataset | None) -> Text | None:
     """The text now if it is on this machine (so a bad file fails before any model is built or
     fetched), else None: a dataset that may need the network waits until the model resolved."""
     wanted = request(spec)
-    if isinstance(wanted, Text):
-        return wanted
-    return wanted.load(split, default) if wanted.is_local(default) else None
+    local = isinstance(wanted, Text) or wanted.is_local(default)
+    return load(wanted, split, default) if local else None
 
 
 def load_text(dataset: Dataset | None, text_file: Path | None, split: Split, default: Dataset | None = None) -> Text:
