@@ -44,11 +44,10 @@ DEFAULTS = LoadOptions()
 
 def _header(command: str, run: OpenedModel, base: ModelSource | None = None) -> dict:
     """The keys every report's JSON starts with."""
-    models = {"model": run.source.to_json()} | ({"base": base.to_json()} if base else {})
-    return {"command": command, "llmq_version": __version__, **models} | {
-        "device": str(run.device),
-        "dtype": dtypes.short(run.dtype),
-    }
+    document = {"command": command, "llmq_version": __version__, "model": run.source.to_json()}
+    if base is not None:
+        document["base"] = base.to_json()
+    return document | {"device": str(run.device), "dtype": dtypes.short(run.dtype)}
 
 
 def load(model: ModelSpec, options: LoadOptions = DEFAULTS, feedback: Feedback = LOGGED):
@@ -88,7 +87,7 @@ class PerplexityReport:
                 "tokens_scored": r.tokens_scored,
                 "windows": r.windows,
                 "tokens_used": r.tokens_used,
-            },  # fmt: skip
+            },
             "timing": {
                 "eval_seconds": round(r.seconds, 3),
                 "tokens_per_s": round(r.tokens_used / r.seconds, 1) if r.seconds > 0 else None,
@@ -198,7 +197,7 @@ class KldReport:
                 "ppl_base": r.ppl_base,
                 "tokens_scored": r.tokens_scored,
                 "windows": r.windows,
-            },  # fmt: skip
+            },
             "timing": {"eval_seconds": round(r.seconds, 3), "wall_seconds": round(self.wall_seconds, 3)},
         }
 
@@ -276,7 +275,7 @@ class GenerateReport:
                 "top_k": s.top_k,
                 "seed": s.seed,
                 "greedy": s.temperature == 0,
-            },  # fmt: skip
+            },
             "text": r.text,
             "prompt_tokens": r.prompt_tokens,
             "new_tokens": r.new_tokens,
@@ -405,7 +404,8 @@ def profile(
     (GPU) or module (CPU). ``baseline`` runs the same artifact again with dense weights."""
     batch_sizes = P.parse_batches(batches) if isinstance(batches, str) else P.check_batches(list(batches))
     decode = DecodeMode(decode)
-    if baseline and check_model_spec(model, options.revision) != SourceKind.artifact:
+    kind = check_model_spec(model, options.revision)
+    if baseline and kind != SourceKind.artifact:
         raise UsageError(f"--baseline compares an llmq artifact with its dense weights, and {model} is not one")
     placement = options.placement()
     check_decode_device(decode, placement.device)
