@@ -15,6 +15,7 @@ from llmq.errors import ArtifactWriteError, OutputExistsError, UsageError
 from llmq.quant import pipeline, resources, statsfile, writer
 from llmq.quant.calibrate import calibrate_model
 from llmq.quant.config import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, QuantConfig
+from llmq.quant.plan import Plan, make_plan
 from llmq.quant.statsfile import CalibStats
 from llmq.runtime.format import dtypes
 from llmq.runtime.format.accounting import Accounting
@@ -82,7 +83,7 @@ def _collect(model, text, samples, seq_len, seed, config, device, revision, trus
     with feedback.progress("calibrating layers") as update:
         calibration, meta = calibrate_model(
             source, model_config, config, loaded.source, loaded.text, samples, seq_len, seed,
-            on_layer=update, device=torch_device,
+            on_layer=update, device=torch_device, log=feedback.info,
         )  # fmt: skip
     return statsfile.in_memory(calibration, meta, source)
 
@@ -110,7 +111,7 @@ class QuantizeEstimate:
 class _Prepared:
     source: ModelSource
     config: QuantConfig
-    plan: pipeline.Plan
+    plan: Plan
     stats: CalibStats | None
     needs: resources.Estimate
 
@@ -145,7 +146,7 @@ def _prepare(model, out: Path, config, calib, calib_data, dense_dtype, device, f
     if dry_run and calib_data is not None and config.target_bits is not None:
         feedback.info("dry run: stripes allocated without calibration data; the real run ranks them with its Hessians")
     dense = None if dense_dtype == "auto" else dtypes.BY_SHORT[dense_dtype].torch()
-    plan = pipeline.make_plan(source, model_config, run_config, dense, stats)
+    plan = make_plan(source, model_config, run_config, dense, stats)
     return _Prepared(source, run_config, plan, stats, resources.estimate_plan(plan, source.path, stats, out))
 
 

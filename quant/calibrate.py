@@ -1,10 +1,13 @@
 """Calibration: per-Linear input statistics, collected one decoder layer at a time.
 
-The model is never whole in memory. A meta-device skeleton gets only its embeddings; the
-inputs of the first decoder layer are captured; then each layer in turn is loaded from the
-source safetensors, run over the calibration activations with hooks that accumulate
-``H = E[x xᵀ]`` and ``E[x²]`` for every Linear input, and dropped. Its outputs are the next
-layer's inputs. Linears that read the same tensor (q/k/v, gate/up) share one set of statistics.
+The model is never whole in memory. A meta-device skeleton gets the parameters that come before
+its decoder layers (embeddings, position tables; not an untied output head); the inputs of the
+first decoder layer are captured; then each layer in turn is loaded from the source safetensors,
+run over the calibration activations with hooks that accumulate ``H = E[x xᵀ]`` and ``E[x²]``
+for every selected matrix's input, and dropped. Its outputs are the next layer's inputs. Where
+the layers are, and how experts are stored, comes from the architecture table. Matrices that
+read the same tensor (q/k/v, gate/up) share one set of statistics; each expert's matrices get
+statistics from the tokens routed to it.
 """
 
 from __future__ import annotations
@@ -12,13 +15,14 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from llmq.errors import TextSourceError, UsageError
 from llmq.quant.config import QuantConfig
-from llmq.runtime.sources.checkpoint import model_fingerprint, read_tensor, source_keys
+from llmq.runtime.sources import families as F
+from llmq.runtime.sources.checkpoint import Checkpoint, model_fingerprint
+from llmq.runtime.sources.experts import DOWN, GATE_UP, RoutedExperts
 from llmq.runtime.sources.models import ModelSource, load_tokenizer
 from llmq.runtime.sources.tokenize import tokenize_stream
 
@@ -78,27 +82,39 @@ def collect(
     windows: torch.Tensor,
     on_layer: Callable[[int, int], None] | None = None,
     device: torch.device | None = None,
+    log: Callable[[str], None] = lambda message: None,
 ) -> Calibration:
     """Run ``windows`` ([S, L] token ids) through the model layer by layer, collecting Linear input stats.
 
     Layers and activations live on ``device`` (default: the CPU); the statistics come back on the CPU.
     """
     device = device or torch.device("cpu")
-    key_files = source_keys(source.path)
-    model = _skeleton_with_embeddings(model_config, key_files, device)
-    hidden, kwargs = _first_layer_inputs(model, windows.to(device))
-    layers = model.model.layers
+    model = _skeleton_outside_layers(source, model_config, device)
+    family = F.family_of(model, model_config)
+    layers = F.decoder_layers(model, family)
+    experts = F.expert_modules(model, family)
+    checkpoint = Checkpoint(source.path, family, {name: module.num_experts for name, module in experts.items()})
+    _load(model, checkpoint, [n for n, _ in model.named_parameters() if _before_layers(n, family, model)], device)
+    args, kwargs = _first_layer_inputs(model, layers, windows.to(device))
     calibration = Calibration(tokens=windows.numel())
+    starved = Starved()
     for index in range(len(layers)):
-        layer = _load_layer(model, index, key_files, device)
-        hooks = _attach_hooks(layer, f"model.layers.{index}", config, calibration)
+        prefix = f"{family.layers}.{index}"
+        layer = layers[index]
+        _load(model, checkpoint, [f"{prefix}.{n}" for n, _ in layer.named_parameters()], device)
+        if family.experts is not None:
+            _unfuse_experts(layer, family.experts.module)
+        hooks = _attach_hooks(layer, prefix, family, config, calibration)
         with torch.inference_mode():
-            hidden = [_as_tensor(layer(h, **kwargs)) for h in hidden]
+            args = [(_as_tensor(layer(*a, **kwargs)), *a[1:]) for a in args]
         for hook in hooks:
             hook.remove()
+        if family.experts is not None:
+            starved.fill(calibration, layer, prefix, family.experts.module)
         layers[index] = torch.nn.Identity()  # drop the weights before loading the next layer
         if on_layer is not None:
             on_layer(index + 1, len(layers))
+    starved.report(log)
     return calibration
 
 
@@ -106,58 +122,72 @@ def _as_tensor(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
-def _skeleton_with_embeddings(model_config, key_files: dict[str, Path], device: torch.device):
+def _skeleton_outside_layers(source: ModelSource, model_config, device: torch.device):
+    """The model with parameters on meta and real buffers (rotary tables) on ``device``."""
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
-    name = "model.embed_tokens.weight"
-    if name not in key_files:
-        raise UsageError(f"calibration expects a Llama-style model with {name}; this checkpoint has none")
-    set_module_tensor_to_device(model, name, device, value=read_tensor(key_files, name).float())
-    for buffer_name, buffer in list(model.named_buffers()):  # e.g. rotary inverse frequencies
+    for buffer_name, buffer in list(model.named_buffers()):
         set_module_tensor_to_device(model, buffer_name, device, value=buffer)
     return model.eval()
 
 
-def _first_layer_inputs(model, windows: torch.Tensor):
-    """Each window's hidden state entering layer 0, and the keyword arguments the layers get."""
-    captured: list[torch.Tensor] = []
+def _before_layers(name: str, family: F.Family, model) -> bool:
+    """Parameters outside the decoder layers that a forward can use before them: all of them but an
+    output head of its own (never reached before the first layer, and often the largest matrix)."""
+    head = model.get_output_embeddings()
+    own_head = head is not None and head.weight is not model.get_input_embeddings().weight
+    return family.layer_of(name) is None and not (own_head and name.startswith(_module_name(model, head) + "."))
+
+
+def _module_name(model, target) -> str:
+    return next(name for name, module in model.named_modules() if module is target)
+
+
+def _load(model, checkpoint: Checkpoint, names: list[str], device: torch.device) -> None:
+    from accelerate.utils import set_module_tensor_to_device
+
+    for name in names:
+        set_module_tensor_to_device(model, name, device, value=checkpoint.read(name).float())
+
+
+def _first_layer_inputs(model, layers, windows: torch.Tensor):
+    """Each window's positional arguments to the first decoder layer (its hidden state first), and
+    the keyword arguments the layers get (masks, positions, rotary tables)."""
+    captured: list[tuple] = []
     kwargs: dict = {}
-    first = model.model.layers[0]
+    first = layers[0]
 
     class Catcher(torch.nn.Module):
-        def forward(self, hidden_states, **kw):
-            captured.append(hidden_states)
+        def forward(self, *args, **kw):
+            captured.append(args)
             kwargs.update(kw)
             raise _Captured
 
-    model.model.layers[0] = Catcher()
+    layers[0] = Catcher()
     with torch.inference_mode():
         for window in windows:
             try:
-                model.model(window[None], use_cache=False)
+                model(window[None], use_cache=False)
             except _Captured:
                 pass
-    model.model.layers[0] = first
+    layers[0] = first
     return captured, kwargs
 
 
-def _load_layer(model, index: int, key_files: dict[str, Path], device: torch.device):
-    from accelerate.utils import set_module_tensor_to_device
-
-    prefix = f"model.layers.{index}."
-    layer = model.model.layers[index]
-    for name, _ in list(layer.named_parameters()):
-        key = prefix + name
-        set_module_tensor_to_device(model, key, device, value=read_tensor(key_files, key).float())
-    return layer
+def _unfuse_experts(layer, module_name: str) -> None:
+    """The layer's fused experts as one ``nn.Linear`` per expert matrix (sharing their memory), so
+    each expert's input can be hooked."""
+    parent, _, child = module_name.rpartition(".")
+    owner = layer.get_submodule(parent) if parent else layer
+    setattr(owner, child, RoutedExperts.from_fused(getattr(owner, child)))
 
 
-def _attach_hooks(layer, prefix: str, config: QuantConfig, calibration: Calibration) -> list:
-    """Hooks on the selected Linears; Linears fed the very same tensor share one InputStats.
+def _attach_hooks(layer, prefix: str, family: F.Family, config: QuantConfig, calibration: Calibration) -> list:
+    """Hooks on the selected matrices; those fed the very same tensor share one InputStats.
 
     ``seen`` keeps the input tensors themselves alive for the length of one layer call, so an
     ``id`` cannot be reused by a later tensor within it; it is cleared when the layer is called.
@@ -166,10 +196,11 @@ def _attach_hooks(layer, prefix: str, config: QuantConfig, calibration: Calibrat
     hooks = [layer.register_forward_pre_hook(lambda mod, args: seen.clear())]
     for name, module in layer.named_modules():
         full = f"{prefix}.{name}"
-        if not (isinstance(module, torch.nn.Linear) and config.selects(full)):
+        shape = F.linear_shape(module)
+        if shape is None or not config.quantizes(full, family):
             continue
 
-        def hook(mod, args, full=full, k=module.in_features):
+        def hook(mod, args, full=full, k=shape[1]):
             x = args[0]
             canonical = seen.setdefault(id(x), (x, full))[1]
             calibration.aliases[full] = canonical
@@ -184,6 +215,38 @@ def _attach_hooks(layer, prefix: str, config: QuantConfig, calibration: Calibrat
     return hooks
 
 
+class Starved:
+    """Experts that saw too few routed tokens for a full-rank Hessian (fewer than their input
+    width): each gets its layer's mean for the same matrix over all the layer's experts (the pooled
+    sums, so an expert counts by the tokens it saw). How many did is logged once, at the end."""
+
+    def __init__(self) -> None:
+        self.count, self.total = 0, 0
+
+    def fill(self, calibration: Calibration, layer, prefix: str, module_name: str) -> None:
+        experts = layer.get_submodule(module_name)
+        for param in (GATE_UP, DOWN):
+            names = [f"{prefix}.{module_name}.{param}.{e}" for e in range(experts.num_experts)]
+            present = [calibration.stats[n] for n in names if n in calibration.stats]
+            if not present:
+                continue  # not selected for quantization, or no token reached any expert
+            k = present[0].xtx.shape[0]
+            pooled = InputStats(sum(s.xtx for s in present), sum(s.sq for s in present), sum(s.rows for s in present))
+            for name in names:
+                self.total += 1
+                if name not in calibration.stats or calibration.stats[name].rows < k:
+                    self.count += 1
+                    calibration.stats[name] = InputStats(pooled.xtx.clone(), pooled.sq.clone(), pooled.rows)
+                    calibration.aliases[name] = name
+
+    def report(self, log: Callable[[str], None]) -> None:
+        if self.count:
+            log(
+                f"calibration: {self.count} of {self.total} expert matrices saw fewer routed tokens than their "
+                "input width; they use their layer's mean over its experts (more --samples give them their own)"
+            )
+
+
 def calibrate_model(
     source: ModelSource,
     model_config,
@@ -195,11 +258,12 @@ def calibrate_model(
     seed: int,
     on_layer: Callable[[int, int], None] | None = None,
     device: torch.device | None = None,
+    log: Callable[[str], None] = lambda message: None,
 ) -> tuple[Calibration, dict]:
     """Tokenize ``text``, sample windows, collect stats; returns them and the stats-file manifest."""
     ids = tokenize_stream(load_tokenizer(source), text)
     windows = sample_windows(ids, samples, seq_len, seed)
-    calibration = collect(source, model_config, config, windows, on_layer, device)
+    calibration = collect(source, model_config, config, windows, on_layer, device, log)
     meta = {
         "model": source.label,
         "model_fingerprint": model_fingerprint(source.path),

@@ -11,8 +11,12 @@ from __future__ import annotations
 import enum
 import fnmatch
 from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from llmq.errors import UsageError
+
+if TYPE_CHECKING:
+    from llmq.runtime.sources.families import Family
 
 
 class Rounding(str, enum.Enum):
@@ -101,15 +105,27 @@ class QuantConfig:
             raise UsageError("--act-order orders GPTQ by calibration statistics; add --calib or --calib-data")
         return replace(self, act_order=calibrated if self.act_order is None else self.act_order)
 
-    def selects(self, module_name: str) -> bool:
-        included = any(fnmatch.fnmatchcase(module_name, p) for p in self.include)
+    def selects(self, module_name: str, layers: str) -> bool:
+        """Whether the matrix ``module_name`` is quantized. The default include, ``*.layers.*``,
+        stands for the model's decoder layers wherever its family keeps them (``layers``, from the
+        architecture table: ``transformer.h`` for GPT-2 and Falcon); other patterns match as written."""
+        if self.include == DEFAULT_INCLUDE:
+            included = module_name.startswith(layers + ".")
+        else:
+            included = any(fnmatch.fnmatchcase(module_name, p) for p in self.include)
         return included and not any(fnmatch.fnmatchcase(module_name, p) for p in self.exclude)
+
+    def quantizes(self, module_name: str, family: Family) -> bool:
+        """:meth:`selects`, less the family's gates and routers, which stay 16-bit."""
+        return self.selects(module_name, family.layers) and not family.keeps_dense(module_name)
 
     def to_json(self) -> dict:
         data = asdict(self)
         data["rounding"] = self.rounding.value
         data["selection"] = self.selection.value
         data["include"], data["exclude"] = list(self.include), list(self.exclude)
+        if self.target_bits is None:  # as manifests before the field existed: a fixed stripe fraction
+            del data["target_bits"]
         return data
 
     @classmethod

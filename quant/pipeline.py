@@ -2,121 +2,31 @@
 
 Only one work unit (a decoder layer, or the remaining tensors) is in memory at once: tensors are
 read from the memory-mapped source files by name, quantized or cast, written as one shard and
-dropped. The module tree comes from a meta-device skeleton built from the config, so no weights
-are allocated to discover which Linears exist.
+dropped. What is written is decided beforehand by :mod:`llmq.quant.plan`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from llmq import __version__
-from llmq.errors import InterruptedRun, ModelSourceError, NonFiniteWeightError, ResumeError, StatsFileError
-from llmq.quant.budget import allocate
+from llmq.errors import InterruptedRun, ModelSourceError, NonFiniteWeightError, ResumeError
 from llmq.quant.config import QuantConfig, Selection
-from llmq.quant.linear import hessian_score, plan_layout, quantize_weight
+from llmq.quant.linear import quantize_weight
+from llmq.quant.plan import Plan
+from llmq.quant.plan import hessian as plan_hessian
 from llmq.quant.statsfile import CalibStats
 from llmq.quant.writer import ArtifactWriter, check_output, find_checkpoints, remove_stale_staging
 from llmq.runtime.format import artifact as A
 from llmq.runtime.format import dtypes
-from llmq.runtime.format.accounting import Accounting, account
-from llmq.runtime.format.layout import LinearLayout
 from llmq.runtime.format.manifest import SHARD_PATTERN, DenseEntry, FileRecord, LinearEntry, Manifest, SourceRecord
-from llmq.runtime.sources.checkpoint import expected_params, model_files, read_tensor, source_keys
+from llmq.runtime.sources.checkpoint import model_files
 from llmq.runtime.sources.models import ModelSource
-
-_LAYER = re.compile(r"\.layers\.(\d+)\.")
-REST = "rest"
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What a quantize run will write: layouts of the selected Linears and the dense tensors."""
-
-    linears: dict[str, LinearLayout]
-    biases: dict[str, str]  # linear name -> bias tensor name
-    dense: dict[str, tuple[torch.dtype, tuple[int, ...]]]
-    key_files: dict[str, Path]  # tensor name -> source safetensors file
-    units: list[str]  # "0", "1", ... then "rest"
-    scores: dict[str, torch.Tensor] | None = None  # channel scores the budget used; reused to pick stripes
-
-    def accounting(self) -> Accounting:
-        return account(self.linears, self.dense)
-
-
-def make_plan(
-    source: ModelSource,
-    model_config,
-    config: QuantConfig,
-    dense_dtype: torch.dtype | None,
-    stats: CalibStats | None = None,
-) -> Plan:
-    """The layouts to write. With ``config.target_bits`` the stripes are spread over the Linears by
-    :mod:`llmq.quant.budget`, scored with the Hessians in ``stats`` if given (one extra read of
-    every weight); otherwise every Linear gets the config's stripe fraction."""
-    skeleton = _skeleton(model_config)
-    key_files = source_keys(source.path)
-    params = expected_params(skeleton, key_files)
-    linears, biases = {}, {}
-    for name, module in skeleton.named_modules():
-        if isinstance(module, torch.nn.Linear) and config.selects(name) and f"{name}.weight" in params:
-            linears[name] = plan_layout(module.out_features, module.in_features, config)
-            if module.bias is not None:
-                biases[name] = f"{name}.bias"
-    if not linears:
-        raise ModelSourceError(
-            f"{source.spec} has no quantizable Linear layers matching {list(config.include)}"
-            f"{' minus ' + str(list(config.exclude)) if config.exclude else ''}; check --include/--exclude"
-        )
-    quantized = {f"{n}.weight" for n in linears}
-    dense = {}
-    for key, shape_dtype in params.items():
-        if key not in quantized:
-            dtype, shape = shape_dtype
-            dense[key] = (dense_dtype or _default_dense_dtype(dtype), shape)
-    units = sorted({unit_of(k) for k in params} - {REST}, key=int) + [REST]
-    scores = None
-    if config.target_bits is not None:
-        scores = _channel_scores(linears, key_files, config, stats)
-        factories = {
-            name: (lambda k4, n=lay.out_features, k=lay.in_features: plan_layout(n, k, config, k4))
-            for name, lay in linears.items()
-        }
-        linears = allocate(factories, scores, config.target_bits)
-    return Plan(linears, biases, dense, {k: key_files[k] for k in params}, units, scores)
-
-
-def _channel_scores(linears, key_files, config: QuantConfig, stats) -> dict[str, torch.Tensor]:
-    """One read of every selected weight: each channel's 2-bit-over-4-bit error (Hessian-weighted if known)."""
-    scores = {}
-    for name, layout in linears.items():
-        weight = read_tensor(key_files, f"{name}.weight").float()
-        scores[name] = hessian_score(weight, _hessian(stats, name, layout.in_features), config)
-    return scores
-
-
-def _default_dense_dtype(dtype: torch.dtype) -> torch.dtype:
-    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
-
-
-def unit_of(key: str) -> str:
-    """The work unit (shard) a tensor belongs to: its decoder layer index, or "rest"."""
-    match = _LAYER.search(key)
-    return match.group(1) if match else REST
-
-
-def _skeleton(model_config):
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(model_config)
 
 
 def quantize_model(
@@ -203,22 +113,14 @@ def _open_writer(out: Path, force: bool, fingerprint: str, resume: bool, log) ->
     return ArtifactWriter(out, force, resume_from=match)
 
 
-def _hessian(stats: CalibStats | None, linear: str, in_features: int) -> torch.Tensor | None:
-    if stats is None:
-        return None
-    hessian = stats.hessian(linear)
-    if hessian is None or hessian.shape != (in_features, in_features):
-        raise StatsFileError(f"{stats.file_label} has no Hessian of size {in_features} for {linear}; recalibrate")
-    return hessian
-
-
 def _write_units(
     plan: Plan, config: QuantConfig, writer: ArtifactWriter, on_unit, stats, device, fingerprint: str, stop
 ) -> None:
     """Each unit's tensors, quantized or cast, as shard ``SHARD_PATTERN.format(unit index)``."""
+    sources = {plan.matrices[name].param if plan.matrices[name].expert is None else name: name for name in plan.linears}
     by_unit: dict[str, list[str]] = {u: [] for u in plan.units}
-    for key in plan.key_files:
-        by_unit[unit_of(key)].append(key)
+    for key in [*plan.dense, *sources]:
+        by_unit[plan.unit(key)].append(key)
     for index, unit in enumerate(plan.units):
         if unit in writer.units_done:
             if on_unit is not None:
@@ -227,28 +129,36 @@ def _write_units(
         tensors: dict[str, torch.Tensor] = {}
         for key in sorted(by_unit[unit]):
             stop()
-            value = read_tensor(plan.key_files, key)
-            linear = key.removesuffix(".weight")
-            if key.endswith(".weight") and linear in plan.linears:
-                hessian = _hessian(stats, linear, plan.linears[linear].in_features)
-                # The budget's scores pick the channels too, unless range selection was asked for.
-                by_budget = plan.scores and config.selection != Selection.range
-                scores = plan.scores.get(linear) if by_budget else None
-                layout, packed = quantize_weight(key, value, config, hessian, plan.linears[linear], scores, device)
-                assert layout == plan.linears[linear]
-                tensors.update({f"{linear}.{suffix}": t for suffix, t in packed.items()})
+            if key in sources:
+                tensors.update(_quantized(plan, sources[key], config, stats, device))
             else:
-                if not torch.isfinite(value.float()).all():
-                    raise NonFiniteWeightError(f"tensor {key} holds NaN/Inf; fix the checkpoint before quantizing")
-                tensors[key] = value.to(plan.dense[key][0])
-                if not torch.isfinite(tensors[key].float()).all():
-                    raise NonFiniteWeightError(
-                        f"tensor {key} overflows {plan.dense[key][0]}; pass --dense-dtype bf16 or fp32"
-                    )
+                tensors[key] = _dense(plan, key)
         writer.write_shard(index, tensors)
         writer.checkpoint(fingerprint, unit)
         if on_unit is not None:
             on_unit(index + 1, len(plan.units), unit)
+
+
+def _quantized(plan: Plan, linear: str, config: QuantConfig, stats, device) -> dict[str, torch.Tensor]:
+    layout = plan.linears[linear]
+    # The budget's scores pick the channels too, unless range selection was asked for.
+    by_budget = plan.scores and config.selection != Selection.range
+    scores = plan.scores.get(linear) if by_budget else None
+    hessian = plan_hessian(stats, linear, layout.in_features)
+    label = plan.matrices[linear].label
+    packed_layout, packed = quantize_weight(label, plan.weight(linear), config, hessian, layout, scores, device)
+    assert packed_layout == layout
+    return {f"{linear}.{suffix}": t for suffix, t in packed.items()}
+
+
+def _dense(plan: Plan, key: str) -> torch.Tensor:
+    value = plan.checkpoint.read(key)
+    if not torch.isfinite(value.float()).all():
+        raise NonFiniteWeightError(f"tensor {key} holds NaN/Inf; fix the checkpoint before quantizing")
+    stored = value.to(plan.dense[key][0])
+    if not torch.isfinite(stored.float()).all():
+        raise NonFiniteWeightError(f"tensor {key} overflows {plan.dense[key][0]}; pass --dense-dtype bf16 or fp32")
+    return stored
 
 
 def hf_files(folder: Path) -> list[Path]:
@@ -272,7 +182,7 @@ def _source_files(folder: Path) -> dict[str, FileRecord]:
 
 def _manifest(source: ModelSource, config: QuantConfig, plan: Plan, stats: CalibStats | None, device) -> Manifest:
     def shard(key: str) -> str:
-        return SHARD_PATTERN.format(plan.units.index(unit_of(key)))
+        return SHARD_PATTERN.format(plan.units.index(plan.unit(key)))
 
     calibration = None
     if stats is not None:

@@ -25,9 +25,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmq.quant.pipeline import Plan, hf_files, unit_of
+from llmq.quant.pipeline import hf_files
+from llmq.quant.plan import Plan
 from llmq.quant.statsfile import CalibStats
-from llmq.runtime.format.layout import LinearLayout
 
 WORK_COPIES = 12  # fp32 copies of a weight alive while it is quantized (weight, permuted, scale search, decodes)
 COMPUTE_OVERHEAD = 200 << 20  # torch's thread pools and kernel caches, set up by the first real computations
@@ -77,47 +77,31 @@ def free_disk_bytes(folder: Path) -> int | None:
         return None
 
 
-def estimate(
-    linears: dict[str, LinearLayout],
-    dense_bytes: dict[str, tuple[int, int]],
-    hf_file_bytes: int,
-    stats_bytes: int,
-    out_folder: Path,
-) -> Estimate:
-    """The disk and memory a run of this plan needs, with what this machine has.
-
-    ``dense_bytes`` maps each dense tensor to (bytes in the artifact, parameter count).
-    """
+def estimate_plan(plan: Plan, model_folder: Path, stats: CalibStats | None, out: Path) -> Estimate:
+    """The disk and memory a run of ``plan`` (the model in ``model_folder``, written to ``out``)
+    needs, with what this machine has."""
     output: dict[str, int] = {}
     work: dict[str, int] = {}
-    for name, layout in linears.items():
-        unit = unit_of(name)
+    for name, layout in plan.linears.items():
+        unit = plan.unit(name)
         output[unit] = output.get(unit, 0) + layout.stored_bits() // 8
         working = WORK_COPIES * 4 * layout.out_features * layout.in_features
         work[unit] = max(work.get(unit, 0), working)
-    for name, (size, params) in dense_bytes.items():
-        unit = unit_of(name)
-        output[unit] = output.get(unit, 0) + size
-        work[unit] = max(work.get(unit, 0), DENSE_WORK * params)
+    for name, (dtype, shape) in plan.dense.items():
+        unit = plan.unit(name)
+        output[unit] = output.get(unit, 0) + math.prod(shape) * dtype.itemsize
+        work[unit] = max(work.get(unit, 0), DENSE_WORK * math.prod(shape))
     per_unit = max((output[u] + work.get(u, 0) for u in output), default=0)
     base = current_rss_bytes()
-    artifact = sum(output.values()) + hf_file_bytes
+    stats_bytes = sum(t.numel() * t.element_size() for t in stats.tensors.values()) if stats is not None else 0
     return Estimate(
-        artifact_bytes=artifact,
+        artifact_bytes=sum(output.values()) + sum(f.stat().st_size for f in hf_files(model_folder)),
         peak_rss_bytes=base + COMPUTE_OVERHEAD + stats_bytes + per_unit,
         base_rss_bytes=base,
         stats_bytes=stats_bytes,
-        free_disk_bytes=free_disk_bytes(out_folder),
+        free_disk_bytes=free_disk_bytes(out.expanduser().resolve().parent),
         available_memory_bytes=available_memory_bytes(),
     )
-
-
-def estimate_plan(plan: Plan, model_folder: Path, stats: CalibStats | None, out: Path) -> Estimate:
-    """:func:`estimate` for a quantize plan of the model in ``model_folder``, written to ``out``."""
-    dense_bytes = {k: (math.prod(shape) * dtype.itemsize, math.prod(shape)) for k, (dtype, shape) in plan.dense.items()}
-    hf_bytes = sum(f.stat().st_size for f in hf_files(model_folder))
-    stats_bytes = sum(t.numel() * t.element_size() for t in stats.tensors.values()) if stats is not None else 0
-    return estimate(plan.linears, dense_bytes, hf_bytes, stats_bytes, out.expanduser().resolve().parent)
 
 
 def disk_problem(e: Estimate, out: Path) -> str | None:

@@ -19,7 +19,8 @@ from llmq.runtime.format import artifact as A
 from llmq.runtime.format.manifest import Manifest
 from llmq.runtime.options import LoadOptions, Placement, free_memory
 from llmq.runtime.placement import device_of, plan_device_map
-from llmq.runtime.qlinear import QuantLinear, parent_module
+from llmq.runtime.qlinear import QuantLinear, parent_module, unfuse_quantized_experts
+from llmq.runtime.sources.families import family_of, linear_shape
 from llmq.runtime.sources.feedback import LOGGED, Feedback
 from llmq.runtime.sources.models import ModelSource, ModelSpec, SourceKind, load_tokenizer, open_model
 
@@ -135,9 +136,10 @@ def load_quantized_model(
     tensors = A.load_tensors(manifest)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    unfuse_quantized_experts(model, family_of(model, config), manifest.linears)
     for name, entry in manifest.linears.items():
         parent, child = parent_module(model, name)
-        if not isinstance(getattr(parent, child, None), torch.nn.Linear):
+        if linear_shape(getattr(parent, child, None)) is None:
             raise ArtifactError(f"{manifest.path}: {name} is not a Linear in the {config.model_type} model")
         target = place(name)
         packed = {suffix: tensors.pop(f"{name}.{suffix}").to(target) for suffix in entry.layout.tensor_specs()}

@@ -43,10 +43,12 @@ def meta_skeleton(manifest, config, dtype: torch.dtype):
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from llmq.runtime.qlinear import QuantLinear, parent_module
+    from llmq.runtime.qlinear import QuantLinear, parent_module, unfuse_quantized_experts
+    from llmq.runtime.sources.families import family_of
 
     with init_empty_weights(include_buffers=True):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    unfuse_quantized_experts(model, family_of(model, config), manifest.linears)
     for name, entry in manifest.linears.items():
         parent, child = parent_module(model, name)
         packed = {

@@ -11,11 +11,15 @@ The packed tensors stay resident as buffers. Two backends compute with them:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
 from llmq.errors import ArtifactError
 from llmq.runtime.format.layout import LinearLayout, dequantize
+from llmq.runtime.sources.experts import GATE_UP, RoutedExperts
+from llmq.runtime.sources.families import Family, expert_modules
 
 
 class QuantLinear(nn.Module):
@@ -59,6 +63,16 @@ class QuantLinear(nn.Module):
             f"in={lay.in_features}, out={lay.out_features}, k4={lay.k4}, bpw={lay.bits_per_weight():.3f}, "
             f"backend={self.backend}"
         )
+
+
+def unfuse_quantized_experts(model, family: Family, quantized: Iterable[str]) -> None:
+    """Replace each fused experts module whose matrices are in ``quantized`` (``<module>.<param>.<e>``)
+    by :class:`RoutedExperts` with meta placeholders, which the loader then fills with QuantLinears."""
+    names = set(quantized)
+    for name, module in expert_modules(model, family).items():
+        if f"{name}.{GATE_UP}.0" in names:
+            parent, child = parent_module(model, name)
+            setattr(parent, child, RoutedExperts.from_fused(module))
 
 
 def parent_module(model, dotted: str):

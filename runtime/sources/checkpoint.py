@@ -1,9 +1,12 @@
-"""A source model's checkpoint: its safetensors tensors, read by name without loading the model.
+"""A source model's checkpoint: its safetensors tensors, read by the model's own parameter names.
 
 Quantization and calibration stream a model one tensor or one decoder layer at a time from the
-memory-mapped files; these are the only functions that open them. ``model_files`` is the one
-list of the files that define the weights and shape (the manifest's hashes, the resume
-fingerprint and the calibration fingerprint all use it).
+memory-mapped files; :class:`Checkpoint` is the only thing that opens them. It reads a tensor by
+the name transformers gives the parameter, applying the family's renames (GPT-NeoX's
+``embed_out`` is the model's ``lm_head``) and assembling fused expert parameters from files that
+hold one tensor per expert (Mixtral's ``experts.{e}.w1``/``w3`` rows are one ``gate_up_proj[e]``).
+``model_files`` is the one list of the files that define the weights and shape (the manifest's
+hashes, the resume fingerprint and the calibration fingerprint all use it).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 from llmq.errors import ModelSourceError
 from llmq.runtime.format import artifact as A
 from llmq.runtime.format import dtypes
+from llmq.runtime.sources.families import Family
 
 
 def source_keys(folder: Path) -> dict[str, Path]:
@@ -32,41 +36,110 @@ def source_keys(folder: Path) -> dict[str, Path]:
     return keys
 
 
-def read_tensor(key_files: dict[str, Path], name: str) -> torch.Tensor:
-    """One tensor from the memory-mapped source file that holds it; the mapping is closed again."""
-    from safetensors import safe_open
+class Checkpoint:
+    """The tensors of a model folder under the names of the model the family's config builds.
 
-    with safe_open(str(key_files[name]), framework="pt") as f:
-        return f.get_tensor(name)
+    folder   the model folder (``*.safetensors``)
+    family   its row of the architecture table (renames, expert storage)
+    experts  experts module name -> its number of experts, for parameters stored per expert
+    """
+
+    def __init__(self, folder: Path, family: Family, experts: dict[str, int] | None = None):
+        self.family, self.experts = family, experts or {}
+        self.files = source_keys(folder)
+        self.keys = {self._model_name(key): key for key in self.files}  # model name -> file key
+
+    def _model_name(self, key: str) -> str:
+        for source, target in self.family.renames:
+            if source.startswith(".") and source in key:
+                return key.replace(source, target, 1)
+            if key.startswith(source):
+                return target + key[len(source) :]
+        return key
+
+    def _per_expert(self, name: str) -> tuple[str, list[list[str]]] | None:
+        """For a fused expert parameter stored one tensor per expert: (its parameter name, the file
+        keys of each expert's parts, in row order). None if ``name`` is not one, or is stored whole."""
+        module, _, param = name.rpartition(".")
+        spec = self.family.experts
+        if spec is None or module not in self.experts or param not in spec.checkpoint or name in self.keys:
+            return None
+        parts = [[f"{module}.{template.format(e=e)}" for template in spec.checkpoint[param]]
+                 for e in range(self.experts[module])]  # fmt: skip
+        return param, parts
+
+    def __contains__(self, name: str) -> bool:
+        if name in self.keys:
+            return True
+        stored = self._per_expert(name)
+        return stored is not None and all(part in self.keys for parts in stored[1] for part in parts)
+
+    def header(self, name: str) -> tuple[str, tuple[int, ...]]:
+        """(safetensors dtype code, shape) of the model's tensor ``name``, without reading its data."""
+        stored = self._per_expert(name)
+        if stored is None:
+            return self._slice_header(self.keys[name])
+        first = [self._slice_header(self.keys[part]) for part in stored[1][0]]
+        rows = sum(shape[0] for _, shape in first)
+        return first[0][0], (len(stored[1]), rows, *first[0][1][1:])
+
+    def _slice_header(self, key: str) -> tuple[str, tuple[int, ...]]:
+        from safetensors import safe_open
+
+        with safe_open(str(self.files[key]), framework="pt") as f:
+            sl = f.get_slice(key)
+            return sl.get_dtype(), tuple(sl.get_shape())
+
+    def read(self, name: str) -> torch.Tensor:
+        """The model's tensor ``name``, from the memory-mapped file; the mapping is closed again."""
+        stored = self._per_expert(name)
+        if stored is None:
+            return self._read_key(self.keys[name])
+        return torch.stack([self.read_expert(name, e) for e in range(len(stored[1]))])
+
+    def read_expert(self, name: str, expert: int) -> torch.Tensor:
+        """Expert ``expert``'s matrix ``[out, in]`` of the fused parameter ``name`` ``[E, out, in]``."""
+        stored = self._per_expert(name)
+        if stored is None:
+            from safetensors import safe_open
+
+            key = self.keys[name]
+            with safe_open(str(self.files[key]), framework="pt") as f:
+                return f.get_slice(key)[expert]
+        return torch.cat([self._read_key(self.keys[part]) for part in stored[1][expert]])
+
+    def _read_key(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self.files[key]), framework="pt") as f:
+            return f.get_tensor(key)
 
 
-def expected_params(skeleton, key_files: dict[str, Path]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+def expected_params(skeleton, checkpoint: Checkpoint) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """Parameter name -> (source dtype, shape) for every parameter stored in the checkpoint.
 
     A tied parameter (the LM head sharing the embedding) may be absent from the checkpoint; any
-    other absent parameter is an error, never silently left at its random initialisation.
+    other absent parameter is an error, never silently left at its random initialisation. A shape
+    that is not the one the config builds (a fused projection split differently, an expert tensor
+    of another rank) is an error too.
     """
-    from safetensors import safe_open
-
     seen: dict[int, str] = {}
     result, missing = {}, []
     for name, param in skeleton.named_parameters(remove_duplicate=False):
         alias_of = seen.setdefault(id(param), name)
-        if name not in key_files:
+        if name not in checkpoint:
             if alias_of == name:
                 missing.append(name)
             continue
-        with safe_open(str(key_files[name]), framework="pt") as f:
-            sl = f.get_slice(name)
-            info, shape = dtypes.BY_SAFETENSORS.get(sl.get_dtype()), tuple(sl.get_shape())
+        code, shape = checkpoint.header(name)
+        info = dtypes.BY_SAFETENSORS.get(code)
         if info not in dtypes.FLOATS:
-            raise ModelSourceError(
-                f"checkpoint tensor {name} is {sl.get_dtype()}; llmq reads "
-                f"{', '.join(d.safetensors for d in dtypes.FLOATS)} weights"
-            )
+            readable = ", ".join(d.safetensors for d in dtypes.FLOATS)
+            raise ModelSourceError(f"checkpoint tensor {name} is {code}; llmq reads {readable} weights")
         if shape != tuple(param.shape):
             raise ModelSourceError(
-                f"checkpoint tensor {name} has shape {list(shape)}, the model expects {list(param.shape)}"
+                f"checkpoint tensor {name} has shape {list(shape)}, the model expects {list(param.shape)} "
+                "(the shape its config builds)"
             )
         result[name] = (info.torch(), shape)
     if missing:

@@ -1,0 +1,169 @@
+"""What a quantize run will write, worked out before any weight is quantized.
+
+The module tree comes from a meta-device skeleton built from the config, so nothing is allocated
+to find the matrices; the architecture table (:mod:`llmq.runtime.sources.families`) says where
+the decoder layers are and how experts are stored. Every ``nn.Linear`` and ``Conv1D`` the config
+selects becomes a quantized matrix, and so does each expert of a fused expert parameter
+(``<experts>.gate_up_proj.<e>``); every other parameter stays dense. One work unit (a shard) per
+decoder layer, then one for the rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llmq.errors import ModelSourceError, StatsFileError, UsageError
+from llmq.quant.budget import allocate
+from llmq.quant.config import QuantConfig
+from llmq.quant.linear import hessian_score, plan_layout
+from llmq.quant.statsfile import CalibStats
+from llmq.runtime.format.accounting import Accounting, account
+from llmq.runtime.format.layout import LinearLayout
+from llmq.runtime.sources import families as F
+from llmq.runtime.sources.checkpoint import Checkpoint, expected_params
+from llmq.runtime.sources.models import ModelSource
+
+REST = "rest"
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """Where a quantized matrix's weight ``[out, in]`` comes from."""
+
+    param: str  # the model parameter that holds it
+    expert: int | None = None  # its index in a fused expert parameter [experts, out, in]
+    transposed: bool = False  # GPT-2's Conv1D stores [in, out]
+
+    @property
+    def label(self) -> str:
+        """How messages name it: the tensor, with the expert index for one expert of a fused one."""
+        return self.param if self.expert is None else f"{self.param}[{self.expert}]"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a quantize run will write: layouts of the selected matrices and the dense tensors."""
+
+    linears: dict[str, LinearLayout]
+    matrices: dict[str, Matrix]  # linear name -> where its weight comes from
+    biases: dict[str, str]  # linear name -> bias tensor name
+    dense: dict[str, tuple[torch.dtype, tuple[int, ...]]]
+    family: F.Family
+    checkpoint: Checkpoint
+    units: list[str]  # "0", "1", ... then "rest"
+    scores: dict[str, torch.Tensor] | None = None  # channel scores the budget used; reused to pick stripes
+
+    def accounting(self) -> Accounting:
+        return account(self.linears, self.dense)
+
+    def unit(self, name: str) -> str:
+        return unit_of(name, self.family)
+
+    def weight(self, name: str) -> torch.Tensor:
+        """The source weight of quantized matrix ``name``, ``[out, in]``, read from the checkpoint."""
+        m = self.matrices[name]
+        value = self.checkpoint.read(m.param) if m.expert is None else self.checkpoint.read_expert(m.param, m.expert)
+        return value.t() if m.transposed else value
+
+
+def unit_of(name: str, family: F.Family) -> str:
+    """The work unit (shard) a tensor belongs to: its decoder layer index, or "rest"."""
+    index = family.layer_of(name)
+    return REST if index is None else str(index)
+
+
+def skeleton(model_config):
+    """The model on the meta device: its module tree and parameter shapes, nothing allocated."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(model_config)
+
+
+def make_plan(
+    source: ModelSource,
+    model_config,
+    config: QuantConfig,
+    dense_dtype: torch.dtype | None,
+    stats: CalibStats | None = None,
+) -> Plan:
+    """The layouts to write. With ``config.target_bits`` the stripes are spread over the matrices by
+    :mod:`llmq.quant.budget`, scored with the Hessians in ``stats`` if given (one extra read of
+    every weight); otherwise every matrix gets the config's stripe fraction."""
+    model = skeleton(model_config)
+    family = F.family_of(model, model_config)
+    F.decoder_layers(model, family)  # exists, or a clear error
+    experts = F.expert_modules(model, family)
+    checkpoint = Checkpoint(source.path, family, {name: module.num_experts for name, module in experts.items()})
+    params = expected_params(model, checkpoint)
+    matrices, biases = _matrices(model, family, config, params, experts)
+    if not matrices:
+        raise ModelSourceError(
+            f"{source.spec} has no quantizable Linear layers matching {list(config.include)}"
+            f"{' minus ' + str(list(config.exclude)) if config.exclude else ''}; check --include/--exclude"
+        )
+    linears = {name: plan_layout(*shape, config) for name, (_, shape) in matrices.items()}
+    quantized = {m.param for m, _ in matrices.values()}
+    dense = {key: (dense_dtype or _default_dense_dtype(dtype), shape)
+             for key, (dtype, shape) in params.items() if key not in quantized}  # fmt: skip
+    units = sorted({unit_of(k, family) for k in params} - {REST}, key=int) + [REST]
+    plan = Plan(linears, {n: m for n, (m, _) in matrices.items()}, biases, dense, family, checkpoint, units)
+    if config.target_bits is None:
+        return plan
+    scores = _channel_scores(plan, config, stats)
+    factories = {
+        name: (lambda k4, n=lay.out_features, k=lay.in_features: plan_layout(n, k, config, k4))
+        for name, lay in linears.items()
+    }
+    return Plan(allocate(factories, scores, config.target_bits), plan.matrices, biases, dense, family, checkpoint,
+                units, scores)  # fmt: skip
+
+
+def _matrices(model, family: F.Family, config: QuantConfig, params: dict, experts: dict):
+    """Name -> (Matrix, (out, in)) of every selected matrix, and the biases of those that have one."""
+    matrices, biases = {}, {}
+    for name, module in model.named_modules():
+        shape = F.linear_shape(module)
+        chosen = config.quantizes(name, family)
+        if shape is None or not chosen or f"{name}.weight" not in params:
+            continue
+        matrices[name] = (Matrix(f"{name}.weight", transposed=F.is_conv1d(module)), shape)
+        if getattr(module, "bias", None) is not None:
+            biases[name] = f"{name}.bias"
+    for module_name, module in experts.items():
+        for param in family.experts.params:
+            full = f"{module_name}.{param}"
+            chosen = [e for e in range(module.num_experts) if config.quantizes(f"{full}.{e}", family)]
+            if 0 < len(chosen) < module.num_experts:
+                raise UsageError(
+                    f"--include/--exclude select {len(chosen)} of the {module.num_experts} experts of {full}; "
+                    "select all of a layer's experts or none (they are stored as one tensor when dense)"
+                )
+            for e in chosen if full in params else ():
+                matrices[f"{full}.{e}"] = (Matrix(full, expert=e), tuple(getattr(module, param).shape[1:]))
+    return matrices, biases
+
+
+def _channel_scores(plan: Plan, config: QuantConfig, stats) -> dict[str, torch.Tensor]:
+    """One read of every selected weight: each channel's 2-bit-over-4-bit error (Hessian-weighted if known)."""
+    return {
+        name: hessian_score(plan.weight(name).float(), hessian(stats, name, layout.in_features), config)
+        for name, layout in plan.linears.items()
+    }
+
+
+def hessian(stats: CalibStats | None, linear: str, in_features: int) -> torch.Tensor | None:
+    """The Hessian of ``linear``'s input from ``stats`` (None without); a Linear the stats do not
+    cover is an error, never a silent fall back to round-to-nearest."""
+    if stats is None:
+        return None
+    found = stats.hessian(linear)
+    if found is None or found.shape != (in_features, in_features):
+        raise StatsFileError(f"{stats.file_label} has no Hessian of size {in_features} for {linear}; recalibrate")
+    return found
+
+
+def _default_dense_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
