@@ -10,7 +10,7 @@ import typer
 
 from llmq import __version__
 from llmq.cli.common import DatasetOpt, Device, Json, ModelArg, Quiet, Reporter, Revision, TextFile, TrustRemoteCode
-from llmq.quant.config import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
+from llmq.quant.config import DEFAULT_INCLUDE, DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, QuantConfig
 from llmq.runtime.sources.text import TextRequest
 
 Samples = Annotated[int, typer.Option("--samples", min=1, help="Calibration windows, sampled at random offsets.")]
@@ -26,6 +26,11 @@ def calibrate(
     samples: Samples = DEFAULT_SAMPLES,
     seq_len: CalibSeqLen = DEFAULT_SEQ_LEN,
     seed: CalibSeed = 0,
+    include: Annotated[
+        list[str] | None,
+        typer.Option("--include", help="Matrices to collect statistics for, as quantize --include (repeatable)."),
+    ] = None,
+    exclude: Annotated[list[str] | None, typer.Option("--exclude", help="Matrices to leave out.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing stats file.")] = False,
     device: Device = "auto",
     revision: Revision = None,
@@ -43,7 +48,8 @@ def calibrate(
     out = Reporter(json, quiet)
     stats = api.calibrate(
         model, TextRequest(dataset, text_file), out=output, force=force, samples=samples, seq_len=seq_len, seed=seed,
-        device=device, revision=revision, trust_remote_code=trust_remote_code, feedback=out.feedback(),
+        config=QuantConfig(include=tuple(include or DEFAULT_INCLUDE), exclude=tuple(exclude or ())), device=device,
+        revision=revision, trust_remote_code=trust_remote_code, feedback=out.feedback(),
     )  # fmt: skip
     seconds = round(time.perf_counter() - start, 2)
     meta = stats.provenance

@@ -136,7 +136,7 @@ def _prepare(model, out: Path, config, calib, calib_data, dense_dtype, device, f
     stats = _stats(calib, source)
     if calib_data is not None and not dry_run:
         d = calib_data
-        stats = _collect(model, d.text, d.samples, d.seq_len, d.seed, QuantConfig(), device, revision,
+        stats = _collect(model, d.text, d.samples, d.seq_len, d.seed, run_config, device, revision,
                          trust_remote_code, feedback, source, model_config)  # fmt: skip
     if stats is None and not dry_run:
         feedback.info(

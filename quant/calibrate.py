@@ -98,6 +98,7 @@ def collect(
     args, kwargs = _first_layer_inputs(model, layers, windows.to(device))
     calibration = Calibration(tokens=windows.numel())
     starved = Starved()
+    returns_tuple = False
     for index in range(len(layers)):
         prefix = f"{family.layers}.{index}"
         layer = layers[index]
@@ -106,7 +107,9 @@ def collect(
             _unfuse_experts(layer, family.experts.module)
         hooks = _attach_hooks(layer, prefix, family, config, calibration)
         with torch.inference_mode():
-            args = [(_as_tensor(layer(*a, **kwargs)), *a[1:]) for a in args]
+            outputs = [layer(*a, **kwargs) for a in args]
+        returns_tuple = isinstance(outputs[0], tuple)
+        args = [(_as_tensor(out), *a[1:]) for out, a in zip(outputs, args, strict=True)]
         for hook in hooks:
             hook.remove()
         if family.experts is not None:
@@ -115,7 +118,32 @@ def collect(
         if on_layer is not None:
             on_layer(index + 1, len(layers))
     starved.report(log)
+    if any(F.linear_shape(m) is not None and config.quantizes(n, family) for n, m in model.named_modules()):
+        _after_layers(model, checkpoint, family, config, calibration, [a[0] for a in args], returns_tuple, windows)
     return calibration
+
+
+def _after_layers(model, checkpoint, family, config, calibration, final, returns_tuple: bool, windows) -> None:
+    """Statistics of selected matrices after the decoder layers (the LM head): the rest of the model
+    runs on each window's output of the last layer, which stands in for the whole stack."""
+    device = final[0].device
+    _load(model, checkpoint, [n for n, p in model.named_parameters() if p.device.type == "meta"], device)
+    layers = F.decoder_layers(model, family)
+    outputs = iter(final)
+
+    class Replay(torch.nn.Module):
+        def forward(self, *args, **kw):
+            hidden = next(outputs) if self is layers[0] else args[0]
+            return (hidden,) if returns_tuple else hidden
+
+    for index in range(len(layers)):
+        layers[index] = Replay()
+    hooks = _attach_hooks(model, "", family, config, calibration)
+    with torch.inference_mode():
+        for window in windows:
+            model(window[None].to(device), use_cache=False)
+    for hook in hooks:
+        hook.remove()
 
 
 def _as_tensor(output) -> torch.Tensor:
@@ -195,7 +223,7 @@ def _attach_hooks(layer, prefix: str, family: F.Family, config: QuantConfig, cal
     seen: dict[int, tuple[torch.Tensor, str]] = {}
     hooks = [layer.register_forward_pre_hook(lambda mod, args: seen.clear())]
     for name, module in layer.named_modules():
-        full = f"{prefix}.{name}"
+        full = f"{prefix}.{name}" if prefix else name
         shape = F.linear_shape(module)
         if shape is None or not config.quantizes(full, family):
             continue

@@ -161,7 +161,10 @@ def hessian(stats: CalibStats | None, linear: str, in_features: int) -> torch.Te
         return None
     found = stats.hessian(linear)
     if found is None or found.shape != (in_features, in_features):
-        raise StatsFileError(f"{stats.file_label} has no Hessian of size {in_features} for {linear}; recalibrate")
+        raise StatsFileError(
+            f"{stats.file_label} has no Hessian of size {in_features} for {linear}; recalibrate with the same "
+            "--include/--exclude (llmq calibrate takes them too)"
+        )
     return found
 
 

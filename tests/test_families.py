@@ -7,7 +7,9 @@ wrong rank, a fused projection whose split is not the config's. Each is exit 1, 
 
 from __future__ import annotations
 
+import ast
 import json
+import re
 
 import pytest
 import torch
@@ -90,3 +92,51 @@ def test_starved_experts_take_their_layers_mean_and_say_so(tmp_path, tokenizer):
     stats = load_file(tmp_path / "s.stats")
     hessians = [stats[f"model.layers.0.mlp.experts.gate_up_proj.{e}.hessian"] for e in range(4)]
     assert all(torch.isfinite(h).all() and h.shape == (80, 80) for h in hessians)
+
+
+_COMPONENTS = "embed_tokens|embed_out|lm_head|self_attn|mlp|q_proj|layers|experts|decoder"
+# A dotted module path (a dot, no spaces) with a component that model families use.
+_MODULE_PATH = re.compile(rf"(?:^|[.*])({_COMPONENTS})(?:[.*]|$)|transformer\.h\b")
+
+
+def _module_names(sources: dict[str, str]) -> list[str]:
+    """String literals (docstrings aside) outside the architecture table that name a model's modules."""
+    found = []
+    for module, source in sources.items():
+        if module == "llmq.runtime.sources.families":
+            continue
+        tree = ast.parse(source)
+        documented = (ast.Module, ast.ClassDef, ast.FunctionDef)
+        docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                      if isinstance(n, documented) and n.body and isinstance(n.body[0], ast.Expr)}  # fmt: skip
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                text = node.value
+                found += (
+                    [f"{module}: {text!r}"] if "." in text and " " not in text and _MODULE_PATH.search(text) else []
+                )
+    return found
+
+
+def test_no_module_of_any_model_is_named_outside_the_architecture_table():
+    from test_layers import package_sources
+
+    sources = package_sources()
+    assert _module_names(sources) == ["llmq.quant.config: '*.layers.*'"]  # the default --include: the layers
+    sources["llmq.quant.calibrate"] += "\nFIRST = 'model.layers.0.self_attn'\n"
+    assert "llmq.quant.calibrate: 'model.layers.0.self_attn'" in _module_names(sources)
+
+
+def test_the_lm_head_can_be_calibrated_too(cli, tiny_model, tmp_path):
+    """Matrices after the decoder layers get statistics from the last layer's outputs, so asking
+    for the head with calibration works, inline or from a stats file made with the same patterns."""
+    patterns = ("--include", "*.layers.*", "--include", "lm_head")
+    small = ("--dataset", "austen", "--samples", "2", "--seq-len", "32")
+    assert cli("calibrate", str(tiny_model), "-o", str(tmp_path / "s.stats"), *small, *patterns, "-q").code == 0
+    assert "lm_head.hessian" in load_file(tmp_path / "s.stats")
+    for calib in (("--calib", str(tmp_path / "s.stats")), ("--calib-data", "austen", "--samples", "2",
+                                                          "--calib-seq-len", "32")):  # fmt: skip
+        out = tmp_path / f"head-{calib[0].strip('-')}.llmq"
+        result = cli("quantize", str(tiny_model), "-o", str(out), "--g4", "16", *patterns, *calib, "-q")
+        assert result.code == 0, result.stderr
+        assert "lm_head" in json.loads((out / "manifest.json").read_text())["linears"]
