@@ -147,6 +147,8 @@ def _prepare(model, out: Path, config, calib, calib_data, dense_dtype, device, f
         feedback.info("dry run: stripes allocated without calibration data; the real run ranks them with its Hessians")
     dense = None if dense_dtype == "auto" else dtypes.BY_SHORT[dense_dtype].torch()
     plan = make_plan(source, model_config, run_config, dense, stats)
+    for note in plan.notes():
+        feedback.warn(note)
     return _Prepared(source, run_config, plan, stats, resources.estimate_plan(plan, source.path, stats, out))
 
 

@@ -22,18 +22,20 @@ from llmq.errors import TextSourceError, UsageError
 from llmq.quant.config import QuantConfig
 from llmq.runtime.sources import families as F
 from llmq.runtime.sources.checkpoint import Checkpoint, model_fingerprint
-from llmq.runtime.sources.experts import DOWN, GATE_UP, RoutedExperts
+from llmq.runtime.sources.experts import RoutedExperts
 from llmq.runtime.sources.models import ModelSource, load_tokenizer
 from llmq.runtime.sources.tokenize import tokenize_stream
 
 
 @dataclass
 class InputStats:
-    """Running sums over the rows ``x`` (length ``K``) fed to a Linear."""
+    """Running sums over the rows ``x`` (length ``K``) fed to a matrix; :meth:`finish` turns them into
+    the float32 statistics on the CPU and drops the sums."""
 
-    xtx: torch.Tensor  # float64 [K, K]
-    sq: torch.Tensor  # float64 [K]
+    xtx: torch.Tensor | None  # float64 [K, K]
+    sq: torch.Tensor | None  # float64 [K]
     rows: int = 0
+    finished: tuple[torch.Tensor, torch.Tensor] | None = None  # (hessian, sq_mean) once finished
 
     def add(self, x: torch.Tensor) -> None:
         # One window's product in fp32 (the costly part, twice as fast as fp64 on a CPU), summed in fp64.
@@ -43,17 +45,33 @@ class InputStats:
         self.rows += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
+        if self.finished is not None:
+            return self.finished[0]
         return (self.xtx / max(self.rows, 1)).to(torch.float32).cpu()
 
     def sq_mean(self) -> torch.Tensor:
+        if self.finished is not None:
+            return self.finished[1]
         return (self.sq / max(self.rows, 1)).to(torch.float32).cpu()
+
+    def finish(self) -> None:
+        if self.finished is None:
+            self.finished = (self.hessian(), self.sq_mean())
+            self.xtx = self.sq = None
 
 
 @dataclass
 class Calibration:
-    stats: dict[str, InputStats] = field(default_factory=dict)  # canonical Linear name -> stats
-    aliases: dict[str, str] = field(default_factory=dict)  # every Linear name -> canonical name
+    stats: dict[str, InputStats] = field(default_factory=dict)  # canonical matrix name -> stats
+    aliases: dict[str, str] = field(default_factory=dict)  # every matrix name -> canonical name
     tokens: int = 0
+
+    def finish(self, prefix: str) -> None:
+        """Finish the statistics of every matrix whose name starts with ``prefix`` (a layer's, or all):
+        one layer's float64 sums are in memory at a time, not the whole model's."""
+        for name, stats in self.stats.items():
+            if name.startswith(prefix):
+                stats.finish()
 
 
 def sample_windows(ids: torch.Tensor, samples: int, seq_len: int, seed: int) -> torch.Tensor:
@@ -92,35 +110,39 @@ def collect(
     model = _skeleton_outside_layers(source, model_config, device)
     family = F.family_of(model, model_config)
     layers = F.decoder_layers(model, family)
-    experts = F.expert_modules(model, family)
-    checkpoint = Checkpoint(source.path, family, {name: module.num_experts for name, module in experts.items()})
+    checkpoint = Checkpoint.of(source.path, model, family)
     _load(model, checkpoint, [n for n, _ in model.named_parameters() if _before_layers(n, family, model)], device)
-    args, kwargs = _first_layer_inputs(model, layers, windows.to(device))
+    _load_layer(model, checkpoint, family, 0, device)
+    hidden, inputs, returns_tuple = _layer_inputs(model, layers, windows.to(device))
     calibration = Calibration(tokens=windows.numel())
-    starved = Starved()
-    returns_tuple = False
+    starved = Starved(family)
     for index in range(len(layers)):
         prefix = f"{family.layers}.{index}"
-        layer = layers[index]
-        _load(model, checkpoint, [f"{prefix}.{n}" for n, _ in layer.named_parameters()], device)
-        if family.experts is not None:
-            _unfuse_experts(layer, family.experts.module)
+        layer = layers[index] if index == 0 else _load_layer(model, checkpoint, family, index, device)
+        _unfuse_experts(layer, family)
         hooks = _attach_hooks(layer, prefix, family, config, calibration)
+        extra, kwargs = inputs[index]
         with torch.inference_mode():
-            outputs = [layer(*a, **kwargs) for a in args]
-        returns_tuple = isinstance(outputs[0], tuple)
-        args = [(_as_tensor(out), *a[1:]) for out, a in zip(outputs, args, strict=True)]
+            hidden = [_as_tensor(layer(h, *extra, **kwargs)) for h in hidden]
         for hook in hooks:
             hook.remove()
-        if family.experts is not None:
-            starved.fill(calibration, layer, prefix, family.experts.module)
+        starved.fill(calibration, layer, prefix)
+        calibration.finish(prefix + ".")  # the fp64 sums of this layer become fp32 statistics on the CPU
         layers[index] = torch.nn.Identity()  # drop the weights before loading the next layer
         if on_layer is not None:
             on_layer(index + 1, len(layers))
     starved.report(log)
     if any(F.linear_shape(m) is not None and config.quantizes(n, family) for n, m in model.named_modules()):
-        _after_layers(model, checkpoint, family, config, calibration, [a[0] for a in args], returns_tuple, windows)
+        _after_layers(model, checkpoint, family, config, calibration, hidden, returns_tuple, windows)
+        calibration.finish("")
     return calibration
+
+
+def _load_layer(model, checkpoint: Checkpoint, family: F.Family, index: int, device: torch.device):
+    layer = F.decoder_layers(model, family)[index]
+    prefix = f"{family.layers}.{index}"
+    _load(model, checkpoint, [f"{prefix}.{n}" for n, _ in layer.named_parameters()], device)
+    return layer
 
 
 def _after_layers(model, checkpoint, family, config, calibration, final, returns_tuple: bool, windows) -> None:
@@ -182,36 +204,64 @@ def _load(model, checkpoint: Checkpoint, names: list[str], device: torch.device)
         set_module_tensor_to_device(model, name, device, value=checkpoint.read(name).float())
 
 
-def _first_layer_inputs(model, layers, windows: torch.Tensor):
-    """Each window's positional arguments to the first decoder layer (its hidden state first), and
-    the keyword arguments the layers get (masks, positions, rotary tables)."""
-    captured: list[tuple] = []
-    kwargs: dict = {}
-    first = layers[0]
+def _layer_inputs(model, layers, windows: torch.Tensor):
+    """What the model's forward passes its decoder layers, learned without loading more than the first:
+    each window's hidden state entering layer 0; per layer, the other arguments it gets (masks,
+    positions, rotary tables: Gemma 2/3 give local and global layers different ones), which are the
+    same for every window of one length; and whether a layer returns a tuple."""
+    hidden: list[torch.Tensor] = []
+    inputs: list[tuple[tuple, dict] | None] = [None] * len(layers)
+    originals = list(layers)
+    first = originals[0]
+    returns_tuple = [False]
 
-    class Catcher(torch.nn.Module):
+    class Recorder(torch.nn.Module):
+        """Stands in for layer ``index``; the first runs for real once, so its output type is known."""
+
+        def __init__(self, index: int) -> None:
+            super().__init__()
+            self.index = index
+
         def forward(self, *args, **kw):
-            captured.append(args)
-            kwargs.update(kw)
-            raise _Captured
+            if self.index == 0:
+                hidden.append(args[0])
+            if inputs[self.index] is None:
+                inputs[self.index] = (args[1:], kw)
+            elif self.index == 0:
+                raise _Captured  # later windows: only the first layer's input is new
+            if self.index == len(layers) - 1:
+                raise _Captured
+            if self.index > 0:
+                return (args[0],) if returns_tuple[0] else args[0]
+            out = first(*args, **kw)
+            returns_tuple[0] = isinstance(out, tuple)
+            return out
 
-    layers[0] = Catcher()
+    for index in range(len(layers)):
+        layers[index] = Recorder(index)
     with torch.inference_mode():
         for window in windows:
             try:
                 model(window[None], use_cache=False)
             except _Captured:
                 pass
-    layers[0] = first
-    return captured, kwargs
+    for index, layer in enumerate(originals):
+        layers[index] = layer
+    return hidden, inputs, returns_tuple[0]
 
 
-def _unfuse_experts(layer, module_name: str) -> None:
-    """The layer's fused experts as one ``nn.Linear`` per expert matrix (sharing their memory), so
-    each expert's input can be hooked."""
-    parent, _, child = module_name.rpartition(".")
-    owner = layer.get_submodule(parent) if parent else layer
-    setattr(owner, child, RoutedExperts.from_fused(getattr(owner, child)))
+def _unfuse_experts(layer, family: F.Family) -> None:
+    """The layer's fused experts, if it has any, as one ``nn.Linear`` per expert matrix (sharing their
+    memory), so each expert's input can be hooked."""
+    if family.experts is None:
+        return
+    parent, _, child = family.experts.module.rpartition(".")
+    try:
+        owner = layer.get_submodule(parent) if parent else layer
+        fused = getattr(owner, child)
+    except AttributeError:
+        return  # a dense layer of a model that mixes dense and MoE layers
+    setattr(owner, child, RoutedExperts.from_fused(fused, family.experts))
 
 
 def _attach_hooks(layer, prefix: str, family: F.Family, config: QuantConfig, calibration: Calibration) -> list:
@@ -245,27 +295,35 @@ def _attach_hooks(layer, prefix: str, family: F.Family, config: QuantConfig, cal
 
 class Starved:
     """Experts that saw too few routed tokens for a full-rank Hessian (fewer than their input
-    width): each gets its layer's mean for the same matrix over all the layer's experts (the pooled
-    sums, so an expert counts by the tokens it saw). How many did is logged once, at the end."""
+    width): each gets its layer's statistics for the same matrix pooled over all the layer's experts
+    (the mean Hessian, weighted by tokens), held once and aliased. How many did is logged once."""
 
-    def __init__(self) -> None:
+    def __init__(self, family: F.Family) -> None:
+        self.spec = family.experts
         self.count, self.total = 0, 0
 
-    def fill(self, calibration: Calibration, layer, prefix: str, module_name: str) -> None:
-        experts = layer.get_submodule(module_name)
-        for param in (GATE_UP, DOWN):
-            names = [f"{prefix}.{module_name}.{param}.{e}" for e in range(experts.num_experts)]
+    def fill(self, calibration: Calibration, layer, prefix: str) -> None:
+        if self.spec is None:
+            return
+        try:
+            experts = layer.get_submodule(self.spec.module)
+        except AttributeError:
+            return
+        for param in self.spec.params:
+            names = [f"{prefix}.{self.spec.module}.{param}.{e}" for e in range(experts.num_experts)]
             present = [calibration.stats[n] for n in names if n in calibration.stats]
             if not present:
                 continue  # not selected for quantization, or no token reached any expert
             k = present[0].xtx.shape[0]
-            pooled = InputStats(sum(s.xtx for s in present), sum(s.sq for s in present), sum(s.rows for s in present))
-            for name in names:
-                self.total += 1
-                if name not in calibration.stats or calibration.stats[name].rows < k:
-                    self.count += 1
-                    calibration.stats[name] = InputStats(pooled.xtx.clone(), pooled.sq.clone(), pooled.rows)
-                    calibration.aliases[name] = name
+            starved = [n for n in names if n not in calibration.stats or calibration.stats[n].rows < k]
+            self.count, self.total = self.count + len(starved), self.total + len(names)
+            if starved:
+                pooled = f"{prefix}.{self.spec.module}.{param}.pooled"
+                calibration.stats[pooled] = InputStats(sum(s.xtx for s in present), sum(s.sq for s in present),
+                                                       sum(s.rows for s in present))  # fmt: skip
+                for name in starved:
+                    calibration.stats.pop(name, None)
+                    calibration.aliases[name] = pooled
 
     def report(self, log: Callable[[str], None]) -> None:
         if self.count:

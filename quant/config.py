@@ -37,8 +37,9 @@ class Selection(str, enum.Enum):
 # Calibration windows, and tokens per window: 32k tokens, what every calibrated benchmark used.
 DEFAULT_SAMPLES, DEFAULT_SEQ_LEN = 64, 512
 
-# Linears inside the decoder blocks; embeddings, norms and the LM head stay 16-bit by default.
-DEFAULT_INCLUDE = ("*.layers.*",)
+# The matrices inside the decoder blocks; embeddings, norms and the LM head stay 16-bit by default.
+DECODER_LAYERS = "*.layers.*"
+DEFAULT_INCLUDE = (DECODER_LAYERS,)
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ class QuantConfig:
     gptq_block: int = 128  # columns per lazy-update block (speed only: the result is the same up to rounding)
     # GPTQ in descending E[x^2] order within each part (the permutation); None: on when calibrated
     act_order: bool | None = None
-    include: tuple[str, ...] = DEFAULT_INCLUDE  # fnmatch patterns on Linear module names
+    include: tuple[str, ...] = DEFAULT_INCLUDE  # fnmatch patterns on matrix names (Linear, Conv1D, expert)
     exclude: tuple[str, ...] = field(default_factory=tuple)
     # Model-wide bits per weight: stripes spread over the Linears by sensitivity (replaces stripe_fraction)
     target_bits: float | None = None
@@ -106,13 +107,11 @@ class QuantConfig:
         return replace(self, act_order=calibrated if self.act_order is None else self.act_order)
 
     def selects(self, module_name: str, layers: str) -> bool:
-        """Whether the matrix ``module_name`` is quantized. The default include, ``*.layers.*``,
-        stands for the model's decoder layers wherever its family keeps them (``layers``, from the
-        architecture table: ``transformer.h`` for GPT-2 and Falcon); other patterns match as written."""
-        if self.include == DEFAULT_INCLUDE:
-            included = module_name.startswith(layers + ".")
-        else:
-            included = any(fnmatch.fnmatchcase(module_name, p) for p in self.include)
+        """Whether the matrix ``module_name`` is quantized. The pattern ``*.layers.*`` (the default
+        include) stands for the model's decoder layers wherever its family keeps them (``layers``,
+        from the architecture table: ``transformer.h`` for GPT-2 and Falcon); others match as written."""
+        in_layers = module_name.startswith(layers + ".")
+        included = any(in_layers if p == DECODER_LAYERS else fnmatch.fnmatchcase(module_name, p) for p in self.include)
         return included and not any(fnmatch.fnmatchcase(module_name, p) for p in self.exclude)
 
     def quantizes(self, module_name: str, family: Family) -> bool:

@@ -10,7 +10,7 @@ decoder layer, then one for the rest.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -54,6 +54,18 @@ class Plan:
     checkpoint: Checkpoint
     units: list[str]  # "0", "1", ... then "rest"
     scores: dict[str, torch.Tensor] | None = None  # channel scores the budget used; reused to pick stripes
+    tied: tuple[str, ...] = ()  # selected matrices that share their weight with an embedding: kept 16-bit
+
+    def notes(self) -> list[str]:
+        """What the user asked for that the plan does not do, each as one line to log."""
+        lines = [f"{name} is tied to the input embeddings and stays 16-bit with them" for name in self.tied]
+        stacked = [k for k, (_, shape) in self.dense.items() if len(shape) == 3 and self.family.layer_of(k) is not None]
+        if stacked:
+            lines.append(
+                f"{len(stacked)} 3-D tensor(s) in the decoder layers stay 16-bit (first {stacked[0]}): the "
+                f"architecture table does not describe {self.family.name}'s experts (llmq/runtime/sources/families.py)"
+            )
+        return lines
 
     def accounting(self) -> Accounting:
         return account(self.linears, self.dense)
@@ -96,9 +108,9 @@ def make_plan(
     family = F.family_of(model, model_config)
     F.decoder_layers(model, family)  # exists, or a clear error
     experts = F.expert_modules(model, family)
-    checkpoint = Checkpoint(source.path, family, {name: module.num_experts for name, module in experts.items()})
+    checkpoint = Checkpoint.of(source.path, model, family)
     params = expected_params(model, checkpoint)
-    matrices, biases = _matrices(model, family, config, params, experts)
+    matrices, biases, tied = _matrices(model, family, config, params, experts)
     if not matrices:
         raise ModelSourceError(
             f"{source.spec} has no quantizable Linear layers matching {list(config.include)}"
@@ -109,7 +121,7 @@ def make_plan(
     dense = {key: (dense_dtype or _default_dense_dtype(dtype), shape)
              for key, (dtype, shape) in params.items() if key not in quantized}  # fmt: skip
     units = sorted({unit_of(k, family) for k in params} - {REST}, key=int) + [REST]
-    plan = Plan(linears, {n: m for n, (m, _) in matrices.items()}, biases, dense, family, checkpoint, units)
+    plan = Plan(linears, {n: m for n, (m, _) in matrices.items()}, biases, dense, family, checkpoint, units, None, tied)
     if config.target_bits is None:
         return plan
     scores = _channel_scores(plan, config, stats)
@@ -117,33 +129,38 @@ def make_plan(
         name: (lambda k4, n=lay.out_features, k=lay.in_features: plan_layout(n, k, config, k4))
         for name, lay in linears.items()
     }
-    return Plan(allocate(factories, scores, config.target_bits), plan.matrices, biases, dense, family, checkpoint,
-                units, scores)  # fmt: skip
+    return replace(plan, linears=allocate(factories, scores, config.target_bits), scores=scores)
 
 
 def _matrices(model, family: F.Family, config: QuantConfig, params: dict, experts: dict):
-    """Name -> (Matrix, (out, in)) of every selected matrix, and the biases of those that have one."""
-    matrices, biases = {}, {}
+    """Name -> (Matrix, (out, in)) of every selected matrix, the biases of those that have one, and the
+    selected ones whose weight is another's (a tied LM head: not in the checkpoint)."""
+    matrices, biases, tied = {}, {}, []
     for name, module in model.named_modules():
         shape = F.linear_shape(module)
-        chosen = config.quantizes(name, family)
-        if shape is None or not chosen or f"{name}.weight" not in params:
+        if shape is None or not config.quantizes(name, family):
+            continue
+        if f"{name}.weight" not in params:
+            tied.append(name)
             continue
         matrices[name] = (Matrix(f"{name}.weight", transposed=F.is_conv1d(module)), shape)
         if getattr(module, "bias", None) is not None:
             biases[name] = f"{name}.bias"
     for module_name, module in experts.items():
-        for param in family.experts.params:
-            full = f"{module_name}.{param}"
-            chosen = [e for e in range(module.num_experts) if config.quantizes(f"{full}.{e}", family)]
-            if 0 < len(chosen) < module.num_experts:
-                raise UsageError(
-                    f"--include/--exclude select {len(chosen)} of the {module.num_experts} experts of {full}; "
-                    "select all of a layer's experts or none (they are stored as one tensor when dense)"
-                )
-            for e in chosen if full in params else ():
-                matrices[f"{full}.{e}"] = (Matrix(full, expert=e), tuple(getattr(module, param).shape[1:]))
-    return matrices, biases
+        count = F.expert_count(module, family)
+        names = [f"{module_name}.{param}.{e}" for param in family.experts.params for e in range(count)]
+        chosen = [name for name in names if config.quantizes(name, family)]
+        if chosen and len(chosen) < len(names):
+            raise UsageError(
+                f"--include/--exclude select {len(chosen)} of the {len(names)} expert matrices of {module_name}; "
+                "select all of an experts module's matrices or none (the routing module holds one kind)"
+            )
+        for name in chosen:
+            full, _, expert = name.rpartition(".")
+            if full in params:
+                shape = tuple(getattr(module, full.rpartition(".")[2]).shape[1:])
+                matrices[name] = (Matrix(full, expert=int(expert)), shape)
+    return matrices, biases, tuple(tied)
 
 
 def _channel_scores(plan: Plan, config: QuantConfig, stats) -> dict[str, torch.Tensor]:

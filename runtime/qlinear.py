@@ -18,7 +18,7 @@ from torch import nn
 
 from llmq.errors import ArtifactError
 from llmq.runtime.format.layout import LinearLayout, dequantize
-from llmq.runtime.sources.experts import GATE_UP, RoutedExperts
+from llmq.runtime.sources.experts import RoutedExperts
 from llmq.runtime.sources.families import Family, expert_modules
 
 
@@ -70,9 +70,9 @@ def unfuse_quantized_experts(model, family: Family, quantized: Iterable[str]) ->
     by :class:`RoutedExperts` with meta placeholders, which the loader then fills with QuantLinears."""
     names = set(quantized)
     for name, module in expert_modules(model, family).items():
-        if f"{name}.{GATE_UP}.0" in names:
+        if f"{name}.{family.experts.gate_up}.0" in names:
             parent, child = parent_module(model, name)
-            setattr(parent, child, RoutedExperts.from_fused(module))
+            setattr(parent, child, RoutedExperts.from_fused(module, family.experts))
 
 
 def parent_module(model, dotted: str):

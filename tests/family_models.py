@@ -1,7 +1,7 @@
 """Tiny random models of every decoder family llmq covers, built from transformers configs offline.
 
-Two decoder layers, widths 80 (hidden) and 144 (MLP) that are multiples of no tile or group size
-llmq uses, a 400-token BPE vocabulary trained on Austen, and the features that must survive
+Two decoder layers, widths 80 (hidden) and 144 (MLP) that are multiples of no tile size (64, 256)
+and of no common group size but 16, a 400-token BPE vocabulary trained on Austen, and the features that must survive
 quantization turned on where a family has them: biases, tied embeddings, q/k norms, sliding
 windows, soft-capped attention and logits, embedding scaling, fused projections, experts.
 Shared by tests/test_families.py and scripts/family_matrix.py (docs/models.md).
@@ -18,7 +18,8 @@ _ATTENTION = {"hidden_size": HIDDEN, "num_hidden_layers": LAYERS, "num_attention
 _LLAMA_LIKE = {**_ATTENTION, "intermediate_size": INTERMEDIATE, "num_key_value_heads": 2}
 _MOE = {"num_experts_per_tok": 2, "moe_intermediate_size": 48}
 
-# family label -> (config class name, config arguments, what the family exercises)
+# family label -> (config class name, config arguments, what the family exercises); MATRICES below
+# counts by hand what each quantizes: per layer q, k, v, o and gate, up, down for the Llama-like.
 FAMILIES: dict[str, tuple[str, dict, str]] = {
     "Llama 3": ("LlamaConfig", {**_LLAMA_LIKE, "rope_theta": 500000.0}, "GQA, RoPE"),
     "Mistral": ("MistralConfig", {**_LLAMA_LIKE, "sliding_window": 32}, "sliding-window attention"),
@@ -79,6 +80,11 @@ FAMILIES: dict[str, tuple[str, dict, str]] = {
         "4 experts, q/k norms",
     ),  # fmt: skip
 }
+# Quantized matrices per family, counted from the architectures (2 layers): Llama-like 2 x 7; fused
+# qkv + o + fused gate_up + down 2 x 4; OPT 2 x (q, k, v, out, fc1, fc2); MoE 2 x (4 attention +
+# 4 experts x 2 matrices), Qwen 2 MoE + 3 shared-expert Linears per layer (its gate stays 16-bit).
+MATRICES = {"Phi-3/4": 8, "GPT-NeoX / Pythia": 8, "Falcon": 8, "GPT-2": 8, "OPT": 12, "Mixtral": 24,
+            "Qwen 2 MoE": 30, "Qwen 3 MoE": 24}  # fmt: skip
 CONTEXT = 128
 INIT_RANGE = 0.1
 
@@ -203,6 +209,7 @@ def check_family(label: str, work: Path, tokenizer, cli) -> dict:
     exact = max(float((quantized[n] - reference_logits(folder, work / f"{n}.llmq", ids)).abs().max())
                 for n in ("rtn", "gptq"))  # fmt: skip
     assert exact == 0.0 and all(torch.isfinite(q).all() for q in quantized.values()), f"not exact: {exact}"
+    assert max(source_errors(folder, work / "4bit.llmq").values()) < SOURCE_ERROR_4BIT
     error4 = float((quantized["4bit"] - source).norm() / source.norm())
     noise = float((noisy_logits(folder, work / "4bit.llmq", ids, FOUR_BIT_ERROR) - source).norm() / source.norm())
     assert error4 <= FOUR_BIT_MARGIN * noise, f"4-bit logits off by {error4:.3f}, noise of 4 bits gives {noise:.3f}"
@@ -211,9 +218,37 @@ def check_family(label: str, work: Path, tokenizer, cli) -> dict:
         "model_type": json.loads((folder / "config.json").read_text())["model_type"],
         "exercises": FAMILIES[label][2],
         "linears": len(rtn["accounting"]["layers"]),
+        "expected_linears": MATRICES.get(label, 14),
         "bpw_rtn": rtn["accounting"]["bits_per_weight"],
         "bpw_gptq": gptq["accounting"]["bits_per_weight"],
         "bpw_4bit": four["accounting"]["bits_per_weight"],
         "ppl_gptq": ppl,
         "logits_4bit_vs_noise": round(error4 / noise, 2),
     }
+
+
+# Each 4-bit matrix decodes to its source matrix within this relative RMS error: 0.068 expected
+# (FOUR_BIT_ERROR), while the wrong matrix (a gate/up swap, a missing transpose, another expert)
+# differs by about sqrt(2) = 1.41 between independent random matrices.
+SOURCE_ERROR_4BIT = 0.2
+
+
+def source_errors(folder: Path, artifact: Path) -> dict[str, float]:
+    """Quantized matrix name -> relative RMS error of its decoded weight against the source model's
+    matrix at the place the artifact says it comes from."""
+    import transformers
+
+    from llmq.runtime.format import artifact as A
+    from llmq.runtime.format.layout import dequantize
+
+    manifest = A.open_artifact(artifact)
+    tensors = A.load_tensors(manifest)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    errors = {}
+    for name, param, expert, transposed in _slots(model, manifest):
+        layout = manifest.linears[name].layout
+        weight = dequantize({s: tensors[f"{name}.{s}"] for s in layout.tensor_specs()}, layout)
+        source = (param if expert is None else param[expert]).detach()
+        source = source.T if transposed else source
+        errors[name] = float((weight - source).norm() / source.norm())
+    return errors

@@ -19,7 +19,7 @@ import torch
 from llmq.errors import ModelSourceError
 from llmq.runtime.format import artifact as A
 from llmq.runtime.format import dtypes
-from llmq.runtime.sources.families import Family
+from llmq.runtime.sources.families import Family, expert_count, expert_modules
 
 
 def source_keys(folder: Path) -> dict[str, Path]:
@@ -42,19 +42,35 @@ class Checkpoint:
     folder   the model folder (``*.safetensors``)
     family   its row of the architecture table (renames, expert storage)
     experts  experts module name -> its number of experts, for parameters stored per expert
+    prefix   the model's ``base_model_prefix`` (``transformer`` for GPT-2): checkpoints written by
+             the base model alone name ``h.0.attn…`` what the causal LM calls ``transformer.h.0.attn…``
     """
 
-    def __init__(self, folder: Path, family: Family, experts: dict[str, int] | None = None):
+    def __init__(self, folder: Path, family: Family, experts: dict[str, int] | None = None, prefix: str = ""):
         self.family, self.experts = family, experts or {}
         self.files = source_keys(folder)
-        self.keys = {self._model_name(key): key for key in self.files}  # model name -> file key
+        self.keys: dict[str, str] = {}  # model name -> file key
+        for key in self.files:
+            name = self._model_name(key)
+            if name in self.keys:
+                raise ModelSourceError(f"{folder}: checkpoint keys {self.keys[name]!r} and {key!r} both name {name}")
+            self.keys[name] = key
+        if prefix:
+            for name, key in list(self.keys.items()):
+                self.keys.setdefault(f"{prefix}.{name}", key)
+
+    @classmethod
+    def of(cls, folder: Path, model, family: Family) -> Checkpoint:
+        """The checkpoint of ``model`` (a skeleton of it is enough) as its family stores it."""
+        counts = {name: expert_count(module, family) for name, module in expert_modules(model, family).items()}
+        return cls(folder, family, counts, getattr(model, "base_model_prefix", "") or "")
 
     def _model_name(self, key: str) -> str:
         for source, target in self.family.renames:
-            if source.startswith(".") and source in key:
-                return key.replace(source, target, 1)
-            if key.startswith(source):
-                return target + key[len(source) :]
+            if source.startswith("."):
+                key = key.replace(source, target, 1)
+            elif key.startswith(source):
+                key = target + key[len(source) :]
         return key
 
     def _per_expert(self, name: str) -> tuple[str, list[list[str]]] | None:
@@ -75,13 +91,20 @@ class Checkpoint:
         return stored is not None and all(part in self.keys for parts in stored[1] for part in parts)
 
     def header(self, name: str) -> tuple[str, tuple[int, ...]]:
-        """(safetensors dtype code, shape) of the model's tensor ``name``, without reading its data."""
+        """(safetensors dtype code, shape) of the model's tensor ``name``, without reading its data.
+        For a parameter stored one tensor per expert, every expert's parts must agree."""
         stored = self._per_expert(name)
         if stored is None:
             return self._slice_header(self.keys[name])
-        first = [self._slice_header(self.keys[part]) for part in stored[1][0]]
-        rows = sum(shape[0] for _, shape in first)
-        return first[0][0], (len(stored[1]), rows, *first[0][1][1:])
+        experts = [[self._slice_header(self.keys[part]) for part in parts] for parts in stored[1]]
+        if any(e != experts[0] for e in experts):
+            odd = next(i for i, e in enumerate(experts) if e != experts[0])
+            raise ModelSourceError(
+                f"checkpoint: expert {odd} of {name} is stored as {experts[odd]}, expert 0 as {experts[0]}; "
+                "every expert must have the same dtype and shape"
+            )
+        rows = sum(shape[0] for _, shape in experts[0])
+        return experts[0][0][0], (len(experts), rows, *experts[0][0][1][1:])
 
     def _slice_header(self, key: str) -> tuple[str, tuple[int, ...]]:
         from safetensors import safe_open

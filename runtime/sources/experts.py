@@ -15,37 +15,41 @@ import torch
 from torch import nn
 
 from llmq.errors import ModelSourceError
-
-GATE_UP, DOWN = "gate_up_proj", "down_proj"
+from llmq.runtime.sources.families import Experts
 
 
 class RoutedExperts(nn.Module):
-    """The experts of one layer. ``gate_up_proj[e]`` maps ``[T, H]`` to ``[T, 2I]`` (gate rows first,
-    then up), ``down_proj[e]`` maps ``[T, I]`` to ``[T, H]``; any modules with that call signature."""
+    """The experts of one layer. ``gate_up[e]`` maps ``[T, H]`` to ``[T, 2I]`` (gate rows first, then
+    up), ``down[e]`` maps ``[T, I]`` to ``[T, H]``: any modules with that call signature. They are
+    registered under the fused parameters' names (``spec.gate_up``, ``spec.down``), so expert ``e``
+    of ``gate_up_proj`` is the module ``gate_up_proj.e``."""
 
-    def __init__(self, gate_up: list[nn.Module], down: list[nn.Module], act_fn):
+    def __init__(self, spec: Experts, gate_up: list[nn.Module], down: list[nn.Module], act_fn):
         super().__init__()
         if len(gate_up) != len(down):
             raise ModelSourceError(f"experts: {len(gate_up)} gate/up matrices but {len(down)} down matrices")
-        self.gate_up_proj = nn.ModuleList(gate_up)
-        self.down_proj = nn.ModuleList(down)
+        self.names = spec.params
+        self.add_module(spec.gate_up, nn.ModuleList(gate_up))
+        self.add_module(spec.down, nn.ModuleList(down))
         self.num_experts = len(gate_up)
         self.act_fn = act_fn
 
     @classmethod
-    def from_fused(cls, module: nn.Module) -> RoutedExperts:
+    def from_fused(cls, module: nn.Module, spec: Experts) -> RoutedExperts:
         """One ``nn.Linear`` per expert matrix, sharing the fused module's parameters' memory."""
-        for name in (GATE_UP, DOWN):
+        for name in spec.params:
             param = getattr(module, name, None)
             if not isinstance(param, torch.Tensor) or param.dim() != 3:
                 shape = None if param is None else list(param.shape)
                 raise ModelSourceError(
                     f"experts module {type(module).__name__}: expected a 3-D {name} [experts, out, in], got {shape}"
                 )
-        return cls([_linear(w) for w in module.gate_up_proj], [_linear(w) for w in module.down_proj], module.act_fn)
+        gate_up, down = ([_linear(w) for w in getattr(module, name)] for name in spec.params)
+        return cls(spec, gate_up, down, getattr(module, spec.act))
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         """hidden_states [T, H], top_k_index / top_k_weights [T, k] -> [T, H]."""
+        gate_up, down = (getattr(self, name) for name in self.names)
         out = torch.zeros_like(hidden_states)
         with torch.no_grad():  # which experts got tokens; the routing itself is data, not learned here
             hits = nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
@@ -54,8 +58,8 @@ class RoutedExperts(nn.Module):
             if expert == self.num_experts:
                 continue
             slot, token = torch.where(hits[expert])
-            gate, up = self.gate_up_proj[expert](hidden_states[token]).chunk(2, dim=-1)
-            expert_out = self.down_proj[expert](self.act_fn(gate) * up) * top_k_weights[token, slot, None]
+            gate, up = gate_up[expert](hidden_states[token]).chunk(2, dim=-1)
+            expert_out = down[expert](self.act_fn(gate) * up) * top_k_weights[token, slot, None]
             out.index_add_(0, token, expert_out.to(out.dtype))
         return out
 

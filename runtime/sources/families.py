@@ -27,17 +27,27 @@ from llmq.errors import ModelSourceError
 @dataclass(frozen=True)
 class Experts:
     """Experts of a mixture-of-experts layer, stored as 3-D parameters ``[experts, out, in]`` of one
-    module and routed as transformers' eager implementation does (:mod:`llmq.runtime.sources.experts`).
+    module and routed as transformers' eager implementation does (:mod:`llmq.runtime.sources.experts`):
+    per expert, ``act(gate) * up`` from the ``gate_up`` matrix (gate rows first), then ``down``.
 
-    module      the experts module, relative to a decoder layer
-    params      its 3-D parameters, each quantized per expert: ``<module>.<param>.<expert>``
+    module      the experts module, relative to a decoder layer (layers without it are dense)
+    gate_up     its ``[E, 2I, H]`` parameter; ``down`` its ``[E, H, I]`` one. Each is quantized per
+                expert, named ``<module>.<param>.<expert>`` in an artifact
+    count, act  its attributes holding the number of experts and the activation
     checkpoint  how a checkpoint may store expert ``e`` of each parameter instead: the keys, relative
                 to the experts module, whose matrices are concatenated along the rows
     """
 
     module: str
-    params: tuple[str, ...] = ("gate_up_proj", "down_proj")
+    gate_up: str = "gate_up_proj"
+    down: str = "down_proj"
+    count: str = "num_experts"
+    act: str = "act_fn"
     checkpoint: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @property
+    def params(self) -> tuple[str, str]:
+        return self.gate_up, self.down
 
 
 @dataclass(frozen=True)
@@ -156,9 +166,17 @@ def linear_shape(module) -> tuple[int, int] | None:
 
 
 def expert_modules(model, family: Family) -> dict[str, torch.nn.Module]:
-    """Name -> experts module of every decoder layer (empty for a dense family)."""
+    """Name -> experts module of every decoder layer that has one (a model may mix dense and MoE layers)."""
     if family.experts is None:
         return {}
-    layers = decoder_layers(model, family)
-    return {f"{family.layers}.{i}.{family.experts.module}": layer.get_submodule(family.experts.module)
-            for i, layer in enumerate(layers)}  # fmt: skip
+    found = {}
+    for i, layer in enumerate(decoder_layers(model, family)):
+        try:
+            found[f"{family.layers}.{i}.{family.experts.module}"] = layer.get_submodule(family.experts.module)
+        except AttributeError:
+            continue
+    return found
+
+
+def expert_count(module, family: Family) -> int:
+    return int(getattr(module, family.experts.count))
