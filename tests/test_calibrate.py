@@ -9,11 +9,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from llmq.quant.calibrate import collect, sample_windows
-from llmq.quant.config import QuantConfig
-from llmq.runtime.loader import load_model
-from llmq.runtime.sources import models, text, tokenize
-
 CALIB = ("--dataset", "austen", "--samples", "4", "--seq-len", "64")
 
 
@@ -25,39 +20,6 @@ def stats_file(tmp_path_factory, tiny_model):
     result = run_cli("calibrate", str(tiny_model), "-o", str(path), *CALIB, "--json")
     assert result.code == 0, result.stderr
     return path
-
-
-def test_streamed_statistics_equal_full_model_hooks(tiny_model):
-    source = models.resolve_model(str(tiny_model))
-    config = models.load_config(source)
-    ids = tokenize.tokenize_stream(
-        models.load_tokenizer(source), text.load_text(text.Dataset.austen, None, text.Split.calib).text[:50_000]
-    )
-    windows = sample_windows(ids, 3, 48, seed=1)
-    calibration = collect(source, config, QuantConfig(), windows)
-    model = load_model(source, config, torch.device("cpu"), torch.float32)
-    sums: dict[str, list] = {}
-
-    def hook(name):
-        def record(module, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
-            entry = sums.setdefault(name, [0, 0])
-            entry[0], entry[1] = entry[0] + x.T @ x, entry[1] + x.shape[0]
-
-        return record
-
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and ".layers." in name:
-            module.register_forward_pre_hook(hook(name))
-    with torch.inference_mode():
-        for window in windows:
-            model(window[None])
-    assert set(sums) == set(calibration.aliases)
-    for name, (xtx, rows) in sums.items():
-        stats = calibration.stats[calibration.aliases[name]]
-        torch.testing.assert_close(stats.hessian(), (xtx / rows).float(), rtol=1e-5, atol=1e-6)
-    assert calibration.aliases["model.layers.0.self_attn.k_proj"] == "model.layers.0.self_attn.q_proj"
-    assert calibration.aliases["model.layers.0.mlp.up_proj"] == "model.layers.0.mlp.gate_proj"
 
 
 def test_stats_file_manifest(stats_file):

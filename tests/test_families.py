@@ -129,6 +129,9 @@ def test_streamed_statistics_equal_hooks_on_the_whole_model(label, tmp_path, tok
     for name, (xtx, rows) in sums.items():
         got = calibration.stats[calibration.aliases[name]].hessian()
         torch.testing.assert_close(got, (xtx / rows).float(), rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    for shared, first in (("self_attn.k_proj", "self_attn.q_proj"), ("mlp.up_proj", "mlp.gate_proj")):
+        name = f"model.layers.0.{shared}"
+        assert calibration.aliases.get(name, f"model.layers.0.{first}") == f"model.layers.0.{first}"  # one input
 
 
 def test_starved_experts_share_their_layers_mean_and_say_so(tmp_path, tokenizer):
