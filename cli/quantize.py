@@ -15,9 +15,12 @@ from llmq.quant.config import (
     DEFAULT_SAMPLES,
     DEFAULT_SEQ_LEN,
     PRESETS,
+    Refine,
+    RefineInputs,
     Rounding,
     Selection,
     preset_config,
+    refine_settings,
 )
 
 _PRESET_HELP = "Starting point: " + "; ".join(f"{p.name}: {p.summary}" for p in PRESETS.values()) + "."
@@ -91,6 +94,25 @@ def quantize(
     gptq_block: Annotated[
         int | None, typer.Option("--gptq-block", help="GPTQ columns per lazy-update block (speed only).")
     ] = None,
+    refine: Annotated[
+        Refine | None,
+        typer.Option(
+            "--refine",
+            help="After GPTQ: block (tune each block to its fp32 outputs) or none. Default: block when calibrated.",
+        ),
+    ] = None,
+    refine_steps: Annotated[int | None, typer.Option("--refine-steps", help="Optimiser steps per block.")] = None,
+    refine_batch: Annotated[int | None, typer.Option("--refine-batch", help="Calibration windows per step.")] = None,
+    refine_lr: Annotated[
+        float | None, typer.Option("--refine-lr", help="Signed step of the codes per step, in code units.")
+    ] = None,
+    refine_scale_lr: Annotated[
+        float | None, typer.Option("--refine-scale-lr", help="Adam's rate on the fp16 scales.")
+    ] = None,
+    refine_inputs: Annotated[
+        RefineInputs | None,
+        typer.Option("--refine-inputs", help="A block's inputs while tuned: the refined blocks' outputs, or fp32's."),
+    ] = None,
     device: Annotated[
         str,
         typer.Option("--device", help="Where calibration, rounding, GPTQ run: auto (cuda if present), cpu, cuda[:N]."),
@@ -110,7 +132,8 @@ def quantize(
         preset, g1=g1, g2=g2, g4=g4, stripe_fraction=stripe_fraction, scale_bits=scale_bits,
         outlier_fraction=outliers, rounding=rounding, selection=selection, gptq_damp=damp, gptq_block=gptq_block,
         act_order=act_order, include=tuple(include) if include else None, exclude=tuple(exclude) if exclude else None,
-        target_bits=target_bits,
+        target_bits=target_bits, refine=refine, refine_settings=refine_settings(
+            steps=refine_steps, batch=refine_batch, lr=refine_lr, scale_lr=refine_scale_lr, inputs=refine_inputs),
     )  # fmt: skip
     inline = None if calib_data is None else api.CalibData(request(calib_data), samples, calib_seq_len, seed)
     run = {"calib": calib, "calib_data": inline, "dense_dtype": dense_dtype, "revision": revision,

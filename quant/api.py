@@ -13,8 +13,8 @@ from pathlib import Path
 
 from llmq.errors import ArtifactWriteError, OutputExistsError, UsageError
 from llmq.quant import pipeline, resources, statsfile, writer
-from llmq.quant.calibrate import calibrate_model
-from llmq.quant.config import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, QuantConfig
+from llmq.quant.calibrate import calibrate_model, calibration_windows
+from llmq.quant.config import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, QuantConfig, Refine
 from llmq.quant.plan import Plan, make_plan
 from llmq.quant.statsfile import CalibStats
 from llmq.runtime.format import dtypes
@@ -110,6 +110,7 @@ class QuantizeEstimate:
 @dataclass(frozen=True)
 class _Prepared:
     source: ModelSource
+    model_config: object  # the transformers config
     config: QuantConfig
     plan: Plan
     stats: CalibStats | None
@@ -149,7 +150,8 @@ def _prepare(model, out: Path, config, calib, calib_data, dense_dtype, device, f
     plan = make_plan(source, model_config, run_config, dense, stats)
     for note in plan.notes():
         feedback.warn(note)
-    return _Prepared(source, run_config, plan, stats, resources.estimate_plan(plan, source.path, stats, out))
+    needs = resources.estimate_plan(plan, source.path, stats, out)
+    return _Prepared(source, model_config, run_config, plan, stats, needs)
 
 
 def _stats(calib: CalibStats | str | os.PathLike | None, source: ModelSource) -> CalibStats | None:
@@ -222,8 +224,20 @@ def quantize(
         raise ArtifactWriteError(problem)
     if warning := resources.memory_warning(p.needs):
         feedback.warn(warning)
-    with feedback.stoppable() as stop, feedback.progress("quantizing layers") as update:
+    refinement = None
+    if p.config.refine == Refine.block:
+        meta = p.stats.meta
+        text = T.from_source(meta["dataset"])
+        windows = calibration_windows(p.source, text.text, meta["samples"], meta["seq_len"], meta["seed"])
+        refinement = pipeline.Refinement(windows, p.model_config)
+        feedback.info(f"refinement: block-wise, {len(windows)} windows of {text.source}, {_settings(p.config)}")
+    with feedback.stoppable() as stop:
         return pipeline.quantize_model(
-            p.source, out, p.config, p.plan, force, lambda done, total, _unit: update(done, total), p.stats,
-            resolve_device(device), resume=resume, log=feedback.info, stop=stop,
+            p.source, out, p.config, p.plan, force, feedback.progress, p.stats, resolve_device(device),
+            resume=resume, log=feedback.info, stop=stop, refinement=refinement,
         )  # fmt: skip
+
+
+def _settings(config: QuantConfig) -> str:
+    r = config.refine_settings
+    return f"{r.steps} steps of {r.batch} windows, lr {r.lr:g}, scale lr {r.scale_lr:g}, {r.inputs.value} inputs"

@@ -20,9 +20,9 @@ import torch
 
 from llmq.errors import TextSourceError, UsageError
 from llmq.quant.config import QuantConfig
+from llmq.quant.stream import LayerStream
 from llmq.runtime.sources import families as F
-from llmq.runtime.sources.checkpoint import Checkpoint, model_fingerprint
-from llmq.runtime.sources.experts import RoutedExperts
+from llmq.runtime.sources.checkpoint import model_fingerprint
 from llmq.runtime.sources.models import ModelSource, load_tokenizer
 from llmq.runtime.sources.tokenize import tokenize_stream
 
@@ -89,8 +89,9 @@ def sample_windows(ids: torch.Tensor, samples: int, seq_len: int, seed: int) -> 
     return torch.stack([ids[s : s + seq_len] for s in starts])
 
 
-class _Captured(Exception):
-    pass
+def calibration_windows(source: ModelSource, text: str, samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """The token windows ``[samples, seq_len]`` calibration runs on: ``text`` tokenized by ``source``'s tokenizer."""
+    return sample_windows(tokenize_stream(load_tokenizer(source), text), samples, seq_len, seed)
 
 
 def collect(
@@ -106,162 +107,33 @@ def collect(
 
     Layers and activations live on ``device`` (default: the CPU); the statistics come back on the CPU.
     """
-    device = device or torch.device("cpu")
-    model = _skeleton_outside_layers(source, model_config, device)
-    family = F.family_of(model, model_config)
-    layers = F.decoder_layers(model, family)
-    checkpoint = Checkpoint.of(source.path, model, family)
-    _load(model, checkpoint, [n for n, _ in model.named_parameters() if _before_layers(n, family, model)], device)
-    _load_layer(model, checkpoint, family, 0, device)
-    hidden, inputs, returns_tuple = _layer_inputs(model, layers, windows.to(device))
+    stream = LayerStream(source, model_config, windows, device or torch.device("cpu"))
+    family = stream.family
     calibration = Calibration(tokens=windows.numel())
     starved = Starved(family)
-    for index in range(len(layers)):
+    hidden = stream.hidden
+    for index in range(len(stream)):
         prefix = f"{family.layers}.{index}"
-        layer = layers[index] if index == 0 else _load_layer(model, checkpoint, family, index, device)
-        _unfuse_experts(layer, family)
+        layer = stream.layer(index)
         hooks = _attach_hooks(layer, prefix, family, config, calibration)
-        extra, kwargs = inputs[index]
         with torch.inference_mode():
-            hidden = [_as_tensor(layer(h, *extra, **kwargs)) for h in hidden]
+            hidden = [stream.call(index, layer, h) for h in hidden]
         for hook in hooks:
             hook.remove()
         starved.fill(calibration, layer, prefix)
         calibration.finish(prefix + ".")  # the fp64 sums of this layer become fp32 statistics on the CPU
-        layers[index] = torch.nn.Identity()  # drop the weights before loading the next layer
+        stream.drop(index)
         if on_layer is not None:
-            on_layer(index + 1, len(layers))
+            on_layer(index + 1, len(stream))
     starved.report(log)
+    model = stream.model
     if any(F.linear_shape(m) is not None and config.quantizes(n, family) for n, m in model.named_modules()):
-        _after_layers(model, checkpoint, family, config, calibration, hidden, returns_tuple, windows)
+        hooks = _attach_hooks(model, "", family, config, calibration)
+        stream.after_layers(hidden)
+        for hook in hooks:
+            hook.remove()
         calibration.finish("")
     return calibration
-
-
-def _load_layer(model, checkpoint: Checkpoint, family: F.Family, index: int, device: torch.device):
-    layer = F.decoder_layers(model, family)[index]
-    prefix = f"{family.layers}.{index}"
-    _load(model, checkpoint, [f"{prefix}.{n}" for n, _ in layer.named_parameters()], device)
-    return layer
-
-
-def _after_layers(model, checkpoint, family, config, calibration, final, returns_tuple: bool, windows) -> None:
-    """Statistics of selected matrices after the decoder layers (the LM head): the rest of the model
-    runs on each window's output of the last layer, which stands in for the whole stack."""
-    device = final[0].device
-    _load(model, checkpoint, [n for n, p in model.named_parameters() if p.device.type == "meta"], device)
-    layers = F.decoder_layers(model, family)
-    outputs = iter(final)
-
-    class Replay(torch.nn.Module):
-        def forward(self, *args, **kw):
-            hidden = next(outputs) if self is layers[0] else args[0]
-            return (hidden,) if returns_tuple else hidden
-
-    for index in range(len(layers)):
-        layers[index] = Replay()
-    hooks = _attach_hooks(model, "", family, config, calibration)
-    with torch.inference_mode():
-        for window in windows:
-            model(window[None].to(device), use_cache=False)
-    for hook in hooks:
-        hook.remove()
-
-
-def _as_tensor(output) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
-
-
-def _skeleton_outside_layers(source: ModelSource, model_config, device: torch.device):
-    """The model with parameters on meta and real buffers (rotary tables) on ``device``."""
-    from accelerate import init_empty_weights
-    from accelerate.utils import set_module_tensor_to_device
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
-    for buffer_name, buffer in list(model.named_buffers()):
-        set_module_tensor_to_device(model, buffer_name, device, value=buffer)
-    return model.eval()
-
-
-def _before_layers(name: str, family: F.Family, model) -> bool:
-    """Parameters outside the decoder layers that a forward can use before them: all of them but an
-    output head of its own (never reached before the first layer, and often the largest matrix)."""
-    head = model.get_output_embeddings()
-    own_head = head is not None and head.weight is not model.get_input_embeddings().weight
-    return family.layer_of(name) is None and not (own_head and name.startswith(_module_name(model, head) + "."))
-
-
-def _module_name(model, target) -> str:
-    return next(name for name, module in model.named_modules() if module is target)
-
-
-def _load(model, checkpoint: Checkpoint, names: list[str], device: torch.device) -> None:
-    from accelerate.utils import set_module_tensor_to_device
-
-    for name in names:
-        set_module_tensor_to_device(model, name, device, value=checkpoint.read(name).float())
-
-
-def _layer_inputs(model, layers, windows: torch.Tensor):
-    """What the model's forward passes its decoder layers, learned without loading more than the first:
-    each window's hidden state entering layer 0; per layer, the other arguments it gets (masks,
-    positions, rotary tables: Gemma 2/3 give local and global layers different ones), which are the
-    same for every window of one length; and whether a layer returns a tuple."""
-    hidden: list[torch.Tensor] = []
-    inputs: list[tuple[tuple, dict] | None] = [None] * len(layers)
-    originals = list(layers)
-    first = originals[0]
-    returns_tuple = [False]
-
-    class Recorder(torch.nn.Module):
-        """Stands in for layer ``index``; the first runs for real once, so its output type is known."""
-
-        def __init__(self, index: int) -> None:
-            super().__init__()
-            self.index = index
-
-        def forward(self, *args, **kw):
-            if self.index == 0:
-                hidden.append(args[0])
-            if inputs[self.index] is None:
-                inputs[self.index] = (args[1:], kw)
-            elif self.index == 0:
-                raise _Captured  # later windows: only the first layer's input is new
-            if self.index == len(layers) - 1:
-                raise _Captured
-            if self.index > 0:
-                return (args[0],) if returns_tuple[0] else args[0]
-            out = first(*args, **kw)
-            returns_tuple[0] = isinstance(out, tuple)
-            return out
-
-    for index in range(len(layers)):
-        layers[index] = Recorder(index)
-    with torch.inference_mode():
-        for window in windows:
-            try:
-                model(window[None], use_cache=False)
-            except _Captured:
-                pass
-    for index, layer in enumerate(originals):
-        layers[index] = layer
-    return hidden, inputs, returns_tuple[0]
-
-
-def _unfuse_experts(layer, family: F.Family) -> None:
-    """The layer's fused experts, if it has any, as one ``nn.Linear`` per expert matrix (sharing their
-    memory), so each expert's input can be hooked."""
-    if family.experts is None:
-        return
-    parent, _, child = family.experts.module.rpartition(".")
-    try:
-        owner = layer.get_submodule(parent) if parent else layer
-        fused = getattr(owner, child)
-    except AttributeError:
-        return  # a dense layer of a model that mixes dense and MoE layers
-    setattr(owner, child, RoutedExperts.from_fused(fused, family.experts))
 
 
 def _attach_hooks(layer, prefix: str, family: F.Family, config: QuantConfig, calibration: Calibration) -> list:
@@ -347,8 +219,7 @@ def calibrate_model(
     log: Callable[[str], None] = lambda message: None,
 ) -> tuple[Calibration, dict]:
     """Tokenize ``text``, sample windows, collect stats; returns them and the stats-file manifest."""
-    ids = tokenize_stream(load_tokenizer(source), text)
-    windows = sample_windows(ids, samples, seq_len, seed)
+    windows = calibration_windows(source, text, samples, seq_len, seed)
     calibration = collect(source, model_config, config, windows, on_layer, device, log)
     meta = {
         "model": source.label,

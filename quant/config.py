@@ -34,6 +34,64 @@ class Selection(str, enum.Enum):
     hessian = "hessian"  # 2-bit-over-4-bit error weighted by E[x_c^2]; needs calibration
 
 
+class Refine(str, enum.Enum):
+    """What runs after GPTQ to bring the quantized model closer to the fp32 one."""
+
+    none = "none"
+    block = "block"  # block-wise reconstruction: each decoder block's stored numbers tuned to its fp32 outputs
+
+
+class RefineInputs(str, enum.Enum):
+    """What a block is given while it learns to reproduce the fp32 block's outputs."""
+
+    quantized = "quantized"  # the outputs of the refined blocks before it: what it sees at inference
+    fp = "fp"  # the fp32 blocks' outputs: the same inputs as its targets'
+
+
+@dataclass(frozen=True)
+class RefineSettings:
+    """Block-wise reconstruction (:mod:`llmq.quant.refine`).
+
+    steps      optimiser steps per block
+    batch      calibration windows per step
+    lr         signed-gradient step of the integers (codes, scale codes, 4-bit zeros), in code units,
+               decayed linearly to 0; an integer moves once its steps add up to half a unit
+    scale_lr   Adam's rate on the fp16 scales' log-multipliers
+    inputs     see :class:`RefineInputs`
+    """
+
+    steps: int = 100
+    batch: int = 4
+    lr: float = 0.005
+    scale_lr: float = 0.001
+    inputs: RefineInputs = RefineInputs.quantized
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "inputs", RefineInputs(self.inputs))
+        except ValueError:
+            raise UsageError(
+                f"--refine-inputs {self.inputs!r} must be one of {', '.join(k.value for k in RefineInputs)}"
+            ) from None
+
+    def check(self) -> None:
+        if self.steps < 1:
+            raise UsageError(f"--refine-steps {self.steps} must be at least 1")
+        if self.batch < 1:
+            raise UsageError(f"--refine-batch {self.batch} must be at least 1")
+        if not 0.0 <= self.lr <= 0.5:
+            raise UsageError(f"--refine-lr {self.lr} must be between 0 and 0.5 (code units per step)")
+        if not 0.0 <= self.scale_lr <= 0.1:
+            raise UsageError(f"--refine-scale-lr {self.scale_lr} must be between 0 and 0.1")
+
+    def held_out(self, windows: int) -> int:
+        """How many of ``windows`` judge whether a block got better, never trained on: one in eight."""
+        return max(1, windows // 8)
+
+
+# What a calibrated run refines with unless told (docs/benchmarks.md has the measurement behind it).
+DEFAULT_REFINE = Refine.none
+
 # Calibration windows, and tokens per window: 32k tokens, what every calibrated benchmark used.
 DEFAULT_SAMPLES, DEFAULT_SEQ_LEN = 64, 512
 
@@ -60,10 +118,15 @@ class QuantConfig:
     exclude: tuple[str, ...] = field(default_factory=tuple)
     # Model-wide bits per weight: stripes spread over the Linears by sensitivity (replaces stripe_fraction)
     target_bits: float | None = None
+    # After GPTQ; None: block when calibrated, none otherwise (resolved by for_run)
+    refine: Refine | None = None
+    refine_settings: RefineSettings = field(default_factory=RefineSettings)
 
     def __post_init__(self) -> None:  # the enums' strings and single patterns, as a script may write them
-        for name, kind in (("rounding", Rounding), ("selection", Selection)):
+        for name, kind in (("rounding", Rounding), ("selection", Selection), ("refine", Refine)):
             value = getattr(self, name)
+            if value is None and name == "refine":
+                continue
             try:
                 object.__setattr__(self, name, kind(value))
             except ValueError:
@@ -94,6 +157,7 @@ class QuantConfig:
             raise UsageError(f"--gptq-block {self.gptq_block} must be at least 1")
         if not self.include:
             raise UsageError("--include needs at least one pattern")
+        self.refine_settings.check()
 
     def for_run(self, calibrated: bool) -> QuantConfig:
         """This config as a run uses it: checked against whether the run has calibration statistics,
@@ -104,7 +168,12 @@ class QuantConfig:
             )
         if self.act_order and not calibrated:
             raise UsageError("--act-order orders GPTQ by calibration statistics; add --calib or --calib-data")
-        return replace(self, act_order=calibrated if self.act_order is None else self.act_order)
+        if self.refine == Refine.block and not calibrated:
+            raise UsageError("--refine block tunes the blocks on calibration text; add --calib-data or --calib")
+        refine = self.refine or (DEFAULT_REFINE if calibrated else Refine.none)
+        if refine == Refine.none and self.refine_settings != RefineSettings():
+            raise UsageError("--refine-* settings tune --refine block, which this run does not do; drop them")
+        return replace(self, act_order=calibrated if self.act_order is None else self.act_order, refine=refine)
 
     def selects(self, module_name: str, layers: str) -> bool:
         """Whether the matrix ``module_name`` is quantized. The pattern ``*.layers.*`` (the default
@@ -125,6 +194,10 @@ class QuantConfig:
         data["include"], data["exclude"] = list(self.include), list(self.exclude)
         if self.target_bits is None:  # as manifests before the field existed: a fixed stripe fraction
             del data["target_bits"]
+        data["refine"] = None if self.refine is None else self.refine.value
+        data["refine_settings"]["inputs"] = self.refine_settings.inputs.value
+        if self.refine == Refine.none:  # as manifests before refinement existed
+            del data["refine"], data["refine_settings"]
         return data
 
     @classmethod
@@ -138,6 +211,10 @@ class QuantConfig:
             values["rounding"] = Rounding(values["rounding"])
         if "selection" in values:
             values["selection"] = Selection(values["selection"])
+        refine = values.get("refine", Refine.none.value)  # absent: written before refinement existed
+        values["refine"] = None if refine is None else Refine(refine)
+        if "refine_settings" in values:
+            values["refine_settings"] = RefineSettings(**values["refine_settings"])
         for key in ("include", "exclude"):
             if key in values:
                 values[key] = tuple(values[key])
@@ -163,6 +240,12 @@ PRESETS: dict[str, Preset] = {
     )
 }
 DEFAULT_PRESET = "mixed"
+
+
+def refine_settings(**overrides) -> RefineSettings | None:
+    """The default :class:`RefineSettings` with the non-None ``overrides``; None when none is given."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return replace(RefineSettings(), **given) if given else None
 
 
 def preset_config(name: str = DEFAULT_PRESET, **overrides) -> QuantConfig:

@@ -10,22 +10,28 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from llmq import __version__
-from llmq.errors import InterruptedRun, ModelSourceError, NonFiniteWeightError, ResumeError
-from llmq.quant.config import QuantConfig, Selection
+from llmq.errors import InterruptedRun, ModelSourceError, NonFiniteWeightError, ResumeError, UsageError
+from llmq.quant import reconstruct
+from llmq.quant.config import QuantConfig, Refine, Selection
 from llmq.quant.linear import quantize_weight
 from llmq.quant.plan import Plan
 from llmq.quant.plan import hessian as plan_hessian
 from llmq.quant.statsfile import CalibStats
+from llmq.quant.stream import LayerStream
 from llmq.quant.writer import ArtifactWriter, check_output, find_checkpoints, remove_stale_staging
 from llmq.runtime.format import artifact as A
 from llmq.runtime.format import dtypes
 from llmq.runtime.format.manifest import SHARD_PATTERN, DenseEntry, FileRecord, LinearEntry, Manifest, SourceRecord
 from llmq.runtime.sources.checkpoint import model_files
+from llmq.runtime.sources.feedback import LOGGED, ProgressUpdate
 from llmq.runtime.sources.models import ModelSource
 
 
@@ -35,28 +41,38 @@ def quantize_model(
     config: QuantConfig,
     plan: Plan,
     force: bool = False,
-    on_unit: Callable[[int, int, str], None] | None = None,
+    progress: Callable[[str], AbstractContextManager[ProgressUpdate]] = LOGGED.progress,
     stats: CalibStats | None = None,
     device: torch.device | None = None,
     resume: bool = False,
     log: Callable[[str], None] = lambda message: None,
     stop: Callable[[], None] = lambda: None,
+    refinement: Refinement | None = None,
 ) -> Manifest:
     """Run the plan and write the artifact atomically; returns its manifest. GPTQ runs on ``device``.
 
     With ``stats`` every Linear is quantized with its Hessian (ranked stripes + GPTQ); a Linear
     the stats do not cover is an error, never a silent fall back to round-to-nearest. With
-    ``resume`` an interrupted run of the same fingerprint continues from its last finished unit;
-    the result is the same bytes as an uninterrupted run. ``stop()`` is called before each source
-    tensor is read and raises ``KeyboardInterrupt`` when the run should end there.
+    ``config.refine`` block, the decoder blocks are then tuned on ``refinement``'s windows
+    (:mod:`llmq.quant.reconstruct`). With ``resume`` an interrupted run of the same fingerprint
+    continues from its last finished unit or block; the result is the same bytes as an
+    uninterrupted run. ``stop()`` is called before each source tensor is read and each refinement
+    step, and raises ``KeyboardInterrupt`` when the run should end there.
     """
     check_output(out, force)
+    refining = config.refine == Refine.block
+    if refining and refinement is None:
+        raise UsageError("--refine block needs the calibration windows to tune on; add --calib-data or --calib")
     fingerprint = run_fingerprint(source, config, plan, stats)
     writer = _open_writer(out, force, fingerprint, resume, log)
     for path in remove_stale_staging(out):
         log(f"removed {path.name}, left by an earlier run that did not finish")
     try:
-        _write_units(plan, config, writer, on_unit, stats, device, fingerprint, stop)
+        with progress("quantizing layers") as update:
+            _write_units(plan, config, writer, update, stats, device, fingerprint, stop)
+        if refining:
+            with progress("refining blocks") as update:
+                _refine_units(source, plan, config, writer, refinement, device, fingerprint, update, log, stop)
         for file in hf_files(source.path):
             writer.copy_file(file)
         return writer.commit(_manifest(source, config, plan, stats, device))
@@ -65,8 +81,12 @@ def quantize_model(
             writer.abort()
             raise
         kept = writer.stop()
+        refined = sum(u.startswith(REFINED) for u in writer.units_done)
+        done = f"{len(writer.units_done) - refined} of {len(plan.units)} units"
+        if refining:
+            done += f" and refining {refined} of {len(plan.units) - 1} blocks"
         raise InterruptedRun(
-            f"interrupted after {len(writer.units_done)} of {len(plan.units)} units; they are kept in "
+            f"interrupted after {done}; they are kept in "
             f"{kept.name} next to {out.name}. Run the same command with --resume to continue, "
             "or without it to start over (which removes them)"
         ) from None
@@ -114,7 +134,7 @@ def _open_writer(out: Path, force: bool, fingerprint: str, resume: bool, log) ->
 
 
 def _write_units(
-    plan: Plan, config: QuantConfig, writer: ArtifactWriter, on_unit, stats, device, fingerprint: str, stop
+    plan: Plan, config: QuantConfig, writer: ArtifactWriter, update, stats, device, fingerprint: str, stop
 ) -> None:
     """Each unit's tensors, quantized or cast, as shard ``SHARD_PATTERN.format(unit index)``."""
     sources = {plan.matrices[name].param if plan.matrices[name].expert is None else name: name for name in plan.linears}
@@ -123,8 +143,7 @@ def _write_units(
         by_unit[plan.unit(key)].append(key)
     for index, unit in enumerate(plan.units):
         if unit in writer.units_done:
-            if on_unit is not None:
-                on_unit(index + 1, len(plan.units), unit)
+            update(index + 1, len(plan.units))
             continue
         tensors: dict[str, torch.Tensor] = {}
         for key in sorted(by_unit[unit]):
@@ -135,8 +154,40 @@ def _write_units(
                 tensors[key] = _dense(plan, key)
         writer.write_shard(index, tensors)
         writer.checkpoint(fingerprint, unit)
-        if on_unit is not None:
-            on_unit(index + 1, len(plan.units), unit)
+        update(index + 1, len(plan.units))
+
+
+REFINED = "refined:"  # the checkpoint's name of a refined block: this prefix and its unit
+
+
+@dataclass(frozen=True)
+class Refinement:
+    """What block-wise refinement tunes on: the calibration ``windows`` ([S, L] token ids) of the
+    model whose transformers config is ``model_config``."""
+
+    windows: torch.Tensor
+    model_config: object
+
+
+def _refine_units(source, plan: Plan, config: QuantConfig, writer: ArtifactWriter, refinement: Refinement, device,
+                  fingerprint: str, update, log, stop) -> None:  # fmt: skip
+    """Block-wise reconstruction of every decoder layer's shard, in place, each checkpointed."""
+    shards = reconstruct.Shards(
+        read=lambda index: load_file(str(writer.staging / SHARD_PATTERN.format(index))),
+        write=writer.write_shard,
+        done=lambda unit: REFINED + unit in writer.units_done,
+        finish=lambda unit: writer.checkpoint(fingerprint, REFINED + unit),
+    )
+
+    def on_block(report: reconstruct.BlockReport, total: int) -> None:
+        update(report.index + 1, total)
+        r = report.result
+        if r is not None and not r.kept:
+            log(f"refine: block {report.index} kept GPTQ's numbers (held-aside error {r.after:.4g} is not "
+                f"below GPTQ's {r.before:.4g})")  # fmt: skip
+
+    stream = LayerStream(source, refinement.model_config, refinement.windows, device or torch.device("cpu"))
+    reconstruct.refine_blocks(stream, plan, shards, config.refine_settings, on_block, stop)
 
 
 def _quantized(plan: Plan, linear: str, config: QuantConfig, stats, device) -> dict[str, torch.Tensor]:

@@ -175,3 +175,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(skip_gpu)
+
+
+def interrupt_shard_writes(monkeypatch, shards: int) -> None:
+    """Make the artifact writer raise KeyboardInterrupt (a simulated Ctrl-C) after ``shards`` shards."""
+    from llmq.quant import writer as W
+
+    real = W.ArtifactWriter.write_shard
+    calls = {"n": 0}
+
+    def write_shard(self, index, tensors):
+        calls["n"] += 1
+        if calls["n"] > shards:
+            raise KeyboardInterrupt("simulated Ctrl-C")
+        return real(self, index, tensors)
+
+    monkeypatch.setattr(W.ArtifactWriter, "write_shard", write_shard)

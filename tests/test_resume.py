@@ -9,24 +9,13 @@ import pytest
 
 from llmq.quant import writer as W
 
+from conftest import interrupt_shard_writes
+
 ARGS = ("--g4", "16", "-q")
 
 
 def _tree(path):
     return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
-
-
-def _interrupt_after(monkeypatch, shards: int):
-    real = W.ArtifactWriter.write_shard
-    calls = {"n": 0}
-
-    def write_shard(self, index, tensors):
-        calls["n"] += 1
-        if calls["n"] > shards:
-            raise KeyboardInterrupt("simulated Ctrl-C")
-        return real(self, index, tensors)
-
-    monkeypatch.setattr(W.ArtifactWriter, "write_shard", write_shard)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +33,7 @@ def _checkpoints(folder):
 
 def test_an_interrupted_run_resumes_to_the_same_bytes(cli, tiny_model, reference, tmp_path, monkeypatch):
     out = tmp_path / "x.llmq"
-    _interrupt_after(monkeypatch, 2)
+    interrupt_shard_writes(monkeypatch, 2)
     result = cli("quantize", str(tiny_model), "-o", str(out), *ARGS)
     assert result.code == 130 and "interrupted after 2 of 3 units" in result.stderr and "--resume" in result.stderr
     assert not out.exists()
@@ -60,7 +49,7 @@ def test_an_interrupted_run_resumes_to_the_same_bytes(cli, tiny_model, reference
 
 def test_without_resume_the_checkpoint_is_discarded_and_said_so(cli, tiny_model, reference, tmp_path, monkeypatch):
     out = tmp_path / "x.llmq"
-    _interrupt_after(monkeypatch, 1)
+    interrupt_shard_writes(monkeypatch, 1)
     assert cli("quantize", str(tiny_model), "-o", str(out), *ARGS).code == 130
     monkeypatch.undo()
     result = cli("quantize", str(tiny_model), "-o", str(out), "--g4", "16")
@@ -70,7 +59,7 @@ def test_without_resume_the_checkpoint_is_discarded_and_said_so(cli, tiny_model,
 
 def test_resume_with_other_settings_is_refused(cli, tiny_model, tmp_path, monkeypatch):
     out = tmp_path / "x.llmq"
-    _interrupt_after(monkeypatch, 1)
+    interrupt_shard_writes(monkeypatch, 1)
     assert cli("quantize", str(tiny_model), "-o", str(out), *ARGS).code == 130
     monkeypatch.undo()
     result = cli("quantize", str(tiny_model), "-o", str(out), "--g4", "32", "--resume")
@@ -80,7 +69,7 @@ def test_resume_with_other_settings_is_refused(cli, tiny_model, tmp_path, monkey
 
 def test_a_damaged_checkpoint_is_refused(cli, tiny_model, tmp_path, monkeypatch):
     out = tmp_path / "x.llmq"
-    _interrupt_after(monkeypatch, 2)
+    interrupt_shard_writes(monkeypatch, 2)
     assert cli("quantize", str(tiny_model), "-o", str(out), *ARGS).code == 130
     monkeypatch.undo()
     [kept] = _checkpoints(tmp_path)

@@ -84,3 +84,16 @@ def test_wikitext2_offline_error_points_at_the_embedded_text(monkeypatch):
     _fake_datasets(monkeypatch, load)
     with pytest.raises(TextSourceError, match="--dataset austen"):
         load_text(Dataset.wikitext2, None, Split.eval)
+
+
+def test_a_source_label_loads_the_same_text_again(tmp_path, monkeypatch):
+    path = tmp_path / "notes.txt"
+    path.write_text("a short text\n", encoding="utf-8")
+    for loaded in (load_text(Dataset.austen, None, Split.calib), load_text(Dataset.austen, None, Split.eval),
+                   load_text(None, path, Split.calib)):  # fmt: skip
+        assert text.from_source(loaded.source) == loaded
+    _fake_datasets(monkeypatch, lambda name, config, split: {"text": [f"{split} row"]})
+    assert text.from_source("wikitext2:wikitext-2-raw-v1:train").text == "train row"
+    for label in ("my-notes", "austen:emma", "wikitext2:wikitext-103-raw-v1:train"):
+        with pytest.raises(TextSourceError, match=f"the calibration text '{label}' is not one llmq can load again"):
+            text.from_source(label)

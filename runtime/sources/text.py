@@ -112,6 +112,20 @@ def load_local_first(spec: TextSpec | None, split: Split, default: Dataset | Non
     return load(wanted, split, default) if local else None
 
 
+def from_source(label: str) -> Text:
+    """The text a :attr:`Text.source` label names, loaded again (a stats file records only the label)."""
+    kind, _, rest = label.partition(":")
+    if kind == "file":
+        return _load_file(Path(rest))
+    austen = {f"{name.removeprefix('austen-').removesuffix('.txt')}": split for split, name in _AUSTEN_FILES.items()}
+    wikitext = {f"{_WIKITEXT[1]}:{name}": split for split, name in _WIKITEXT_SPLITS.items()}
+    if kind == Dataset.austen.value and rest in austen:
+        return _load_austen(austen[rest])
+    if kind == Dataset.wikitext2.value and rest in wikitext:
+        return _load_wikitext2(wikitext[rest])
+    raise TextSourceError(f"the calibration text {label!r} is not one llmq can load again; calibrate with --calib-data")
+
+
 def load_text(dataset: Dataset | None, text_file: Path | None, split: Split, default: Dataset | None = None) -> Text:
     """Load exactly one of ``dataset`` or ``text_file``; ``default`` when neither is given."""
     return TextRequest(dataset, text_file).load(split, default)

@@ -1,0 +1,124 @@
+"""``quantize --refine block``: after GPTQ, tune each decoder block so it reproduces the fp32 block.
+
+The pass streams the source model one decoder layer at a time, like calibration. For layer ``i``
+it holds two copies: the fp32 layer from the checkpoint, and the quantized layer built from the
+shard GPTQ just wrote (its matrices as :class:`~llmq.quant.refine.TrainableLinear`, its dense
+tensors as the artifact stores them). The fp32 layer's outputs on the fp32 hidden states are the
+targets; the quantized layer learns to give them from its inputs, which are either the same fp32
+hidden states or the outputs of the already-refined layers before it (``refine_inputs``: the
+second is what the model sees at inference, errors compounded). The tuned numbers replace the
+shard, and the run checkpoints the block, so an interrupted run resumes at a block boundary by
+replaying the finished blocks (forward passes only) to rebuild their outputs.
+
+Memory: three activation sets of ``[windows, tokens, hidden]`` float32 (fp32 inputs, quantized
+inputs, targets) and one layer twice, never the whole model.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from llmq.quant.plan import Plan
+from llmq.quant.refine import BlockResult, RefineSettings, TrainableLinear, refine_block
+from llmq.quant.stream import LayerStream
+
+# How many windows one forward pass without gradients takes at once.
+_FORWARD_BATCH = 8
+
+
+@dataclass(frozen=True)
+class Shards:
+    """Access to the run's shards by unit index: ``read(i)`` -> tensors, ``write(i, tensors)``,
+    ``done(unit)``: whether the block was refined by an earlier, interrupted run, ``finish(unit)``:
+    record that it now is."""
+
+    read: Callable[[int], dict[str, torch.Tensor]]
+    write: Callable[[int, dict[str, torch.Tensor]], None]
+    done: Callable[[str], bool]
+    finish: Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class BlockReport:
+    index: int
+    result: BlockResult | None  # None: refined by an earlier run, replayed here
+    seconds: float
+
+
+def refine_blocks(
+    stream: LayerStream,
+    plan: Plan,
+    shards: Shards,
+    settings: RefineSettings,
+    on_block: Callable[[BlockReport, int], None] = lambda report, total: None,
+    stop: Callable[[], None] = lambda: None,
+) -> list[BlockReport]:
+    """Refine every decoder layer of ``plan`` in order, rewriting its shard; returns one report per layer.
+
+    stream    the source model over the calibration windows (its ``hidden``: each window's input to layer 0)
+    on_block  called after each layer with its report and the number of layers
+    stop      called between optimiser steps; raises ``KeyboardInterrupt`` to end the run there
+    """
+    x_fp = torch.cat(stream.hidden)  # [S, L, H]
+    x_q = x_fp if settings.inputs == "fp" else x_fp.clone()
+    reports = []
+    for index in range(len(stream)):
+        started = time.perf_counter()
+        unit = str(index)
+        fp_layer = stream.layer(index)
+        tensors = shards.read(plan.units.index(unit))
+        q_layer, trainables = _quantized_layer(fp_layer, plan, unit, tensors)
+        y_fp = _forward(stream, index, fp_layer, x_fp)
+        result = None
+        if not shards.done(unit) and trainables:
+            inputs = x_fp if settings.inputs == "fp" else x_q
+            result = refine_block(q_layer, trainables, inputs, y_fp, partial(stream.call, index), settings, stop)
+            for name, trainable in trainables.items():
+                tensors.update({f"{name}.{suffix}": t for suffix, t in trainable.pack().items()})
+            shards.write(plan.units.index(unit), tensors)
+            shards.finish(unit)
+        if settings.inputs != "fp":
+            x_q = _forward(stream, index, q_layer, x_q)
+        x_fp = y_fp
+        stream.drop(index)
+        reports.append(BlockReport(index, result, time.perf_counter() - started))
+        on_block(reports[-1], len(stream))
+    return reports
+
+
+def _quantized_layer(fp_layer: torch.nn.Module, plan: Plan, unit: str, tensors: dict[str, torch.Tensor]):
+    """A copy of ``fp_layer`` as the artifact holds it: dense tensors as stored (16-bit, rounded) and
+    each quantized matrix a :class:`TrainableLinear` of its packed tensors. Returns the layer and
+    the trainables by matrix name; only their stored numbers require gradients."""
+    prefix = f"{plan.family.layers}.{unit}."
+    device = next(fp_layer.parameters()).device
+    layer = copy.deepcopy(fp_layer)
+    with torch.no_grad():
+        for name, param in layer.named_parameters():
+            if prefix + name in tensors:
+                param.copy_(tensors[prefix + name].float())
+    layer.requires_grad_(False)
+    trainables = {}
+    for name in [n for n in plan.linears if n.startswith(prefix)]:
+        layout = plan.linears[name]
+        relative = name.removeprefix(prefix)
+        module = layer.get_submodule(relative)
+        packed = {suffix: tensors[f"{name}.{suffix}"].to(device) for suffix in layout.tensor_specs()}
+        trainable = TrainableLinear(layout, packed, getattr(module, "bias", None))
+        parent, _, child = relative.rpartition(".")
+        setattr(layer.get_submodule(parent) if parent else layer, child, trainable)
+        trainables[name] = trainable
+    return layer, trainables
+
+
+@torch.no_grad()
+def _forward(stream: LayerStream, index: int, layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Layer ``index`` (or its quantized copy) over every window, a few windows per call: [S, L, H]."""
+    return torch.cat([stream.call(index, layer, hidden[i : i + _FORWARD_BATCH])
+                      for i in range(0, len(hidden), _FORWARD_BATCH)])  # fmt: skip

@@ -1,0 +1,203 @@
+"""Block-wise reconstruction: tune a decoder block's quantization so its outputs match the full-precision block's.
+
+Every number the format stores is a parameter here, initialised from GPTQ's solution:
+
+* the 2-bit and 4-bit codes and the first-order scale codes: integers, each held as a float that
+  is rounded on the forward pass and passed straight through on the backward pass (clamped to
+  its range), moved by signed gradient steps (AutoRound's estimator), so a code changes only when
+  its evidence crosses half a step;
+* the fp16 second-order scales and the 4-bit groups' fp16 scales: multipliers ``exp(s)`` of the
+  GPTQ values, trained with Adam and rounded to fp16 on the forward pass (straight through);
+* the 4-bit zeros: integers like the codes.
+
+The 2-bit zeros, the second-order zeros, the permutation and any outliers stay as GPTQ chose them.
+:class:`TrainableLinear` decodes with exactly the formula of :func:`llmq.runtime.format.layout.dequantize`,
+so :meth:`TrainableLinear.pack` writes the very weight the optimisation saw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from llmq.quant.config import RefineSettings
+from llmq.runtime.format import layout as L
+
+
+def _round(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """Round half up and clamp, with the gradient of the identity (straight-through)."""
+    rounded = torch.floor(x + 0.5).clamp(low, high)
+    return x + (rounded - x).detach()
+
+
+def _fp16(x: torch.Tensor) -> torch.Tensor:
+    """Round to fp16 as the artifact stores it, with the gradient of the identity."""
+    return x + (x.half().float() - x).detach()
+
+
+class TrainableLinear(nn.Module):
+    """A packed Linear whose stored numbers are trainable; its forward multiplies by the decoded weight.
+
+    layout  the Linear's :class:`~llmq.runtime.format.layout.LinearLayout`
+    packed  its tensors as the artifact stores them (name suffix -> tensor, any device)
+    bias    the dense bias [N] or None
+    """
+
+    def __init__(self, layout: L.LinearLayout, packed: dict[str, torch.Tensor], bias: torch.Tensor | None):
+        super().__init__()
+        self.layout = layout
+        device = packed["perm"].device
+        self.register_buffer("inverse", torch.argsort(packed["perm"].long()), persistent=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+        self.fixed = {k: v for k, v in packed.items() if k in ("meta2", "szero2", "outlier_rowptr", "outlier_col",
+                                                               "outlier_val", "perm")}  # fmt: skip
+        if layout.k2:
+            zero2, scale_code = L.unpack_meta2(packed["meta2"])
+            self.register_buffer("zero2", zero2.float(), persistent=False)
+            self.codes2 = nn.Parameter(L.unpack_codes(packed["qweight2"], 2).float())
+            self.scale_code = nn.Parameter(scale_code.float())
+            self.scale2 = nn.Parameter(torch.zeros(packed["scale2"].shape, device=device))  # log-multiplier
+            self.register_buffer("scale2_init", packed["scale2"].float(), persistent=False)
+            self.register_buffer("szero2", packed["szero2"].float(), persistent=False)
+        if layout.k4:
+            self.codes4 = nn.Parameter(L.unpack_codes(packed["qweight4"], 4).float())
+            self.zero4 = nn.Parameter(packed["zero4"].float())
+            self.scale4 = nn.Parameter(torch.zeros(packed["scale4"].shape, device=device))  # log-multiplier
+            self.register_buffer("scale4_init", packed["scale4"].float(), persistent=False)
+
+    # -- the parameters by kind: integers move by signed steps, scales by Adam ------------------
+    def integer_parameters(self) -> list[nn.Parameter]:
+        names = (["codes2", "scale_code"] if self.layout.k2 else []) + (["codes4", "zero4"] if self.layout.k4 else [])
+        return [getattr(self, n) for n in names]
+
+    def scale_parameters(self) -> list[nn.Parameter]:
+        names = (["scale2"] if self.layout.k2 else []) + (["scale4"] if self.layout.k4 else [])
+        return [getattr(self, n) for n in names]
+
+    # -- decoding, exactly as layout.dequantize -------------------------------------------------
+    def _stored(self) -> dict[str, torch.Tensor]:
+        """The stored numbers as the artifact would hold them, each still carrying its gradient."""
+        lay, values = self.layout, {}
+        if lay.k2:
+            values["codes2"] = _round(self.codes2, 0, L.INT2_MAX)
+            values["scale_code"] = _round(self.scale_code, 0, (1 << lay.scale_bits) - 1)
+            values["scale2"] = _fp16((self.scale2_init * self.scale2.exp()).clamp(min=torch.finfo(torch.float16).tiny))
+        if lay.k4:
+            values["codes4"] = _round(self.codes4, 0, L.INT4_MAX)
+            values["zero4"] = _round(self.zero4, 0, L.INT4_MAX)
+            values["scale4"] = _fp16((self.scale4_init * self.scale4.exp()).clamp(min=torch.finfo(torch.float16).tiny))
+        return values
+
+    def weight(self) -> torch.Tensor:
+        """The decoded weight [N, K] in the original column order, fp32, differentiable."""
+        lay, v = self.layout, self._stored()
+        parts = []
+        if lay.k2:
+            block = torch.arange(lay.groups2, device=self.codes2.device) // lay.g2
+            scale = v["scale2"][:, block] * (v["scale_code"] + self.szero2[:, block])
+            codes = v["codes2"].reshape(lay.out_features, lay.groups2, lay.g1)
+            w2 = (scale.unsqueeze(-1) * (codes - self.zero2.unsqueeze(-1))).reshape(lay.out_features, lay.k2_padded)
+            if lay.n_outliers:
+                rowptr = self.fixed["outlier_rowptr"].long()
+                rows = torch.repeat_interleave(torch.arange(lay.out_features, device=rowptr.device), rowptr.diff())
+                columns, values = self.fixed["outlier_col"].long(), self.fixed["outlier_val"].float()
+                w2 = w2.index_put((rows, columns), values, accumulate=True)
+            parts.append(w2[:, : lay.k2])
+        if lay.k4:
+            codes = v["codes4"].reshape(lay.out_features, lay.groups4, lay.g4)
+            w4 = v["scale4"].unsqueeze(-1) * (codes - v["zero4"].unsqueeze(-1))
+            parts.append(w4.reshape(lay.out_features, lay.k4))
+        return torch.cat(parts, dim=1)[:, self.inverse]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def pack(self) -> dict[str, torch.Tensor]:
+        """The packed tensors of the current values: what :meth:`weight` decodes, bit for bit."""
+        lay, packed = self.layout, dict(self.fixed)
+        with torch.no_grad():
+            v = self._stored()
+            if lay.k2:
+                packed["qweight2"] = L.pack_codes(v["codes2"].long(), 2)
+                packed["meta2"] = L.pack_meta2(self.zero2.long(), v["scale_code"].long())
+                packed["scale2"] = v["scale2"].half()
+            if lay.k4:
+                packed["qweight4"] = L.pack_codes(v["codes4"].long(), 4)
+                packed["zero4"] = v["zero4"].to(torch.uint8)
+                packed["scale4"] = v["scale4"].half()
+        return {suffix: packed[suffix].cpu() for suffix in lay.tensor_specs()}
+
+
+@dataclass(frozen=True)
+class BlockResult:
+    before: float  # held-aside reconstruction error (mean squared, per element) with GPTQ's numbers
+    after: float  # with the tuned ones
+    kept: bool  # whether the tuned numbers were kept (only when after < before)
+
+
+def refine_block(
+    block: nn.Module,
+    trainables: dict[str, TrainableLinear],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    call: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    settings: RefineSettings,
+    stop: Callable[[], None] = lambda: None,
+    dense: list[tuple[nn.Parameter, torch.dtype]] = (),
+) -> BlockResult:
+    """Tune ``trainables`` (installed in ``block``) so ``call(block, inputs[i:j])`` matches ``targets[i:j]``.
+
+    inputs, targets  [windows, tokens, hidden]: the block's inputs and the outputs it should give
+    call             runs the block on a batch of windows' hidden states
+    stop             called before each step; raises ``KeyboardInterrupt`` to end the run there
+    dense            float32 parameters of ``block`` to tune as well (the norms), with the dtype the
+                     artifact stores them in: trained like the scales, rounded to it before judging
+
+    The last ``settings.held_out(windows)`` windows judge the result; if it is not better than GPTQ's, every
+    parameter goes back to its GPTQ value.
+    """
+    train = len(inputs) - settings.held_out(len(inputs))
+    held = slice(train, len(inputs))
+    integers = [p for t in trainables.values() for p in t.integer_parameters()]
+    continuous = [p for t in trainables.values() for p in t.scale_parameters()] + [p for p, _ in dense]
+    start = [p.detach().clone() for p in integers + continuous]
+    for p in integers + continuous:
+        p.requires_grad_(True)
+    before = _error(block, inputs[held], targets[held], call, settings.batch)
+    adam = torch.optim.Adam(continuous, lr=settings.scale_lr)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(settings.steps):
+        stop()
+        picks = torch.randperm(train, generator=gen)[: settings.batch]
+        loss = torch.nn.functional.mse_loss(call(block, inputs[picks]), targets[picks])
+        adam.zero_grad(set_to_none=True)
+        for p in integers:
+            p.grad = None
+        loss.backward()
+        with torch.no_grad():
+            rate = settings.lr * (1 - step / settings.steps)
+            for p in integers:
+                if p.grad is not None:
+                    p.sub_(rate * p.grad.sign())
+        adam.step()
+    with torch.no_grad():
+        for p, dtype in dense:
+            p.copy_(p.to(dtype).float())
+    after = _error(block, inputs[held], targets[held], call, settings.batch)
+    kept = after < before
+    with torch.no_grad():
+        for p, value in zip(integers + continuous, start, strict=True):
+            p.requires_grad_(False)
+            if not kept:
+                p.copy_(value)
+    return BlockResult(before, after, kept)
+
+
+@torch.no_grad()
+def _error(block, inputs: torch.Tensor, targets: torch.Tensor, call, batch: int) -> float:
+    total = sum(float(torch.nn.functional.mse_loss(call(block, inputs[i : i + batch]), targets[i : i + batch],
+                                                  reduction="sum")) for i in range(0, len(inputs), batch))  # fmt: skip
+    return total / targets.numel()
