@@ -27,6 +27,7 @@ _EXPORTS = {
     "CalibData": "llmq.quant.api",
     "QuantizeEstimate": "llmq.quant.api",
     "QuantConfig": "llmq.quant.config",
+    "RefineSettings": "llmq.quant.config",
     "PRESETS": "llmq.quant.config",
     "preset_config": "llmq.quant.config",
     "CalibStats": "llmq.quant.statsfile",

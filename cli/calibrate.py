@@ -40,7 +40,8 @@ def calibrate(
 ) -> None:
     """Run MODEL over calibration text and store each Linear's input statistics (Hessian, E\\[x²]).
 
-    The calibration split is used: Pride and Prejudice for austen, the train split for wikitext2.
+    Default text: the built-in mix (prose, technical text, code). The calibration split is used:
+    Pride and Prejudice for austen, the train split for wikitext2.
     """
     from llmq.quant import api
 

@@ -73,7 +73,11 @@ TrustRemoteCode = Annotated[
 ModelArg = Annotated[str, typer.Argument(help="Local HF folder, hub id (org/name), or 'demo'.", show_default=False)]
 DatasetOpt = Annotated[
     Dataset | None,
-    typer.Option("--dataset", help="wikitext2 (through `datasets`, needs network or its cache) or austen (embedded)."),
+    typer.Option(
+        "--dataset",
+        help="wikitext2 (through `datasets`, needs network or its cache), austen (embedded) or mix (embedded "
+        "prose, technical text and code; calibration only).",
+    ),
 ]
 TextFile = Annotated[
     Path | None, typer.Option("--text-file", help="A UTF-8 text file to use instead of --dataset.", dir_okay=False)
@@ -85,6 +89,7 @@ class Reporter:
 
     def __init__(self, json_mode: bool, quiet: bool):
         self.json_mode, self.quiet = json_mode, quiet
+        self.stages: dict[str, float] = {}  # name -> wall seconds, as the library reports them
         self.err = Console(stderr=True, highlight=False)
 
     def info(self, message: str) -> None:
@@ -114,7 +119,12 @@ class Reporter:
         models, so transformers' own warnings and bars are kept off stderr."""
         if models:
             quiet_libraries(self.show_progress)
-        return Feedback(self.info, self.warn, self.progress, self.show_progress, StopRequest.installed)
+        return Feedback(self.info, self.warn, self.progress, self.show_progress, StopRequest.installed, self.stage)
+
+    def stage(self, name: str, seconds: float) -> None:
+        """Record a finished stage of the run (``stages`` in the JSON) and log its time."""
+        self.stages[name] = round(seconds, 2)
+        self.info(f"{name}: {seconds:.1f} s")
 
     @contextmanager
     def progress(self, description: str):

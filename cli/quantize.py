@@ -10,6 +10,7 @@ import typer
 
 from llmq import __version__
 from llmq.cli.common import Json, ModelArg, Quiet, Reporter, Revision, TrustRemoteCode, render_accounting
+from llmq.errors import UsageError
 from llmq.quant.config import (
     DEFAULT_PRESET,
     DEFAULT_SAMPLES,
@@ -69,8 +70,12 @@ def quantize(
         Path | None, typer.Option("--calib", help="Stats file from `llmq calibrate`: Hessian-ranked stripes + GPTQ.")
     ] = None,
     calib_data: Annotated[
-        str | None, typer.Option("--calib-data", help="Calibrate inline on austen, wikitext2 or a text file path.")
+        str | None,
+        typer.Option("--calib-data", help="Calibrate inline on mix (the default), austen, wikitext2 or a text file."),
     ] = None,
+    no_calib: Annotated[
+        bool, typer.Option("--no-calib", help="No calibration: round to nearest (fast, much less accurate).")
+    ] = False,
     samples: Annotated[
         int, typer.Option("--samples", min=1, help="Calibration windows for --calib-data.")
     ] = DEFAULT_SAMPLES,
@@ -124,6 +129,7 @@ def quantize(
 ) -> None:
     """Quantize MODEL to range-aware mixed 2/4-bit weights and write a self-contained artifact."""
     from llmq.quant import api
+    from llmq.quant.resources import peak_rss_bytes
     from llmq.runtime.sources.text import request
 
     start = time.perf_counter()
@@ -135,7 +141,11 @@ def quantize(
         target_bits=target_bits, refine=refine, refine_settings=refine_settings(
             steps=refine_steps, batch=refine_batch, lr=refine_lr, scale_lr=refine_scale_lr, inputs=refine_inputs),
     )  # fmt: skip
-    inline = None if calib_data is None else api.CalibData(request(calib_data), samples, calib_seq_len, seed)
+    if no_calib and (calib is not None or calib_data is not None):
+        raise UsageError("--no-calib turns calibration off; drop --calib/--calib-data, or drop --no-calib")
+    inline = None  # --no-calib, or statistics from --calib
+    if calib_data is not None or (calib is None and not no_calib):
+        inline = api.CalibData(request(calib_data or "mix"), samples, calib_seq_len, seed)
     run = {"calib": calib, "calib_data": inline, "dense_dtype": dense_dtype, "revision": revision,
            "trust_remote_code": trust_remote_code}  # fmt: skip
     document = {"command": "quantize", "llmq_version": __version__, "output": str(output), "preset": preset}
@@ -151,6 +161,8 @@ def quantize(
                      "accounting": manifest.accounting_record}  # fmt: skip
         document |= {"calibration": manifest.calibration} if manifest.calibration else {}
     document["seconds"] = round(time.perf_counter() - start, 2)
+    if not dry_run:
+        document |= {"stages": out.stages, "peak_rss_bytes": peak_rss_bytes()}
     if json:
         out.emit_json(document)
     elif dry_run:

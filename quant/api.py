@@ -8,6 +8,7 @@ re-exports them (``llmq.quantize``, ``llmq.calibrate``, ``llmq.estimate``).
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,10 +34,14 @@ DENSE_DTYPES = ("auto", *(d.short for d in dtypes.FLOATS))
 class CalibData:
     """Calibrate within the quantize run (``--calib-data``) instead of reading a stats file."""
 
-    text: T.TextSpec = T.Dataset.wikitext2  # calibration split: Pride and Prejudice for austen, train for wikitext2
+    text: T.TextSpec = T.Dataset.mix  # calibration split: the built-in mix, Pride and Prejudice for austen, ...
     samples: int = DEFAULT_SAMPLES  # windows, at random offsets
     seq_len: int = DEFAULT_SEQ_LEN  # tokens per window
     seed: int = 0  # of the window offsets
+
+
+# quantize()'s calibration when the caller names none: the built-in mix, unless ``calib`` is given.
+DEFAULT_CALIBRATION = CalibData()
 
 
 def calibrate(
@@ -55,7 +60,7 @@ def calibrate(
     feedback: Feedback = LOGGED,
 ) -> CalibStats:
     """Each Linear's input statistics (Hessian ``E[x xᵀ]`` float32 ``[K, K]``, and ``E[x²]``) over
-    ``samples`` windows of ``seq_len`` tokens of ``text``'s calibration split (default wikitext2).
+    ``samples`` windows of ``seq_len`` tokens of ``text``'s calibration split (default: the built-in mix).
 
     The model is streamed one decoder layer at a time on ``device``. ``config.include`` and
     ``exclude`` choose the Linears. With ``out`` the statistics are also written there (a stats
@@ -76,16 +81,18 @@ def _collect(model, text, samples, seq_len, seed, config, device, revision, trus
     early = None
     if source is None:
         check_model_spec(model, revision)
-        early = T.load_local_first(text, T.Split.calib, T.Dataset.wikitext2)
+        early = T.load_local_first(text, T.Split.calib, T.Dataset.mix)
         source, model_config = open_model(model, revision, trust_remote_code, feedback)
-    loaded = early or T.load(text, T.Split.calib, T.Dataset.wikitext2)
+    loaded = early or T.load(text, T.Split.calib, T.Dataset.mix)
     feedback.info(f"calibration: {loaded.source}, {samples} samples x {seq_len} tokens, seed {seed}, on {torch_device}")
+    start = time.perf_counter()
     with feedback.progress("calibrating layers") as update:
         calibration, meta = calibrate_model(
             source, model_config, config, loaded.source, loaded.text, samples, seq_len, seed,
             on_layer=update, device=torch_device, log=feedback.info,
         )  # fmt: skip
-    return statsfile.in_memory(calibration, meta, source)
+    feedback.stage("calibrate", time.perf_counter() - start)
+    return statsfile.in_memory(calibration, meta, source, loaded.text)
 
 
 @dataclass(frozen=True)
@@ -125,6 +132,8 @@ def _prepare(model, out: Path, config, calib, calib_data, dense_dtype, device, f
     resolve_device(device)
     if dense_dtype not in DENSE_DTYPES:
         raise UsageError(f"--dense-dtype {dense_dtype!r} must be one of {', '.join(DENSE_DTYPES)}")
+    if calib is not None and calib_data is DEFAULT_CALIBRATION:
+        calib_data = None
     if calib is not None and calib_data is not None:
         raise UsageError("give --calib (a stats file) or --calib-data (calibrate now), not both")
     run_config = config.for_run(calibrated=calib is not None or calib_data is not None)
@@ -141,8 +150,8 @@ def _prepare(model, out: Path, config, calib, calib_data, dense_dtype, device, f
                          trust_remote_code, feedback, source, model_config)  # fmt: skip
     if stats is None and not dry_run:
         feedback.info(
-            "no calibration data: rounding to nearest, which loses far more accuracy at 2-3 bits than GPTQ "
-            "(docs/benchmarks.md); add --calib-data or --calib"
+            "no calibration (--no-calib): rounding to nearest, which loses far more accuracy at 2-3 bits than GPTQ "
+            "(docs/benchmarks.md)"
         )
     if dry_run and calib_data is not None and config.target_bits is not None:
         feedback.info("dry run: stripes allocated without calibration data; the real run ranks them with its Hessians")
@@ -171,7 +180,7 @@ def estimate(
     config: QuantConfig | None = None,
     *,
     calib: CalibStats | str | os.PathLike | None = None,
-    calib_data: CalibData | None = None,
+    calib_data: CalibData | None = DEFAULT_CALIBRATION,
     dense_dtype: str = "auto",
     device: str = "auto",
     revision: str | None = None,
@@ -194,7 +203,7 @@ def quantize(
     config: QuantConfig | None = None,
     *,
     calib: CalibStats | str | os.PathLike | None = None,
-    calib_data: CalibData | None = None,
+    calib_data: CalibData | None = DEFAULT_CALIBRATION,
     dense_dtype: str = "auto",
     device: str = "auto",
     force: bool = False,
@@ -208,7 +217,8 @@ def quantize(
     config       group sizes, stripes, rounding, GPTQ settings, Linears to quantize, ``target_bits``
                  (default: the ``mixed`` preset, :data:`llmq.quant.config.PRESETS`)
     calib        statistics (from :func:`calibrate`, or a stats file's path): Hessian-ranked stripes + GPTQ
-    calib_data   calibrate now instead; without either, rounding to nearest (much less accurate)
+    calib_data   calibrate now on this text (default: 64 x 512 tokens of the built-in mix, unless ``calib``
+                 is given); None: round to nearest without calibration (fast, much less accurate)
     dense_dtype  unquantized tensors: ``auto`` (16-bit, the source's if 16-bit), ``fp16``, ``bf16``, ``fp32``
     device       where calibration, the scale search, rounding and GPTQ run
     force        replace an existing artifact; ``resume`` continues an interrupted run of the same call
@@ -227,14 +237,14 @@ def quantize(
     refinement = None
     if p.config.refine == Refine.block:
         meta = p.stats.meta
-        text = T.from_source(meta["dataset"])
-        windows = calibration_windows(p.source, text.text, meta["samples"], meta["seq_len"], meta["seed"])
+        text = p.stats.text if p.stats.text is not None else T.from_source(meta["dataset"]).text
+        windows = calibration_windows(p.source, text, meta["samples"], meta["seq_len"], meta["seed"])
         refinement = pipeline.Refinement(windows, p.model_config)
-        feedback.info(f"refinement: block-wise, {len(windows)} windows of {text.source}, {_settings(p.config)}")
+        feedback.info(f"refinement: block-wise, {len(windows)} windows of {meta['dataset']}, {_settings(p.config)}")
     with feedback.stoppable() as stop:
         return pipeline.quantize_model(
             p.source, out, p.config, p.plan, force, feedback.progress, p.stats, resolve_device(device),
-            resume=resume, log=feedback.info, stop=stop, refinement=refinement,
+            resume=resume, log=feedback.info, stop=stop, refinement=refinement, stage=feedback.stage,
         )  # fmt: skip
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ def quantize_model(
     log: Callable[[str], None] = lambda message: None,
     stop: Callable[[], None] = lambda: None,
     refinement: Refinement | None = None,
+    stage: Callable[[str, float], None] = lambda name, seconds: None,
 ) -> Manifest:
     """Run the plan and write the artifact atomically; returns its manifest. GPTQ runs on ``device``.
 
@@ -57,7 +59,8 @@ def quantize_model(
     (:mod:`llmq.quant.reconstruct`). With ``resume`` an interrupted run of the same fingerprint
     continues from its last finished unit or block; the result is the same bytes as an
     uninterrupted run. ``stop()`` is called before each source tensor is read and each refinement
-    step, and raises ``KeyboardInterrupt`` when the run should end there.
+    step, and raises ``KeyboardInterrupt`` when the run should end there. ``stage(name, seconds)``
+    reports the wall time of the quantize and refine stages.
     """
     check_output(out, force)
     refining = config.refine == Refine.block
@@ -68,11 +71,15 @@ def quantize_model(
     for path in remove_stale_staging(out):
         log(f"removed {path.name}, left by an earlier run that did not finish")
     try:
+        start = time.perf_counter()
         with progress("quantizing layers") as update:
             _write_units(plan, config, writer, update, stats, device, fingerprint, stop)
+        stage("quantize", time.perf_counter() - start)
         if refining:
+            start = time.perf_counter()
             with progress("refining blocks") as update:
                 _refine_units(source, plan, config, writer, refinement, device, fingerprint, update, log, stop)
+            stage("refine", time.perf_counter() - start)
         for file in hf_files(source.path):
             writer.copy_file(file)
         return writer.commit(_manifest(source, config, plan, stats, device))

@@ -6,9 +6,11 @@ shard GPTQ just wrote (its matrices as :class:`~llmq.quant.refine.TrainableLinea
 tensors as the artifact stores them). The fp32 layer's outputs on the fp32 hidden states are the
 targets; the quantized layer learns to give them from its inputs, which are either the same fp32
 hidden states or the outputs of the already-refined layers before it (``refine_inputs``: the
-second is what the model sees at inference, errors compounded). The tuned numbers replace the
-shard, and the run checkpoints the block, so an interrupted run resumes at a block boundary by
-replaying the finished blocks (forward passes only) to rebuild their outputs.
+second is what the model sees at inference, errors compounded). The block's norm weights are
+tuned with its scales (they scale the same activations; the artifact stores them 16-bit like
+every dense tensor). The tuned numbers replace the shard, and the run checkpoints the block, so
+an interrupted run resumes at a block boundary by replaying the finished blocks (forward passes
+only) to rebuild their outputs.
 
 Memory: three activation sets of ``[windows, tokens, hidden]`` float32 (fp32 inputs, quantized
 inputs, targets) and one layer twice, never the whole model.
@@ -23,9 +25,11 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+from torch import nn
 
+from llmq.quant.config import RefineSettings
 from llmq.quant.plan import Plan
-from llmq.quant.refine import BlockResult, RefineSettings, TrainableLinear, refine_block
+from llmq.quant.refine import BlockResult, TrainableLinear, refine_block
 from llmq.quant.stream import LayerStream
 
 # How many windows one forward pass without gradients takes at once.
@@ -74,13 +78,17 @@ def refine_blocks(
         fp_layer = stream.layer(index)
         tensors = shards.read(plan.units.index(unit))
         q_layer, trainables = _quantized_layer(fp_layer, plan, unit, tensors)
+        norms = _norm_weights(q_layer, f"{plan.family.layers}.{unit}.", tensors)
         y_fp = _forward(stream, index, fp_layer, x_fp)
         result = None
         if not shards.done(unit) and trainables:
             inputs = x_fp if settings.inputs == "fp" else x_q
-            result = refine_block(q_layer, trainables, inputs, y_fp, partial(stream.call, index), settings, stop)
+            dense = [(param, tensors[key].dtype) for key, param in norms.items()]
+            result = refine_block(q_layer, trainables, inputs, y_fp, partial(stream.call, index), settings, stop,
+                                  dense)  # fmt: skip
             for name, trainable in trainables.items():
                 tensors.update({f"{name}.{suffix}": t for suffix, t in trainable.pack().items()})
+            tensors.update({key: param.detach().to(tensors[key].dtype).cpu() for key, param in norms.items()})
             shards.write(plan.units.index(unit), tensors)
             shards.finish(unit)
         if settings.inputs != "fp":
@@ -90,6 +98,20 @@ def refine_blocks(
         reports.append(BlockReport(index, result, time.perf_counter() - started))
         on_block(reports[-1], len(stream))
     return reports
+
+
+def _norm_weights(layer: torch.nn.Module, prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, nn.Parameter]:
+    """The layer's normalisation parameters (RMSNorm, LayerNorm, q/k norms: any module whose class
+    name ends in ``Norm``) by tensor name, where the shard stores them: block-wise refinement tunes
+    them with the scales, as they scale the same inputs and outputs."""
+    found = {}
+    for module_name, module in layer.named_modules():
+        if type(module).__name__.lower().endswith("norm"):
+            for param_name, param in module.named_parameters(recurse=False):
+                key = f"{prefix}{module_name}.{param_name}" if module_name else f"{prefix}{param_name}"
+                if key in tensors and param.dtype.is_floating_point:
+                    found[key] = param
+    return found
 
 
 def _quantized_layer(fp_layer: torch.nn.Module, plan: Plan, unit: str, tensors: dict[str, torch.Tensor]):

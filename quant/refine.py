@@ -40,6 +40,7 @@ def _fp16(x: torch.Tensor) -> torch.Tensor:
 
 class TrainableLinear(nn.Module):
     """A packed Linear whose stored numbers are trainable; its forward multiplies by the decoded weight.
+    Every parameter starts frozen; :func:`refine_block` unfreezes those it tunes.
 
     layout  the Linear's :class:`~llmq.runtime.format.layout.LinearLayout`
     packed  its tensors as the artifact stores them (name suffix -> tensor, any device)
@@ -57,15 +58,16 @@ class TrainableLinear(nn.Module):
         if layout.k2:
             zero2, scale_code = L.unpack_meta2(packed["meta2"])
             self.register_buffer("zero2", zero2.float(), persistent=False)
-            self.codes2 = nn.Parameter(L.unpack_codes(packed["qweight2"], 2).float())
-            self.scale_code = nn.Parameter(scale_code.float())
-            self.scale2 = nn.Parameter(torch.zeros(packed["scale2"].shape, device=device))  # log-multiplier
+            self.codes2 = nn.Parameter(L.unpack_codes(packed["qweight2"], 2).float(), requires_grad=False)
+            self.scale_code = nn.Parameter(scale_code.float(), requires_grad=False)
+            # the fp16 scales train as log-multipliers of GPTQ's values: scale = init * exp(param)
+            self.scale2 = nn.Parameter(torch.zeros(packed["scale2"].shape, device=device), requires_grad=False)
             self.register_buffer("scale2_init", packed["scale2"].float(), persistent=False)
             self.register_buffer("szero2", packed["szero2"].float(), persistent=False)
         if layout.k4:
-            self.codes4 = nn.Parameter(L.unpack_codes(packed["qweight4"], 4).float())
-            self.zero4 = nn.Parameter(packed["zero4"].float())
-            self.scale4 = nn.Parameter(torch.zeros(packed["scale4"].shape, device=device))  # log-multiplier
+            self.codes4 = nn.Parameter(L.unpack_codes(packed["qweight4"], 4).float(), requires_grad=False)
+            self.zero4 = nn.Parameter(packed["zero4"].float(), requires_grad=False)
+            self.scale4 = nn.Parameter(torch.zeros(packed["scale4"].shape, device=device), requires_grad=False)
             self.register_buffer("scale4_init", packed["scale4"].float(), persistent=False)
 
     # -- the parameters by kind: integers move by signed steps, scales by Adam ------------------
@@ -161,7 +163,7 @@ def refine_block(
     """
     train = len(inputs) - settings.held_out(len(inputs))
     held = slice(train, len(inputs))
-    integers = [p for t in trainables.values() for p in t.integer_parameters()]
+    integers = [p for t in trainables.values() for p in t.integer_parameters()] if settings.lr > 0 else []
     continuous = [p for t in trainables.values() for p in t.scale_parameters()] + [p for p, _ in dense]
     start = [p.detach().clone() for p in integers + continuous]
     for p in integers + continuous:

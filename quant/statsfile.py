@@ -38,6 +38,7 @@ class CalibStats:
     tensors: dict[str, torch.Tensor]
     path: Path | None = None  # the stats file they were read from or written to; None: only in memory
     model: ModelSource | None = None  # the model they were collected from, when that was in this process
+    text: str | None = None  # the calibration text itself, when collected in this process (a file keeps its label)
 
     @property
     def linears(self) -> int:
@@ -63,13 +64,15 @@ class CalibStats:
         return None if canonical is None else self.tensors[f"{canonical}.hessian"]
 
 
-def in_memory(calibration: Calibration, meta: dict, model: ModelSource | None = None) -> CalibStats:
+def in_memory(
+    calibration: Calibration, meta: dict, model: ModelSource | None = None, text: str | None = None
+) -> CalibStats:
     """Stats collected in this process, in the same shape as a file holds them."""
     tensors = {}
     for name, stats in calibration.stats.items():
         tensors[f"{name}.hessian"] = stats.hessian().contiguous()
         tensors[f"{name}.sq_mean"] = stats.sq_mean().contiguous()
-    return CalibStats({**meta, "aliases": calibration.aliases}, tensors, model=model)
+    return CalibStats({**meta, "aliases": calibration.aliases}, tensors, model=model, text=text)
 
 
 def write_stats(path: Path, stats: CalibStats) -> CalibStats:

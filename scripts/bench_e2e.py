@@ -5,7 +5,7 @@
 1. Writes a Llama-2-7B-shaped HF folder (hidden 4096, MLP 11008, 32 heads, vocab 32000) with
    random N(0, 0.02²) fp16 weights to DIR/random-llama (about 13.5 GB at 32 layers; no download,
    generated on the GPU when there is one).
-2. ``llmq quantize`` it with the default preset on the best device (round-to-nearest: random
+2. ``llmq quantize`` it with the default preset on the best device and `--no-calib` (round-to-nearest: random
    weights have nothing to calibrate against), timed.
 3. ``llmq profile ARTIFACT --baseline --json``: decode and prefill of the artifact on the cuda
    backend against the same weights dense in fp16, in one process.
@@ -136,8 +136,8 @@ def main(argv=None) -> None:
         written = write_random_llama(folder, args, device)
         generate_s = time.perf_counter() - start
         print(f"wrote {written / 1e9:.2f} GB of fp16 weights in {generate_s:.1f} s", flush=True)
-        quantized, quantize_s = run([*llmq, "quantize", str(folder), "-o", str(artifact), "--force", "--device",
-                                     device.type, "--json", "-q"])  # fmt: skip
+        quantized, quantize_s = run([*llmq, "quantize", str(folder), "-o", str(artifact), "--force", "--no-calib",
+                                     "--device", device.type, "--json", "-q"])  # fmt: skip
         print(f"quantized in {quantize_s:.1f} s", flush=True)
     backend = "cuda" if device.type == "cuda" else "torch"
     profile, profile_s = run([*llmq, "profile", str(artifact), "--batch", args.batches, "--prompt-len",

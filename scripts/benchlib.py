@@ -46,6 +46,7 @@ def artifact_point(name: str, kind: str, options: list[str], max_tokens: int, tm
         "ppl": ppl["result"]["ppl"],
         "ppl_stderr": ppl["result"]["ppl_stderr"],
         "quantize_seconds": quant["seconds"],
+        "stages_seconds": quant.get("stages"),
     }
 
 
@@ -73,9 +74,9 @@ def simulated_ppl(transform: Callable, max_tokens: int) -> tuple[float, float]:
 
     source = models.resolve_model("demo", progress=False)
     model = load_model(source, models.load_config(source), torch.device("cpu"), torch.float32)
-    selects = QuantConfig().selects
+    config = QuantConfig()
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and selects(name):
+        if isinstance(module, torch.nn.Linear) and config.selects(name, "model.layers"):
             module.weight.data = transform(name, module.weight.data.float()).to(module.weight.dtype)
     ids = tokenize.tokenize_stream(
         models.load_tokenizer(source), text.load_text(text.Dataset.austen, None, text.Split.eval).text

@@ -35,5 +35,16 @@ PY
 echo "== 5. greedy generation with the quantized model, plain prompt" >&2
 "$LLMQ" generate "$OUT/demo.llmq" -p "The capital of France is" --max-new-tokens 24
 
-echo "== 6. greedy generation with the quantized model, chat template" >&2
-"$LLMQ" generate "$OUT/demo.llmq" --chat -p "Write one sentence about the sea." --max-new-tokens 64
+echo "== 6. chat replies to the same prompts, fp32 model and quantized artifact side by side (greedy)" >&2
+"$VENV/bin/python" - "$OUT/demo.llmq" <<'PY'
+import sys
+
+import llmq
+
+prompts = ["Write one sentence about the sea.", "What is the capital of France?", "Give me one tip for sleeping well."]
+for prompt in prompts:
+    print(f"> {prompt}")
+    for label, model in (("fp32", "demo"), ("llmq", sys.argv[1])):
+        reply = llmq.generate(model, prompt, chat=True, max_new_tokens=48).result.text.strip()
+        print(f"  {label}: {reply or '(empty: EOS at once)'}")
+PY

@@ -24,6 +24,7 @@ STYLES = {
     "gptq-range": ("^", "tab:orange", "llmq + GPTQ, range-ranked stripes"),
     "gptq-budget": ("D", "tab:green", "llmq + GPTQ, --target-bits budget"),
     "gptq-outliers": ("v", "tab:purple", "llmq + GPTQ + outliers"),
+    "refined": ("*", "tab:red", "llmq + GPTQ, act-order, --refine block"),
     "rtn": ("s", "tab:gray", "llmq, round-to-nearest"),
     "hqq": ("x", "tab:brown", "HQQ 0.2.8 (no calibration)"),
     "plain-gptq": ("+", "black", "plain GPTQ, uniform bits (no stripes)"),

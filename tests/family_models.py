@@ -192,10 +192,11 @@ def check_family(label: str, work: Path, tokenizer, cli) -> dict:
         return json.loads(out) if "--json" in args else None
 
     small = ("--g4", "16", "-q", "--json")
-    rtn = run("quantize", str(folder), "-o", str(work / "rtn.llmq"), *small)
+    rtn = run("quantize", str(folder), "-o", str(work / "rtn.llmq"), "--no-calib", *small)
     calib = ("--calib-data", "austen", "--samples", "4", "--calib-seq-len", "64")
-    gptq = run("quantize", str(folder), "-o", str(work / "gptq.llmq"), *calib, *small)
-    four = run("quantize", str(folder), "-o", str(work / "4bit.llmq"), "--preset", "4bit", *small)
+    refine = ("--refine", "block", "--refine-steps", "2", "--refine-batch", "2")
+    gptq = run("quantize", str(folder), "-o", str(work / "gptq.llmq"), *calib, *refine, *small)
+    four = run("quantize", str(folder), "-o", str(work / "4bit.llmq"), "--preset", "4bit", "--no-calib", *small)
     for artifact in ("rtn", "gptq", "4bit"):
         run("verify", str(work / f"{artifact}.llmq"), "-q")
     ppl = run("eval", "ppl", str(work / "gptq.llmq"), "--dataset", "austen", "--seq-len", "64", "--max-tokens", "256",

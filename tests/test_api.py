@@ -40,6 +40,7 @@ def test_inline_calibration_takes_a_text_in_memory(tiny_model, tmp_path):
         tiny_model, tmp_path / "x.llmq", llmq.QuantConfig(g4=16), calib_data=llmq.CalibData(text, **SMALL)
     )
     assert manifest.calibration["dataset"] == "my-notes" and manifest.quantization["act_order"] is True
+    assert manifest.quantization["refine"] == "block"  # refined on the text in memory, not reloaded by label
 
 
 def test_enum_options_accept_their_strings(tiny_artifact):

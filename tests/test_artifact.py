@@ -23,7 +23,7 @@ def quantized(tmp_path_factory, tiny_model) -> Path:
     from conftest import run_cli
 
     out = tmp_path_factory.mktemp("art") / "tiny.llmq"
-    result = run_cli("quantize", str(tiny_model), "-o", str(out), *MIXED, "--json")
+    result = run_cli("quantize", str(tiny_model), "-o", str(out), "--no-calib", *MIXED, "--json")
     assert result.code == 0, result.stderr
     return out
 
@@ -49,7 +49,7 @@ def test_artifact_layout_on_disk(quantized):
 
 
 def test_dry_run_and_inspect_agree(cli, quantized, tiny_model, tmp_path):
-    dry = cli("quantize", str(tiny_model), "-o", str(tmp_path / "never"), *MIXED, "--dry-run", "--json")
+    dry = cli("quantize", str(tiny_model), "-o", str(tmp_path / "never"), "--no-calib", *MIXED, "--dry-run", "--json")
     assert dry.code == 0, dry.stderr and not (tmp_path / "never").exists()
     inspected = cli("inspect", str(quantized), "--json")
     assert inspected.code == 0, inspected.stderr
@@ -90,7 +90,7 @@ def test_eval_and_generate_run_from_the_artifact_alone(cli, tiny_model, tmp_path
     source = tmp_path / "src"
     shutil.copytree(tiny_model, source)
     out = tmp_path / "self-contained.llmq"
-    assert cli("quantize", str(source), "-o", str(out), *MIXED, "-q").code == 0
+    assert cli("quantize", str(source), "-o", str(out), "--no-calib", *MIXED, "-q").code == 0
     shutil.rmtree(source)  # the artifact must not need its source
     ppl = cli("eval", "ppl", str(out), "--dataset", "austen", "--seq-len", "64", "--max-tokens", "256", "--json")
     assert ppl.code == 0, ppl.stderr
@@ -105,7 +105,10 @@ def test_more_bits_give_lower_perplexity_than_fewer(cli, tiny_model, tmp_path):
     results = {}
     for preset in ("2bit", "4bit"):
         out = tmp_path / f"{preset}.llmq"
-        assert cli("quantize", str(tiny_model), "-o", str(out), "--preset", preset, "--g4", "16", "-q").code == 0
+        assert (
+            cli("quantize", str(tiny_model), "-o", str(out), "--no-calib", "--preset", preset, "--g4", "16", "-q").code
+            == 0
+        )
         doc = json.loads(
             cli(
                 "eval", "ppl", str(out), "--dataset", "austen", "--seq-len", "128", "--max-tokens", "1024", "--json"
@@ -128,7 +131,7 @@ def test_odd_shapes_quantize_and_run(cli, tmp_path):
     folder = build_tiny_model(tmp_path / "odd", hidden=40, intermediate=100, heads=2)
     out = tmp_path / "odd.llmq"
     options = ("--g1", "16", "--g4", "8", "--stripe-fraction", "0.25", "--json")
-    result = cli("quantize", str(folder), "-o", str(out), *options)
+    result = cli("quantize", str(folder), "-o", str(out), "--no-calib", *options)
     assert result.code == 0, result.stderr
     layers = {layer["name"]: layer for layer in json.loads(result.stdout)["accounting"]["layers"]}
     down = layers["model.layers.0.mlp.down_proj"]
@@ -145,18 +148,18 @@ def test_odd_shapes_quantize_and_run(cli, tmp_path):
 
 def test_existing_output_needs_force(cli, quantized, tiny_model):
     before = {p.name: p.stat().st_mtime_ns for p in quantized.iterdir()}
-    result = cli("quantize", str(tiny_model), "-o", str(quantized))
+    result = cli("quantize", str(tiny_model), "-o", str(quantized), "--no-calib")
     assert result.code == 1 and "already exists" in result.stderr and "--force" in result.stderr
     assert {p.name: p.stat().st_mtime_ns for p in quantized.iterdir()} == before
 
 
 def test_force_replaces_an_artifact_but_never_a_foreign_folder(cli, tiny_model, tmp_path, copy):
-    assert cli("quantize", str(tiny_model), "-o", str(copy), "--force", "-q", *MIXED).code == 0
+    assert cli("quantize", str(tiny_model), "-o", str(copy), "--no-calib", "--force", "-q", *MIXED).code == 0
     A.open_artifact(copy)
     foreign = tmp_path / "my-data"
     foreign.mkdir()
     (foreign / "keep.txt").write_text("precious")
-    result = cli("quantize", str(tiny_model), "-o", str(foreign), "--force")
+    result = cli("quantize", str(tiny_model), "-o", str(foreign), "--no-calib", "--force")
     assert result.code == 1 and "not an llmq artifact" in result.stderr
     assert (foreign / "keep.txt").read_text() == "precious"
 
@@ -174,7 +177,7 @@ def test_force_replaces_an_artifact_but_never_a_foreign_folder(cli, tiny_model, 
     ],
 )
 def test_invalid_config_is_a_usage_error(cli, tiny_model, tmp_path, args, fragment):
-    result = cli("quantize", str(tiny_model), "-o", str(tmp_path / "x.llmq"), *args)
+    result = cli("quantize", str(tiny_model), "-o", str(tmp_path / "x.llmq"), "--no-calib", *args)
     assert result.code == 2 and fragment in result.stderr and result.stdout == ""
     assert list(tmp_path.iterdir()) == []
 
@@ -184,7 +187,7 @@ def test_model_without_quantizable_linears(cli, tmp_path):
 
     folder = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32)).save_pretrained(folder)
-    result = cli("quantize", str(folder), "-o", str(tmp_path / "g.llmq"), "--include", "transformer.wte*")
+    result = cli("quantize", str(folder), "-o", str(tmp_path / "g.llmq"), "--no-calib", "--include", "transformer.wte*")
     assert result.code == 1 and "no quantizable Linear layers" in result.stderr  # an embedding is no matrix
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2"]
 
@@ -195,7 +198,7 @@ def test_nan_weight_names_the_tensor_and_writes_nothing(cli, tiny_model, tmp_pat
     weights = load_file(source / "model.safetensors")
     weights["model.layers.1.self_attn.k_proj.weight"][0, 0] = float("inf")
     save_file(weights, str(source / "model.safetensors"), metadata={"format": "pt"})
-    result = cli("quantize", str(source), "-o", str(tmp_path / "nan.llmq"))
+    result = cli("quantize", str(source), "-o", str(tmp_path / "nan.llmq"), "--no-calib")
     assert result.code == 1 and "model.layers.1.self_attn.k_proj.weight" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nan"]  # no artifact, no staging folder
 
@@ -334,9 +337,12 @@ def test_dense_overflow_in_fp16_is_an_error_not_an_inf(cli, tiny_model, tmp_path
     weights = load_file(source / "model.safetensors")
     weights["model.norm.weight"][0] = 1e6  # fine in fp32, inf in fp16
     save_file(weights, str(source / "model.safetensors"), metadata={"format": "pt"})
-    result = cli("quantize", str(source), "-o", str(tmp_path / "big.llmq"))
+    result = cli("quantize", str(source), "-o", str(tmp_path / "big.llmq"), "--no-calib")
     assert result.code == 1 and "model.norm.weight overflows torch.float16" in result.stderr
-    assert cli("quantize", str(source), "-o", str(tmp_path / "big.llmq"), "--dense-dtype", "fp32", "-q").code == 0
+    assert (
+        cli("quantize", str(source), "-o", str(tmp_path / "big.llmq"), "--no-calib", "--dense-dtype", "fp32", "-q").code
+        == 0
+    )
 
 
 @pytest.mark.parametrize("section,key", [("linears", "shard"), ("dense", "shard"), ("dense", "dtype")])

@@ -57,7 +57,7 @@ def test_cli_target_bits(cli, tiny_model, tmp_path):
     out = tmp_path / "b.llmq"
     # g1 16: on these tiny shapes one g4 step at g1 32 can exceed the 0.02 tolerance (real models: ~0.003)
     options = ("--g1", "16", "--g4", "16", "--target-bits", "3.6", "--json")
-    result = cli("quantize", str(tiny_model), "-o", str(out), *options)
+    result = cli("quantize", str(tiny_model), "-o", str(out), "--no-calib", *options)
     assert result.code == 0, result.stderr
     accounting = json.loads(result.stdout)["accounting"]
     assert 3.58 <= accounting["bits_per_weight"] <= 3.6
@@ -67,13 +67,21 @@ def test_cli_target_bits(cli, tiny_model, tmp_path):
 
 
 def test_cli_unreachable_target_is_exit_1_and_writes_nothing(cli, tiny_model, tmp_path):
-    result = cli("quantize", str(tiny_model), "-o", str(tmp_path / "x.llmq"), "--target-bits", "2.0")
+    result = cli("quantize", str(tiny_model), "-o", str(tmp_path / "x.llmq"), "--no-calib", "--target-bits", "2.0")
     assert result.code == 1 and "(pure 2-bit) to" in result.stderr
     assert list(tmp_path.iterdir()) == []
 
 
 def test_target_bits_with_stripe_fraction_is_a_usage_error(cli, tiny_model, tmp_path):
     result = cli(
-        "quantize", str(tiny_model), "-o", str(tmp_path / "x.llmq"), "--target-bits", "3.5", "--stripe-fraction", "0.2"
+        "quantize",
+        str(tiny_model),
+        "-o",
+        str(tmp_path / "x.llmq"),
+        "--no-calib",
+        "--target-bits",
+        "3.5",
+        "--stripe-fraction",
+        "0.2",
     )
     assert result.code == 2 and "drop --stripe-fraction" in result.stderr

@@ -61,7 +61,7 @@ def test_an_expert_tensor_of_the_wrong_rank_is_refused(tmp_path, tokenizer):
     tensors["model.layers.0.mlp.experts.down_proj"] = torch.zeros(4, 80, 48)
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     assert experts  # the checkpoint stored experts one tensor each before
-    result = run_cli("quantize", str(folder), "-o", str(tmp_path / "out.llmq"), "--g4", "16", "-q")
+    result = run_cli("quantize", str(folder), "-o", str(tmp_path / "out.llmq"), "--no-calib", "--g4", "16", "-q")
     _refused(result, tmp_path, "model.layers.0.mlp.experts.gate_up_proj", "[96, 80]", "[4, 96, 80]")
 
 
@@ -70,7 +70,7 @@ def test_a_fused_projection_split_unlike_the_config_is_refused(tmp_path, tokeniz
     config = json.loads((folder / "config.json").read_text())
     config["num_key_value_heads"] = 4  # the checkpoint's qkv_proj was split for 2 kv heads
     (folder / "config.json").write_text(json.dumps(config))
-    result = run_cli("quantize", str(folder), "-o", str(tmp_path / "out.llmq"), "--g4", "16", "-q")
+    result = run_cli("quantize", str(folder), "-o", str(tmp_path / "out.llmq"), "--no-calib", "--g4", "16", "-q")
     _refused(result, tmp_path, "model.layers.0.self_attn.qkv_proj.weight", "has shape [160, 80]", "[240, 80]")
 
 
@@ -218,7 +218,10 @@ def test_a_checkpoint_with_fused_expert_tensors_gives_the_same_artifact(tmp_path
     save_file(tensors, str(fused / "model.safetensors"), metadata={"format": "pt"})
     for folder in (per_expert, fused):
         assert (
-            run_cli("quantize", str(folder), "-o", str(tmp_path / f"{folder.name}.llmq"), "--g4", "16", "-q").code == 0
+            run_cli(
+                "quantize", str(folder), "-o", str(tmp_path / f"{folder.name}.llmq"), "--no-calib", "--g4", "16", "-q"
+            ).code
+            == 0
         )
     shards = sorted(p.name for p in (tmp_path / "fused.llmq").glob("shard-*"))
     assert shards and all((tmp_path / "fused.llmq" / s).read_bytes() == (tmp_path / "per-expert.llmq" / s).read_bytes()
@@ -232,7 +235,7 @@ def test_a_checkpoint_without_the_base_model_prefix_is_read(tmp_path, tokenizer)
     save_file({k.removeprefix("transformer."): v for k, v in tensors.items()}, str(folder / "model.safetensors"),
               metadata={"format": "pt"})  # fmt: skip
     out = tmp_path / "out.llmq"
-    result = run_cli("quantize", str(folder), "-o", str(out), "--g4", "16", "--include", "*.layers.*",
+    result = run_cli("quantize", str(folder), "-o", str(out), "--no-calib", "--g4", "16", "--include", "*.layers.*",
                      "--include", "lm_head", "-q")  # fmt: skip
     assert result.code == 0, result.stderr
     linears = json.loads((out / "manifest.json").read_text())["linears"]
@@ -263,10 +266,12 @@ def test_a_model_mixing_dense_and_moe_layers_runs_exactly(tmp_path, tokenizer):
 
 def test_experts_are_quantized_all_or_none(tmp_path, tokenizer):
     folder = build("Mixtral", tmp_path / "mix", tokenizer)
-    result = run_cli("quantize", str(folder), "-o", str(tmp_path / "out.llmq"), "--exclude", "*.experts.down_proj.*")
+    result = run_cli(
+        "quantize", str(folder), "-o", str(tmp_path / "out.llmq"), "--no-calib", "--exclude", "*.experts.down_proj.*"
+    )
     assert result.code == 2 and "select all of an experts module's matrices or none" in result.stderr
-    dense = run_cli("quantize", str(folder), "-o", str(tmp_path / "dense-experts.llmq"), "--exclude", "*.experts.*",
-                    "--g4", "16", "-q")  # fmt: skip
+    dense = run_cli("quantize", str(folder), "-o", str(tmp_path / "dense-experts.llmq"), "--no-calib",
+                    "--exclude", "*.experts.*", "--g4", "16", "-q")  # fmt: skip
     assert dense.code == 0, dense.stderr
     import llmq
 
@@ -301,5 +306,5 @@ def test_no_decoder_layers_found_is_one_clear_line(tmp_path, cli, monkeypatch):
     AutoModelForCausalLM.register(NoListConfig, NoListModel, exist_ok=True)
     folder = tmp_path / "nolist"
     NoListModel(NoListConfig()).save_pretrained(folder)
-    result = cli("quantize", str(folder), "-o", str(tmp_path / "out.llmq"), "-q")
+    result = cli("quantize", str(folder), "-o", str(tmp_path / "out.llmq"), "--no-calib", "-q")
     _refused(result, tmp_path, "model type 'llmq-test-nolist' is not in llmq's architecture table")

@@ -51,7 +51,10 @@ def test_more_bits_give_lower_kl(cli, tiny_model, tmp_path):
     means = {}
     for preset in ("2bit", "4bit"):
         out = tmp_path / f"{preset}.llmq"
-        assert cli("quantize", str(tiny_model), "-o", str(out), "--preset", preset, "--g4", "16", "-q").code == 0
+        assert (
+            cli("quantize", str(tiny_model), "-o", str(out), "--no-calib", "--preset", preset, "--g4", "16", "-q").code
+            == 0
+        )
         result = cli("eval", "kld", str(out), "--base", str(tiny_model), *EVAL, "--json")
         assert result.code == 0, result.stderr
         doc = json.loads(result.stdout)
@@ -80,7 +83,7 @@ def _kld_json(cli, model, base, *extra):
 @pytest.fixture
 def two_bit(cli, tiny_model, tmp_path):
     out = tmp_path / "2bit.llmq"
-    assert cli("quantize", str(tiny_model), "-o", str(out), "--preset", "2bit", "-q").code == 0
+    assert cli("quantize", str(tiny_model), "-o", str(out), "--no-calib", "--preset", "2bit", "-q").code == 0
     return out
 
 

@@ -70,7 +70,7 @@ def test_a_planned_artifact_runs_on_the_cpu_like_a_plain_load(tiny_model, tmp_pa
     from conftest import run_cli
 
     out = tmp_path / "tiny.llmq"
-    assert run_cli("quantize", str(tiny_model), "-o", str(out), "--g4", "16", "-q").code == 0
+    assert run_cli("quantize", str(tiny_model), "-o", str(out), "--no-calib", "--g4", "16", "-q").code == 0
     source = models.resolve_model(str(out), progress=False)
     config = models.load_config(source)
     from llmq.runtime.format import artifact as A

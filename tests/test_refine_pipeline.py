@@ -49,8 +49,9 @@ def test_refinement_rewrites_the_blocks_and_records_its_settings(refined, gptq):
     assert "refine" not in json.loads((gptq / "manifest.json").read_text())["quantization"]
     layers = [load_file(str(path / "shard-00000.safetensors")) for path in (refined, gptq)]
     changed = [key for key in layers[0] if not layers[0][key].equal(layers[1][key])]
-    assert changed and all(key.rsplit(".", 1)[1] in {"qweight2", "meta2", "scale2", "qweight4", "zero4", "scale4"}
-                           for key in changed)  # fmt: skip
+    stored = {"qweight2", "meta2", "scale2", "qweight4", "zero4", "scale4"}
+    assert any("norm" in key for key in changed) and any(key.rsplit(".", 1)[1] in stored for key in changed)
+    assert all(key.rsplit(".", 1)[1] in stored or "norm" in key for key in changed)
     assert _tree(refined)["shard-00002.safetensors"] == _tree(gptq)["shard-00002.safetensors"]  # outside the blocks
 
 
@@ -76,8 +77,10 @@ def test_a_stats_file_refines_on_the_text_it_was_collected_from(tiny_model, refi
 
 
 def test_refinement_needs_calibration_and_its_settings_need_refinement(cli, tiny_model, tmp_path):
-    result = cli("quantize", str(tiny_model), "-o", str(tmp_path / "a.llmq"), "--refine", "block")
+    result = cli("quantize", str(tiny_model), "-o", str(tmp_path / "a.llmq"), "--no-calib", "--refine", "block")
     assert result.code == 2 and "--refine block tunes the blocks on calibration text" in result.stderr
+    result = cli("quantize", str(tiny_model), "-o", str(tmp_path / "a.llmq"), "--no-calib", "--calib-data", "austen")
+    assert result.code == 2 and "--no-calib turns calibration off" in result.stderr
     result = cli("quantize", str(tiny_model), "-o", str(tmp_path / "b.llmq"), *CALIB, "--refine", "none",
                  "--refine-steps", "3")  # fmt: skip
     assert result.code == 2 and "--refine-* settings tune --refine block" in result.stderr
@@ -86,3 +89,19 @@ def test_refinement_needs_calibration_and_its_settings_need_refinement(cli, tiny
     with pytest.raises(UsageError, match="--refine-inputs 'mixed' must be one of quantized, fp"):
         RefineSettings(inputs="mixed")
     assert not any(tmp_path.iterdir())
+
+
+def test_a_plain_quantize_calibrates_on_the_builtin_mix_and_refines(cli, tiny_model, tmp_path):
+    out = tmp_path / "default.llmq"
+    result = cli("quantize", str(tiny_model), "-o", str(out), "--g4", "16", "--json")
+    assert result.code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["calibration"]["dataset"] == "mix:prose+technical+code" and report["calibration"]["samples"] == 64
+    assert report["config"]["refine"] == "block" and report["config"]["refine_settings"] == {
+        **RefineSettings().__dict__, "inputs": "quantized"}  # fmt: skip
+    assert set(report["stages"]) == {"calibrate", "quantize", "refine"} and report["peak_rss_bytes"] > 0
+    rounded = tmp_path / "rtn.llmq"
+    report = json.loads(
+        cli("quantize", str(tiny_model), "-o", str(rounded), "--g4", "16", "--no-calib", "--json").stdout
+    )
+    assert "calibration" not in report and "refine" not in report["config"] and set(report["stages"]) == {"quantize"}

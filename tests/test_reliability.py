@@ -25,7 +25,7 @@ CALIB = ("--dataset", "austen", "--samples", "4", "--seq-len", "64")
 @pytest.fixture(scope="module")
 def good(tiny_model, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reliability") / "good.llmq"
-    assert run_cli("quantize", str(tiny_model), "-o", str(out), "--g4", "16", "-q").code == 0
+    assert run_cli("quantize", str(tiny_model), "-o", str(out), "--no-calib", "--g4", "16", "-q").code == 0
     return out
 
 
@@ -114,7 +114,7 @@ def _full_disk_after(calls: int):
 def test_a_full_disk_mid_write_is_a_clear_error_and_leaves_nothing(cli, tiny_model, tmp_path, monkeypatch):
     monkeypatch.setattr("llmq.quant.writer.save_file", _full_disk_after(1))
     out = tmp_path / "x.llmq"
-    result = cli("quantize", str(tiny_model), "-o", str(out), "--g4", "16")
+    result = cli("quantize", str(tiny_model), "-o", str(out), "--no-calib", "--g4", "16")
     assert result.code == 1
     assert "No space left on device; free some space or write elsewhere with -o" in result.stderr
     assert not out.exists() and _leftovers(tmp_path) == []
@@ -123,7 +123,7 @@ def test_a_full_disk_mid_write_is_a_clear_error_and_leaves_nothing(cli, tiny_mod
 def test_a_full_disk_during_force_keeps_the_earlier_artifact(cli, tiny_model, copy, monkeypatch):
     before = {p.name: p.read_bytes() for p in copy.iterdir()}
     monkeypatch.setattr("llmq.quant.writer.save_file", _full_disk_after(2))
-    result = cli("quantize", str(tiny_model), "-o", str(copy), "--g4", "32", "--force")
+    result = cli("quantize", str(tiny_model), "-o", str(copy), "--no-calib", "--g4", "32", "--force")
     assert result.code == 1 and "No space left" in result.stderr
     assert {p.name: p.read_bytes() for p in copy.iterdir()} == before
     assert cli("verify", str(copy)).code == 0 and _leftovers(copy.parent) == []
@@ -146,10 +146,10 @@ def test_a_real_small_filesystem(cli, tiny_model, tmp_path, monkeypatch):
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()}); the write-hook tests cover this")
     try:
-        result = cli("quantize", str(tiny_model), "-o", str(mount / "x.llmq"), "--g4", "16")
+        result = cli("quantize", str(tiny_model), "-o", str(mount / "x.llmq"), "--no-calib", "--g4", "16")
         assert result.code == 1 and "needs about" in result.stderr
         monkeypatch.setattr("llmq.quant.resources.free_disk_bytes", lambda folder: 1 << 40)
-        result = cli("quantize", str(tiny_model), "-o", str(mount / "x.llmq"), "--g4", "16")
+        result = cli("quantize", str(tiny_model), "-o", str(mount / "x.llmq"), "--no-calib", "--g4", "16")
         assert result.code == 1 and "No space left on device" in result.stderr
         assert list(mount.iterdir()) == []
     finally:
@@ -158,23 +158,25 @@ def test_a_real_small_filesystem(cli, tiny_model, tmp_path, monkeypatch):
 
 def test_a_run_that_cannot_fit_on_the_disk_is_refused_before_it_starts(cli, tiny_model, tmp_path, monkeypatch):
     monkeypatch.setattr("llmq.quant.resources.free_disk_bytes", lambda folder: 1000)
-    result = cli("quantize", str(tiny_model), "-o", str(tmp_path / "x.llmq"), "--g4", "16")
+    result = cli("quantize", str(tiny_model), "-o", str(tmp_path / "x.llmq"), "--no-calib", "--g4", "16")
     assert result.code == 1 and "needs about" in result.stderr and "only 0 MB are free" in result.stderr
     assert list(tmp_path.iterdir()) == []
 
 
 def test_dry_run_estimates_memory_and_disk(cli, tiny_model, tmp_path):
-    doc = json.loads(cli("quantize", str(tiny_model), "-o", str(tmp_path / "x"), "--dry-run", "--json").stdout)
+    doc = json.loads(
+        cli("quantize", str(tiny_model), "-o", str(tmp_path / "x"), "--no-calib", "--dry-run", "--json").stdout
+    )
     e = doc["estimate"]
     assert e["peak_rss_bytes"] > e["base_rss_bytes"] > 0
     assert e["artifact_bytes"] >= doc["accounting"]["tensor_bytes"]
-    text = cli("quantize", str(tiny_model), "-o", str(tmp_path / "x"), "--dry-run").stdout
+    text = cli("quantize", str(tiny_model), "-o", str(tmp_path / "x"), "--no-calib", "--dry-run").stdout
     assert "estimated peak memory while quantizing" in text
 
 
 def test_a_run_that_may_not_fit_in_memory_warns(cli, tiny_model, tmp_path, monkeypatch):
     monkeypatch.setattr("llmq.quant.resources.available_memory_bytes", lambda: 1)
-    result = cli("quantize", str(tiny_model), "-o", str(tmp_path / "x.llmq"), "--g4", "16")
+    result = cli("quantize", str(tiny_model), "-o", str(tmp_path / "x.llmq"), "--no-calib", "--g4", "16")
     assert result.code == 0 and "warning: this run may need about" in result.stderr
 
 

@@ -11,7 +11,7 @@ from llmq.quant import writer as W
 
 from conftest import interrupt_shard_writes
 
-ARGS = ("--g4", "16", "-q")
+ARGS = ("--g4", "16", "--no-calib", "-q")
 
 
 def _tree(path):
@@ -40,7 +40,7 @@ def test_an_interrupted_run_resumes_to_the_same_bytes(cli, tiny_model, reference
     [kept] = _checkpoints(tmp_path)
     assert json.loads((kept / W.CHECKPOINT).read_text())["units_done"] == ["0", "1"]
     monkeypatch.undo()
-    result = cli("quantize", str(tiny_model), "-o", str(out), "--g4", "16", "--resume")
+    result = cli("quantize", str(tiny_model), "-o", str(out), "--g4", "16", "--no-calib", "--resume")
     assert result.code == 0, result.stderr
     assert "resuming from" in result.stderr and "2 unit(s) already done" in result.stderr
     assert _tree(out) == _tree(reference)  # bit-identical, manifest included
@@ -52,7 +52,7 @@ def test_without_resume_the_checkpoint_is_discarded_and_said_so(cli, tiny_model,
     interrupt_shard_writes(monkeypatch, 1)
     assert cli("quantize", str(tiny_model), "-o", str(out), *ARGS).code == 130
     monkeypatch.undo()
-    result = cli("quantize", str(tiny_model), "-o", str(out), "--g4", "16")
+    result = cli("quantize", str(tiny_model), "-o", str(out), "--g4", "16", "--no-calib")
     assert result.code == 0 and "are discarded (--resume would continue from them)" in result.stderr
     assert _tree(out) == _tree(reference) and _checkpoints(tmp_path) == []
 
@@ -62,7 +62,7 @@ def test_resume_with_other_settings_is_refused(cli, tiny_model, tmp_path, monkey
     interrupt_shard_writes(monkeypatch, 1)
     assert cli("quantize", str(tiny_model), "-o", str(out), *ARGS).code == 130
     monkeypatch.undo()
-    result = cli("quantize", str(tiny_model), "-o", str(out), "--g4", "32", "--resume")
+    result = cli("quantize", str(tiny_model), "-o", str(out), "--g4", "32", "--no-calib", "--resume")
     assert result.code == 1 and "used a different model, settings or calibration" in result.stderr
     assert len(_checkpoints(tmp_path)) == 1  # still there for the right command
 
@@ -81,6 +81,6 @@ def test_a_damaged_checkpoint_is_refused(cli, tiny_model, tmp_path, monkeypatch)
 
 def test_resume_with_nothing_to_resume_says_so_and_runs(cli, tiny_model, reference, tmp_path):
     out = tmp_path / "x.llmq"
-    result = cli("quantize", str(tiny_model), "-o", str(out), "--g4", "16", "--resume")
+    result = cli("quantize", str(tiny_model), "-o", str(out), "--g4", "16", "--no-calib", "--resume")
     assert result.code == 0 and "no interrupted run of this output to continue" in result.stderr
     assert _tree(out) == _tree(reference)

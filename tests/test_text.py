@@ -97,3 +97,31 @@ def test_a_source_label_loads_the_same_text_again(tmp_path, monkeypatch):
     for label in ("my-notes", "austen:emma", "wikitext2:wikitext-103-raw-v1:train"):
         with pytest.raises(TextSourceError, match=f"the calibration text '{label}' is not one llmq can load again"):
             text.from_source(label)
+
+
+def test_the_builtin_mix_joins_prose_technical_text_and_code():
+    mix = load_text(Dataset.mix, None, Split.calib)
+    prose = load_text(Dataset.austen, None, Split.calib).text
+    registers = mix.text.split("\n\n\n")
+    assert mix.source == "mix:prose+technical+code" and text.from_source(mix.source) == mix
+    assert mix.text.startswith(prose[:10_000]) and "Persuasion" not in mix.text
+    assert "def " in mix.text and "class " in mix.text and "expression" in mix.text
+    assert 600_000 < len(mix.text) < 900_000  # three registers of about 250,000 characters
+    assert len(registers) >= 3 and len(prose) > len(registers[0])  # the novel is cut to one register's size
+    with pytest.raises(TextSourceError, match="the built-in mix is calibration text only"):
+        load_text(Dataset.mix, None, Split.eval)
+
+
+def test_an_embedded_text_that_fails_its_checksum_is_refused(tmp_path, monkeypatch):
+    from importlib import resources
+
+    data = tmp_path / "data"
+    data.mkdir()
+    real = resources.files("llmq.runtime.sources").joinpath("data")
+    for name in ("mix.json", "mix-code.txt"):
+        (data / name).write_bytes(real.joinpath(name).read_bytes())
+    monkeypatch.setattr(text.resources, "files", lambda package: tmp_path)
+    assert text._embedded("mix-code.txt", "mix.json").startswith(real.joinpath("mix-code.txt").read_text()[:100])
+    (data / "mix-code.txt").write_bytes(real.joinpath("mix-code.txt").read_bytes() + b" ")
+    with pytest.raises(TextSourceError, match="the embedded text mix-code.txt does not match its checksum"):
+        text._embedded("mix-code.txt", "mix.json")

@@ -20,6 +20,8 @@ log = logging.getLogger("llmq")
 ProgressUpdate = Callable[[int, int], None]
 # check(), called at each bounded step of a stoppable region; raises KeyboardInterrupt to stop there
 StopCheck = Callable[[], None]
+# stage(name, seconds), called as a stage of a long run (calibration, GPTQ, refinement) finishes
+StageDone = Callable[[str, float], None]
 
 
 def _no_progress(description: str) -> AbstractContextManager[ProgressUpdate]:
@@ -36,13 +38,15 @@ class Feedback:
     ``progress(description)``: a context manager yielding ``update(done, total)``;
     ``show_progress``: whether libraries may draw their own bars (downloads, conversions);
     ``stoppable()``: a context manager around work that checks for a stop at each bounded step,
-    yielding that check. Outside such regions an interrupt acts at once, as usual."""
+    yielding that check. Outside such regions an interrupt acts at once, as usual.
+    ``stage(name, seconds)``: a stage of a long run finished, after that many wall seconds."""
 
     info: Callable[[str], None] = log.info
     warn: Callable[[str], None] = log.warning
     progress: Callable[[str], AbstractContextManager[ProgressUpdate]] = _no_progress
     show_progress: bool = False
     stoppable: Callable[[], AbstractContextManager[StopCheck]] = _never_stop
+    stage: StageDone = lambda name, seconds: None
 
 
 LOGGED = Feedback()  # the default of every API call: the "llmq" logger, no bars

@@ -5,10 +5,16 @@ Each source has two splits, kept apart so a model is never evaluated on its cali
 =============  ==================================  ==================================
 source         ``eval`` split                      ``calib`` split
 =============  ==================================  ==================================
+``mix``        (none: calibration only)            prose, technical text, code (embedded)
 ``austen``     *Persuasion* (embedded)             *Pride and Prejudice* (embedded)
 ``wikitext2``  wikitext-2-raw-v1 ``test``          wikitext-2-raw-v1 ``train``
 file           the whole file                      the whole file
 =============  ==================================  ==================================
+
+``mix``, the default calibration text, joins three registers of about 250,000 characters each:
+the start of *Pride and Prejudice*, the Python Language Reference's topics and pure-Python
+CPython standard library modules (both PSF License; ``scripts/build_calib_mix.py`` made them
+and ``data/mix.json`` records their provenance).
 
 The Austen novels are public domain, extracted from Debian's ``r-cran-janeaustenr`` by
 ``scripts/extract_austen.py``. wikitext2 is read through ``datasets`` (network or its cache)
@@ -30,6 +36,7 @@ from llmq.errors import TextSourceError, UsageError
 
 
 class Dataset(str, enum.Enum):
+    mix = "mix"
     austen = "austen"
     wikitext2 = "wikitext2"
 
@@ -48,6 +55,9 @@ class Text:
 
 
 _AUSTEN_FILES = {Split.eval: "austen-persuasion.txt", Split.calib: "austen-pride-and-prejudice.txt"}
+_MIX_FILES = ("mix-technical.txt", "mix-code.txt")  # after the prose, itself cut to the same size
+_MIX_REGISTER_CHARS = 250_000
+_MIX_LABEL = "mix:prose+technical+code"
 _WIKITEXT = ("Salesforce/wikitext", "wikitext-2-raw-v1")
 _WIKITEXT_SPLITS = {Split.eval: "test", Split.calib: "train"}
 
@@ -65,7 +75,7 @@ class TextRequest:
 
     def is_local(self, default: Dataset | None) -> bool:
         """True unless reading it may go to the network (wikitext2 through ``datasets``)."""
-        return self.file is not None or (self.dataset or default) == Dataset.austen
+        return self.file is not None or (self.dataset or default) in (Dataset.austen, Dataset.mix)
 
     def load(self, split: Split, default: Dataset | None = None) -> Text:
         if self.file is not None:
@@ -73,6 +83,8 @@ class TextRequest:
         dataset = self.dataset or default
         if dataset == Dataset.austen:
             return _load_austen(split)
+        if dataset == Dataset.mix:
+            return _load_mix(split)
         if dataset == Dataset.wikitext2:
             return _load_wikitext2(split)
         raise UsageError("give --dataset or --text-file")
@@ -83,7 +95,7 @@ TextSpec = Dataset | str | os.PathLike | TextRequest | Text
 
 
 def request(spec: TextSpec | None) -> TextRequest | Text:
-    """``"austen"`` and ``"wikitext2"`` name datasets; any other string or path is a text file."""
+    """``"mix"``, ``"austen"`` and ``"wikitext2"`` name datasets; any other string or path is a text file."""
     if spec is None:
         return TextRequest()
     if isinstance(spec, TextRequest | Text):
@@ -119,6 +131,8 @@ def from_source(label: str) -> Text:
         return _load_file(Path(rest))
     austen = {f"{name.removeprefix('austen-').removesuffix('.txt')}": split for split, name in _AUSTEN_FILES.items()}
     wikitext = {f"{_WIKITEXT[1]}:{name}": split for split, name in _WIKITEXT_SPLITS.items()}
+    if label == _MIX_LABEL:
+        return _load_mix(Split.calib)
     if kind == Dataset.austen.value and rest in austen:
         return _load_austen(austen[rest])
     if kind == Dataset.wikitext2.value and rest in wikitext:
@@ -147,12 +161,26 @@ def _load_file(path: Path) -> Text:
 
 def _load_austen(split: Split) -> Text:
     name = _AUSTEN_FILES[split]
+    return Text(f"austen:{name.removeprefix('austen-').removesuffix('.txt')}", _embedded(name, "austen.json"))
+
+
+def _load_mix(split: Split) -> Text:
+    if split != Split.calib:
+        raise TextSourceError("the built-in mix is calibration text only; evaluate on austen, wikitext2 or a text file")
+    prose = _embedded(_AUSTEN_FILES[Split.calib], "austen.json")
+    end = prose.rfind("\n\n", 0, _MIX_REGISTER_CHARS)
+    registers = [prose[:end]] + [_embedded(name, "mix.json") for name in _MIX_FILES]
+    return Text(_MIX_LABEL, "\n\n\n".join(registers))
+
+
+def _embedded(name: str, record: str) -> str:
+    """An embedded text file, checked against the sha256 its provenance record holds."""
     data = resources.files("llmq.runtime.sources").joinpath("data")
     raw = data.joinpath(name).read_bytes()
-    expected = json.loads(data.joinpath("austen.json").read_text())["files"][name]["sha256"]
+    expected = json.loads(data.joinpath(record).read_text())["files"][name]["sha256"]
     if hashlib.sha256(raw).hexdigest() != expected:
         raise TextSourceError(f"the embedded text {name} does not match its checksum; reinstall llmq")
-    return Text(f"austen:{name.removeprefix('austen-').removesuffix('.txt')}", raw.decode("utf-8"))
+    return raw.decode("utf-8")
 
 
 def _load_wikitext2(split: Split) -> Text:
