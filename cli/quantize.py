@@ -103,7 +103,8 @@ def quantize(
         Refine | None,
         typer.Option(
             "--refine",
-            help="After GPTQ: block (tune each block to its fp32 outputs) or none. Default: block when calibrated.",
+            help="After GPTQ: block (tune each block to its fp32 outputs), e2e (block, then the whole model's "
+            "scales and norms to its fp32 outputs) or none. Default: block when calibrated.",
         ),
     ] = None,
     refine_steps: Annotated[int | None, typer.Option("--refine-steps", help="Optimiser steps per block.")] = None,
@@ -118,6 +119,9 @@ def quantize(
         RefineInputs | None,
         typer.Option("--refine-inputs", help="A block's inputs while tuned: the refined blocks' outputs, or fp32's."),
     ] = None,
+    e2e_steps: Annotated[int | None, typer.Option("--e2e-steps", help="--refine e2e: optimiser steps.")] = None,
+    e2e_batch: Annotated[int | None, typer.Option("--e2e-batch", help="--refine e2e: windows per step.")] = None,
+    e2e_lr: Annotated[float | None, typer.Option("--e2e-lr", help="--refine e2e: Adam's rate.")] = None,
     device: Annotated[
         str,
         typer.Option("--device", help="Where calibration, rounding, GPTQ run: auto (cuda if present), cpu, cuda[:N]."),
@@ -139,13 +143,15 @@ def quantize(
         outlier_fraction=outliers, rounding=rounding, selection=selection, gptq_damp=damp, gptq_block=gptq_block,
         act_order=act_order, include=tuple(include) if include else None, exclude=tuple(exclude) if exclude else None,
         target_bits=target_bits, refine=refine, refine_settings=refine_settings(
-            steps=refine_steps, batch=refine_batch, lr=refine_lr, scale_lr=refine_scale_lr, inputs=refine_inputs),
+            steps=refine_steps, batch=refine_batch, lr=refine_lr, scale_lr=refine_scale_lr, inputs=refine_inputs,
+            e2e_steps=e2e_steps, e2e_batch=e2e_batch, e2e_lr=e2e_lr),
     )  # fmt: skip
     if no_calib and (calib is not None or calib_data is not None):
         raise UsageError("--no-calib turns calibration off; drop --calib/--calib-data, or drop --no-calib")
     inline = None  # --no-calib, or statistics from --calib
     if calib_data is not None or (calib is None and not no_calib):
-        inline = api.CalibData(request(calib_data or "mix"), samples, calib_seq_len, seed)
+        text = request(calib_data) if calib_data is not None else api.DEFAULT_CALIBRATION.text
+        inline = api.CalibData(text, samples, calib_seq_len, seed)
     run = {"calib": calib, "calib_data": inline, "dense_dtype": dense_dtype, "revision": revision,
            "trust_remote_code": trust_remote_code}  # fmt: skip
     document = {"command": "quantize", "llmq_version": __version__, "output": str(output), "preset": preset}

@@ -235,12 +235,13 @@ def quantize(
     if warning := resources.memory_warning(p.needs):
         feedback.warn(warning)
     refinement = None
-    if p.config.refine == Refine.block:
+    if p.config.refine.tunes:
         meta = p.stats.meta
         text = p.stats.text if p.stats.text is not None else T.from_source(meta["dataset"]).text
         windows = calibration_windows(p.source, text, meta["samples"], meta["seq_len"], meta["seed"])
         refinement = pipeline.Refinement(windows, p.model_config)
-        feedback.info(f"refinement: block-wise, {len(windows)} windows of {meta['dataset']}, {_settings(p.config)}")
+        where = f"{len(windows)} windows of {meta['dataset']}"
+        feedback.info(f"refinement: {p.config.refine.value}, {where}, {_settings(p.config)}")
     with feedback.stoppable() as stop:
         return pipeline.quantize_model(
             p.source, out, p.config, p.plan, force, feedback.progress, p.stats, resolve_device(device),
@@ -250,4 +251,7 @@ def quantize(
 
 def _settings(config: QuantConfig) -> str:
     r = config.refine_settings
-    return f"{r.steps} steps of {r.batch} windows, lr {r.lr:g}, scale lr {r.scale_lr:g}, {r.inputs.value} inputs"
+    text = f"{r.steps} steps of {r.batch} windows, lr {r.lr:g}, scale lr {r.scale_lr:g}, {r.inputs.value} inputs"
+    if config.refine == Refine.e2e:
+        text += f"; then end to end: {r.e2e_steps} steps of {r.e2e_batch} windows, lr {r.e2e_lr:g}"
+    return text

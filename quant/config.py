@@ -39,6 +39,11 @@ class Refine(str, enum.Enum):
 
     none = "none"
     block = "block"  # block-wise reconstruction: each decoder block's stored numbers tuned to its fp32 outputs
+    e2e = "e2e"  # block, then the scales and norms of the whole model tuned to the fp32 model's outputs (KL)
+
+    @property
+    def tunes(self) -> bool:
+        return self != Refine.none
 
 
 class RefineInputs(str, enum.Enum):
@@ -58,6 +63,8 @@ class RefineSettings:
                decayed linearly to 0; an integer moves once its steps add up to half a unit
     scale_lr   Adam's rate on the fp16 scales' log-multipliers
     inputs     see :class:`RefineInputs`
+    e2e_steps, e2e_batch, e2e_lr   ``--refine e2e``'s stage after the blocks (:mod:`llmq.quant.e2e`):
+               optimiser steps over the whole model, windows per step, Adam's rate
     """
 
     steps: int = 50
@@ -65,6 +72,9 @@ class RefineSettings:
     lr: float = 0.0  # measured: from GPTQ's codes, flips by signed steps make blocks worse (docs/method.md)
     scale_lr: float = 0.01
     inputs: RefineInputs = RefineInputs.quantized
+    e2e_steps: int = 32
+    e2e_batch: int = 2
+    e2e_lr: float = 0.001
 
     def __post_init__(self) -> None:
         try:
@@ -83,6 +93,15 @@ class RefineSettings:
             raise UsageError(f"--refine-lr {self.lr} must be between 0 and 0.5 (code units per step)")
         if not 0.0 <= self.scale_lr <= 0.1:
             raise UsageError(f"--refine-scale-lr {self.scale_lr} must be between 0 and 0.1")
+        if self.e2e_steps < 1 or self.e2e_batch < 1:
+            raise UsageError(f"--e2e-steps {self.e2e_steps} and --e2e-batch {self.e2e_batch} must be at least 1")
+        if not 0.0 <= self.e2e_lr <= 0.1:
+            raise UsageError(f"--e2e-lr {self.e2e_lr} must be between 0 and 0.1")
+
+    def block_only(self) -> RefineSettings:
+        """These settings with the end-to-end stage's at their defaults."""
+        return replace(self, e2e_steps=RefineSettings.e2e_steps, e2e_batch=RefineSettings.e2e_batch,
+                       e2e_lr=RefineSettings.e2e_lr)  # fmt: skip
 
     def held_out(self, windows: int) -> int:
         """How many of ``windows`` judge whether a block got better, never trained on: one in eight."""
@@ -168,11 +187,15 @@ class QuantConfig:
             )
         if self.act_order and not calibrated:
             raise UsageError("--act-order orders GPTQ by calibration statistics; add --calib or --calib-data")
-        if self.refine == Refine.block and not calibrated:
-            raise UsageError("--refine block tunes the blocks on calibration text; add --calib-data or --calib")
+        if self.refine is not None and self.refine.tunes and not calibrated:
+            raise UsageError(
+                f"--refine {self.refine.value} tunes the blocks on calibration text; add --calib-data or --calib"
+            )
         refine = self.refine or (DEFAULT_REFINE if calibrated else Refine.none)
         if refine == Refine.none and self.refine_settings != RefineSettings():
             raise UsageError("--refine-* settings tune --refine block, which this run does not do; drop them")
+        if refine != Refine.e2e and self.refine_settings != self.refine_settings.block_only():
+            raise UsageError("--e2e-* settings tune --refine e2e, which this run does not do; drop them")
         return replace(self, act_order=calibrated if self.act_order is None else self.act_order, refine=refine)
 
     def selects(self, module_name: str, layers: str) -> bool:
@@ -198,6 +221,9 @@ class QuantConfig:
         data["refine_settings"]["inputs"] = self.refine_settings.inputs.value
         if self.refine == Refine.none:  # as manifests before refinement existed
             del data["refine"], data["refine_settings"]
+        elif self.refine != Refine.e2e:  # as block refinement's manifests before the end-to-end stage existed
+            for key in ("e2e_steps", "e2e_batch", "e2e_lr"):
+                del data["refine_settings"][key]
         return data
 
     @classmethod

@@ -63,9 +63,11 @@ def quantize_model(
     reports the wall time of the quantize and refine stages.
     """
     check_output(out, force)
-    refining = config.refine == Refine.block
+    refining = config.refine is not None and config.refine.tunes  # None: not resolved by for_run, nothing to tune
     if refining and refinement is None:
-        raise UsageError("--refine block needs the calibration windows to tune on; add --calib-data or --calib")
+        raise UsageError(
+            f"--refine {config.refine.value} needs the calibration windows to tune on; add --calib-data or --calib"
+        )
     fingerprint = run_fingerprint(source, config, plan, stats)
     writer = _open_writer(out, force, fingerprint, resume, log)
     for path in remove_stale_staging(out):
@@ -75,11 +77,20 @@ def quantize_model(
         with progress("quantizing layers") as update:
             _write_units(plan, config, writer, update, stats, device, fingerprint, stop)
         stage("quantize", time.perf_counter() - start)
-        if refining:
+        if refining and TUNED_E2E not in writer.units_done:
             start = time.perf_counter()
             with progress("refining blocks") as update:
-                _refine_units(source, plan, config, writer, refinement, device, fingerprint, update, log, stop)
+                stream, stack = _refine_units(source, plan, config, writer, refinement, device, fingerprint,
+                                              update, log, stop)  # fmt: skip
             stage("refine", time.perf_counter() - start)
+            if stack is not None:
+                start = time.perf_counter()
+                with progress("tuning end to end") as update:
+                    _tune_end_to_end(stream, stack, config, writer, update, log, stop)
+                writer.checkpoint(fingerprint, TUNED_E2E)
+                stage("e2e", time.perf_counter() - start)
+        if E2E_FILE in writer.files:
+            _apply_end_to_end(plan, writer, fingerprint)
         for file in hf_files(source.path):
             writer.copy_file(file)
         return writer.commit(_manifest(source, config, plan, stats, device))
@@ -89,7 +100,7 @@ def quantize_model(
             raise
         kept = writer.stop()
         refined = sum(u.startswith(REFINED) for u in writer.units_done)
-        done = f"{len(writer.units_done) - refined} of {len(plan.units)} units"
+        done = f"{sum(u in plan.units for u in writer.units_done)} of {len(plan.units)} units"
         if refining:
             done += f" and refining {refined} of {len(plan.units) - 1} blocks"
         raise InterruptedRun(
@@ -165,6 +176,11 @@ def _write_units(
 
 
 REFINED = "refined:"  # the checkpoint's name of a refined block: this prefix and its unit
+# The end-to-end stage tunes every layer at once, so its result is first saved whole in a side file
+# (checkpoint TUNED_E2E), then merged into the shards (each checkpointed) and the side file discarded
+# (APPLIED_E2E): a run stopped in between resumes by merging the side file again, never by tuning
+# again from half-rewritten shards.
+TUNED_E2E, APPLIED_E2E, E2E_FILE = "tuned:e2e", "applied:e2e", "e2e-tuned.safetensors"
 
 
 @dataclass(frozen=True)
@@ -176,15 +192,24 @@ class Refinement:
     model_config: object
 
 
-def _refine_units(source, plan: Plan, config: QuantConfig, writer: ArtifactWriter, refinement: Refinement, device,
-                  fingerprint: str, update, log, stop) -> None:  # fmt: skip
-    """Block-wise reconstruction of every decoder layer's shard, in place, each checkpointed."""
-    shards = reconstruct.Shards(
-        read=lambda index: load_file(str(writer.staging / SHARD_PATTERN.format(index))),
+def _read_shard(writer: ArtifactWriter, index: int) -> dict[str, torch.Tensor]:
+    return load_file(str(writer.staging / SHARD_PATTERN.format(index)))
+
+
+def _shards(writer: ArtifactWriter, fingerprint: str) -> reconstruct.Shards:
+    return reconstruct.Shards(
+        read=lambda index: _read_shard(writer, index),
         write=writer.write_shard,
         done=lambda unit: REFINED + unit in writer.units_done,
         finish=lambda unit: writer.checkpoint(fingerprint, REFINED + unit),
     )
+
+
+def _refine_units(source, plan: Plan, config: QuantConfig, writer: ArtifactWriter, refinement: Refinement, device,
+                  fingerprint: str, update, log, stop) -> tuple[LayerStream, reconstruct.Stack | None]:  # fmt: skip
+    """Block-wise reconstruction of every decoder layer's shard, in place, each checkpointed. Returns
+    the stream and, for ``--refine e2e``, the refined layers for the end-to-end stage."""
+    shards = _shards(writer, fingerprint)
 
     def on_block(report: reconstruct.BlockReport, total: int) -> None:
         update(report.index + 1, total)
@@ -194,7 +219,42 @@ def _refine_units(source, plan: Plan, config: QuantConfig, writer: ArtifactWrite
                 f"below GPTQ's {r.before:.4g})")  # fmt: skip
 
     stream = LayerStream(source, refinement.model_config, refinement.windows, device or torch.device("cpu"))
-    reconstruct.refine_blocks(stream, plan, shards, config.refine_settings, on_block, stop)
+    keep = config.refine == Refine.e2e
+    reports, stack = reconstruct.refine_blocks(stream, plan, shards, config.refine_settings, on_block, stop, keep)
+    results = [r.result for r in reports if r.result is not None]  # None: refined by an interrupted run
+    if results:
+        before = sum(r.before for r in results) / len(results)
+        after = sum(r.after if r.kept else r.before for r in results) / len(results)
+        log(f"refine: {sum(r.kept for r in results)} of {len(results)} blocks kept their tuned numbers; "
+            f"held-aside error {before:.4g} -> {after:.4g} (mean over blocks)")  # fmt: skip
+    return stream, stack
+
+
+def _tune_end_to_end(stream: LayerStream, stack: reconstruct.Stack, config: QuantConfig, writer: ArtifactWriter,
+                     update, log, stop) -> None:  # fmt: skip
+    """The end-to-end stage (:mod:`llmq.quant.e2e`); its result, if kept, saved as the side file."""
+    from llmq.quant.e2e import tune_end_to_end
+
+    result = tune_end_to_end(stream, stack, config.refine_settings, stop, update)
+    verdict = "kept" if result.kept else "not kept (the blocks' numbers stay)"
+    log(f"e2e: held-aside KL to the fp32 model's top tokens {result.before:.4g} -> {result.after:.4g}, {verdict}")
+    if result.kept:
+        tuned = {}
+        for trainables, norms in zip(stack.trainables, stack.norms, strict=True):
+            tuned.update(reconstruct.stored_tensors(trainables, norms))
+        writer.write_side(E2E_FILE, tuned)
+
+
+def _apply_end_to_end(plan: Plan, writer: ArtifactWriter, fingerprint: str) -> None:
+    """Merge the end-to-end stage's side file into the layers' shards (each checkpointed), then discard it."""
+    tuned = load_file(str(writer.staging / E2E_FILE))
+    by_shard: dict[int, dict[str, torch.Tensor]] = {}
+    for key, tensor in tuned.items():
+        by_shard.setdefault(plan.units.index(plan.unit(key)), {})[key] = tensor
+    for shard, tensors in sorted(by_shard.items()):
+        writer.write_shard(shard, _read_shard(writer, shard) | tensors)
+        writer.checkpoint(fingerprint, f"{APPLIED_E2E}:{plan.units[shard]}")
+    writer.discard(E2E_FILE, fingerprint, APPLIED_E2E)
 
 
 def _quantized(plan: Plan, linear: str, config: QuantConfig, stats, device) -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -55,6 +55,22 @@ class BlockReport:
     seconds: float
 
 
+@dataclass(frozen=True)
+class Stack:
+    """Every decoder layer as the artifact now holds it, kept for the end-to-end stage.
+
+    layers      the quantized layers, in order, their matrices :class:`TrainableLinear`
+    trainables  per layer, its TrainableLinears by matrix name
+    norms       per layer, its norm weights by tensor name, with the dtype the shard stores them in
+    final_fp    [S, L, H] float32: the fp32 model's last decoder layer outputs on the windows
+    """
+
+    layers: list[nn.Module]
+    trainables: list[dict[str, TrainableLinear]]
+    norms: list[dict[str, tuple[nn.Parameter, torch.dtype]]]
+    final_fp: torch.Tensor
+
+
 def refine_blocks(
     stream: LayerStream,
     plan: Plan,
@@ -62,8 +78,10 @@ def refine_blocks(
     settings: RefineSettings,
     on_block: Callable[[BlockReport, int], None] = lambda report, total: None,
     stop: Callable[[], None] = lambda: None,
-) -> list[BlockReport]:
-    """Refine every decoder layer of ``plan`` in order, rewriting its shard; returns one report per layer.
+    keep: bool = False,
+) -> tuple[list[BlockReport], Stack | None]:
+    """Refine every decoder layer of ``plan`` in order, rewriting its shard; returns one report per
+    layer and, with ``keep``, the whole refined :class:`Stack` (else None).
 
     stream    the source model over the calibration windows (its ``hidden``: each window's input to layer 0)
     on_block  called after each layer with its report and the number of layers
@@ -71,7 +89,7 @@ def refine_blocks(
     """
     x_fp = torch.cat(stream.hidden)  # [S, L, H]
     x_q = x_fp if settings.inputs == "fp" else x_fp.clone()
-    reports = []
+    reports, kept = [], Stack([], [], [], x_fp)
     for index in range(len(stream)):
         started = time.perf_counter()
         unit = str(index)
@@ -83,34 +101,47 @@ def refine_blocks(
         result = None
         if not shards.done(unit) and trainables:
             inputs = x_fp if settings.inputs == "fp" else x_q
-            dense = [(param, tensors[key].dtype) for key, param in norms.items()]
             result = refine_block(q_layer, trainables, inputs, y_fp, partial(stream.call, index), settings, stop,
-                                  dense)  # fmt: skip
-            for name, trainable in trainables.items():
-                tensors.update({f"{name}.{suffix}": t for suffix, t in trainable.pack().items()})
-            tensors.update({key: param.detach().to(tensors[key].dtype).cpu() for key, param in norms.items()})
-            shards.write(plan.units.index(unit), tensors)
+                                  list(norms.values()))  # fmt: skip
+            shards.write(plan.units.index(unit), tensors | stored_tensors(trainables, norms))
             shards.finish(unit)
         if settings.inputs != "fp":
             x_q = _forward(stream, index, q_layer, x_q)
         x_fp = y_fp
         stream.drop(index)
+        if keep:
+            kept.layers.append(q_layer)
+            kept.trainables.append(trainables)
+            kept.norms.append(norms)
         reports.append(BlockReport(index, result, time.perf_counter() - started))
         on_block(reports[-1], len(stream))
-    return reports
+    return reports, (replace(kept, final_fp=x_fp) if keep else None)
 
 
-def _norm_weights(layer: torch.nn.Module, prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, nn.Parameter]:
+def stored_tensors(
+    trainables: dict[str, TrainableLinear], norms: dict[str, tuple[nn.Parameter, torch.dtype]]
+) -> dict[str, torch.Tensor]:
+    """A layer's tuned numbers as its shard stores them: each matrix packed, each norm in its dtype."""
+    tensors = {}
+    for name, trainable in trainables.items():
+        tensors.update({f"{name}.{suffix}": t for suffix, t in trainable.pack().items()})
+    tensors.update({key: param.detach().to(dtype).cpu() for key, (param, dtype) in norms.items()})
+    return tensors
+
+
+def _norm_weights(
+    layer: torch.nn.Module, prefix: str, tensors: dict[str, torch.Tensor]
+) -> dict[str, tuple[nn.Parameter, torch.dtype]]:
     """The layer's normalisation parameters (RMSNorm, LayerNorm, q/k norms: any module whose class
-    name ends in ``Norm``) by tensor name, where the shard stores them: block-wise refinement tunes
-    them with the scales, as they scale the same inputs and outputs."""
+    name ends in ``Norm``) by tensor name, where the shard stores them, with the dtype it stores them
+    in: refinement tunes them with the scales, as they scale the same inputs and outputs."""
     found = {}
     for module_name, module in layer.named_modules():
         if type(module).__name__.lower().endswith("norm"):
             for param_name, param in module.named_parameters(recurse=False):
                 key = f"{prefix}{module_name}.{param_name}" if module_name else f"{prefix}{param_name}"
                 if key in tensors and param.dtype.is_floating_point:
-                    found[key] = param
+                    found[key] = (param, tensors[key].dtype)
     return found
 
 

@@ -64,7 +64,7 @@ class LayerStream:
     def after_layers(self, final: list[torch.Tensor]) -> None:
         """Run the rest of the model (final norm, output head: loaded now) on each window's output of
         the last layer, which stands in for the whole stack; hooks on those modules see their inputs."""
-        self._load([n for n, p in self.model.named_parameters() if p.device.type == "meta"])
+        self.load_rest()
         layers, returns_tuple = self.layers, self.returns_tuple
         outputs = iter(final)
 
@@ -78,6 +78,30 @@ class LayerStream:
         with torch.inference_mode():
             for window in self.windows:
                 self.model(window[None].to(self.device), use_cache=False)
+
+    def load_rest(self) -> None:
+        """Load what comes after the decoder layers (final norm, output head), fp32 and frozen."""
+        self._load([n for n, p in self.model.named_parameters() if p.device.type == "meta"])
+        self.model.requires_grad_(False)
+
+    def logits(self, final: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+        """The model's logits [1, L, V] for ``window`` ([L] token ids) when its last decoder layer gives
+        ``final`` [1, L, H]: the rest of the model (final norm, head, any soft-capping) as its own
+        forward runs it, differentiable in ``final``. Needs :meth:`load_rest` first."""
+        layers, returns_tuple, saved = self.layers, self.returns_tuple, list(self.layers)
+
+        class Replay(torch.nn.Module):
+            def forward(self, *args, **kw):
+                hidden = final if self is layers[0] else args[0]
+                return (hidden,) if returns_tuple else hidden
+
+        try:
+            for index in range(len(layers)):
+                layers[index] = Replay()
+            return self.model(window[None].to(self.device), use_cache=False).logits
+        finally:
+            for index, layer in enumerate(saved):
+                layers[index] = layer
 
     def _load_layer(self, index: int) -> torch.nn.Module:
         layer = self.layers[index]

@@ -159,6 +159,20 @@ class ArtifactWriter:
             self._record(name)
         return name
 
+    def write_side(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """A safetensors file for the run's own later use (checked on resume like a shard); the
+        artifact does not carry it: :meth:`discard` it before :meth:`commit`."""
+        with writing(self.out, name):
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(self.staging / name))
+            self._record(name)
+
+    def discard(self, name: str, fingerprint: str, unit: str) -> None:
+        """Drop a side file: recorded as gone (checkpoint ``unit``) before it is deleted, so a resumed
+        run never looks for it."""
+        self.files.pop(name)
+        self.checkpoint(fingerprint, unit)
+        (self.staging / name).unlink()
+
     def copy_file(self, source: Path) -> None:
         with writing(self.out, source.name):
             shutil.copyfile(source, self.staging / source.name)

@@ -5,9 +5,9 @@
 
 On the demo model, default preset, each combination of calibration text (``austen``: *Pride and
 Prejudice*; ``mix``: the built-in set) and refinement (``none``, ``block``, and ``block`` with
-fp32 inputs) is quantized through the real CLI and scored on two texts: *Persuasion* (first
-16,384 tokens, 2048-token windows) and the legal text unlike any calibration source,
-``docs/data/eval-licenses.txt`` (same protocol).
+fp32 inputs; with ``--only``, ``e2e`` and the mix with twice the windows) is quantized through
+the real CLI and scored on two texts: *Persuasion* (first 16,384 tokens, 2048-token windows) and
+the legal text unlike any calibration source, ``docs/data/eval-licenses.txt`` (same protocol).
 Every stage's wall time is given as a ratio to one plain fp32 forward pass over the same
 calibration tokens, measured in this run, with each quantize process's peak RSS.
 """
@@ -32,8 +32,8 @@ PROTOCOL = ["--seq-len", "2048", "--max-tokens", "16384"]
 SAMPLES, SEQ_LEN, SEED = 64, 512, 0
 
 
-def forward_seconds(calib: str) -> float:
-    """One plain fp32 forward pass of the demo model over the calibration windows of ``calib``."""
+def forward_seconds(calib: str, samples: int) -> float:
+    """One plain fp32 forward pass of the demo model over ``samples`` calibration windows of ``calib``."""
     import torch
 
     from llmq.quant.calibrate import calibration_windows
@@ -42,7 +42,7 @@ def forward_seconds(calib: str) -> float:
 
     source = models.resolve_model("demo", progress=False)
     model = load_model(source, models.load_config(source), torch.device("cpu"), torch.float32)
-    windows = calibration_windows(source, text.load(calib, text.Split.calib, None).text, SAMPLES, SEQ_LEN, SEED)
+    windows = calibration_windows(source, text.load(calib, text.Split.calib, None).text, samples, SEQ_LEN, SEED)
     start = time.perf_counter()
     with torch.inference_mode():
         for window in windows:
@@ -54,29 +54,34 @@ def scores(model: str) -> dict:
     return {name: llmq("eval", "ppl", model, *args, *PROTOCOL)["result"] for name, args in TEXTS.items()}
 
 
-# name -> (calibration text, refinement options)
+# name -> (calibration text, calibration windows, refinement options)
 VARIANTS = {
-    "austen, none": ("austen", ["--refine", "none"]),
-    "austen, block": ("austen", ["--refine", "block"]),
-    "austen, block, fp32 inputs": ("austen", ["--refine", "block", "--refine-inputs", "fp"]),
-    "mix, none": ("mix", ["--refine", "none"]),
-    "mix, block": ("mix", ["--refine", "block"]),
+    "austen, none": ("austen", SAMPLES, ["--refine", "none"]),
+    "austen, block": ("austen", SAMPLES, ["--refine", "block"]),
+    "austen, block, fp32 inputs": ("austen", SAMPLES, ["--refine", "block", "--refine-inputs", "fp"]),
+    "mix, none": ("mix", SAMPLES, ["--refine", "none"]),
+    "mix, block": ("mix", SAMPLES, ["--refine", "block"]),
+    "austen, e2e": ("austen", SAMPLES, ["--refine", "e2e"]),
+    "mix x2 windows, block": ("mix", 2 * SAMPLES, ["--refine", "block"]),
 }
+DEFAULT_VARIANTS = list(VARIANTS)[:5]  # the others are measured with --only
 
 
 def point(name: str, forward: dict, tmp: Path) -> dict:
-    calib, refine = VARIANTS[name]
+    calib, samples, refine = VARIANTS[name]
     out = tmp / "a.llmq"
-    options = ["--calib-data", calib, *refine]
+    options = ["--calib-data", calib, *(["--samples", str(samples)] if samples != SAMPLES else []), *refine]
+    forward_s = forward[f"{calib} x {samples}"]
     quant = llmq("quantize", "demo", "-o", str(out), "--force", *options)
     return {
         "name": name,
         "command": f"llmq quantize demo -o OUT {' '.join(options)}",
         "calibration": calib,
+        "windows": samples,
         "bits_per_weight": quant["accounting"]["bits_per_weight"],
         "stages_seconds": quant["stages"],
-        "stages_over_forward": {k: round(v / forward[calib], 2) for k, v in quant["stages"].items()},
-        "total_over_forward": round(quant["seconds"] / forward[calib], 2),
+        "stages_over_forward": {k: round(v / forward_s, 2) for k, v in quant["stages"].items()},
+        "total_over_forward": round(quant["seconds"] / forward_s, 2),
         "peak_rss_mb": round(quant["peak_rss_bytes"] / 2**20, 1),
         "ppl": {name: {"ppl": r["ppl"], "stderr": r["ppl_stderr"]} for name, r in scores(str(out)).items()},
     }
@@ -85,19 +90,23 @@ def point(name: str, forward: dict, tmp: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--only", nargs="+", choices=list(VARIANTS), help="these variants (default: all)")
+    parser.add_argument("--only", nargs="+", choices=list(VARIANTS), help="run these and merge them into --out")
     args = parser.parse_args()
-    names = args.only or list(VARIANTS)
-    forward = {calib: forward_seconds(calib) for calib in sorted({VARIANTS[n][0] for n in names})}
+    names = args.only or DEFAULT_VARIANTS
+    forward = {f"{c} x {s}": forward_seconds(c, s) for c, s in sorted({VARIANTS[n][:2] for n in names})}
     record = {
         "model": MODEL_LABEL,
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}",
-        "protocol": f"first 16384 tokens, 2048-token windows; calibration {SAMPLES} x {SEQ_LEN} tokens, seed {SEED}",
+        "protocol": f"first 16384 tokens, 2048-token windows; calibration windows of {SEQ_LEN} tokens, seed {SEED}",
         "fp32_forward_seconds": {k: round(v, 1) for k, v in forward.items()},
         "fp32": {name: {"ppl": r["ppl"], "stderr": r["ppl_stderr"]} for name, r in scores("demo").items()},
         "points": [],
     }
+    if args.only and args.out.is_file():  # merge: keep the other variants' points and forward times
+        earlier = json.loads(args.out.read_text())
+        record["points"] = [p for p in earlier["points"] if p["name"] not in names]
+        record["fp32_forward_seconds"] = earlier["fp32_forward_seconds"] | record["fp32_forward_seconds"]
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             record["points"].append(point(name, forward, Path(tmp)))

@@ -4,6 +4,7 @@ interrupted run resumes to the same bytes, and which option combinations it refu
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from safetensors.torch import load_file
@@ -17,6 +18,8 @@ from conftest import interrupt_shard_writes
 # minmax groups leave the tiny random model's GPTQ solution something to tune; search leaves it almost none
 CALIB = ("--calib-data", "austen", "--samples", "8", "--calib-seq-len", "32", "--rounding", "minmax")
 REFINE = ("--refine", "block", "--refine-steps", "4", "--refine-batch", "2")
+E2E = ("--refine", "e2e", "--refine-steps", "4", "--refine-batch", "2", "--e2e-steps", "4", "--e2e-lr", "0.01")
+STORED = {"qweight2", "meta2", "scale2", "qweight4", "zero4", "scale4"}
 
 
 def _tree(path):
@@ -37,6 +40,11 @@ def refined(tiny_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def tuned(tiny_model, tmp_path_factory):
+    return _quantize(tiny_model, tmp_path_factory.mktemp("e2e") / "e.llmq", *E2E)
+
+
+@pytest.fixture(scope="module")
 def gptq(tiny_model, tmp_path_factory):
     return _quantize(tiny_model, tmp_path_factory.mktemp("gptq") / "g.llmq", "--refine", "none")
 
@@ -49,21 +57,26 @@ def test_refinement_rewrites_the_blocks_and_records_its_settings(refined, gptq):
     assert "refine" not in json.loads((gptq / "manifest.json").read_text())["quantization"]
     layers = [load_file(str(path / "shard-00000.safetensors")) for path in (refined, gptq)]
     changed = [key for key in layers[0] if not layers[0][key].equal(layers[1][key])]
-    stored = {"qweight2", "meta2", "scale2", "qweight4", "zero4", "scale4"}
-    assert any("norm" in key for key in changed) and any(key.rsplit(".", 1)[1] in stored for key in changed)
-    assert all(key.rsplit(".", 1)[1] in stored or "norm" in key for key in changed)
+    assert any("norm" in key for key in changed) and any(key.rsplit(".", 1)[1] in STORED for key in changed)
+    assert all(key.rsplit(".", 1)[1] in STORED or "norm" in key for key in changed)
     assert _tree(refined)["shard-00002.safetensors"] == _tree(gptq)["shard-00002.safetensors"]  # outside the blocks
+
+
+def _stop_then_resume(cli, model, out, monkeypatch, writes: int, options: tuple[str, ...]):
+    """A run stopped after ``writes`` shard writes, then resumed; returns both runs' results."""
+    interrupt_shard_writes(monkeypatch, writes)
+    args = ("quantize", str(model), "-o", str(out), "--g4", "16", *CALIB, *options)
+    stopped = cli(*args)
+    monkeypatch.undo()
+    resumed = cli(*args, "--resume")
+    assert stopped.code == 130 and resumed.code == 0, resumed.stderr
+    return stopped, resumed
 
 
 def test_an_interrupted_refinement_resumes_to_the_same_bytes(cli, tiny_model, refined, tmp_path, monkeypatch):
     out = tmp_path / "x.llmq"
-    interrupt_shard_writes(monkeypatch, 4)  # the 3 GPTQ shards, then the first refined block
-    args = ("quantize", str(tiny_model), "-o", str(out), "--g4", "16", *CALIB, *REFINE)
-    result = cli(*args)
-    assert result.code == 130 and "interrupted after 3 of 3 units and refining 1 of 2 blocks" in result.stderr
-    monkeypatch.undo()
-    result = cli(*args, "--resume")
-    assert result.code == 0, result.stderr
+    stopped, _ = _stop_then_resume(cli, tiny_model, out, monkeypatch, 4, REFINE)  # 3 GPTQ shards, 1 block
+    assert "interrupted after 3 of 3 units and refining 1 of 2 blocks" in stopped.stderr
     assert _tree(out) == _tree(refined)
 
 
@@ -84,6 +97,10 @@ def test_refinement_needs_calibration_and_its_settings_need_refinement(cli, tiny
     result = cli("quantize", str(tiny_model), "-o", str(tmp_path / "b.llmq"), *CALIB, "--refine", "none",
                  "--refine-steps", "3")  # fmt: skip
     assert result.code == 2 and "--refine-* settings tune --refine block" in result.stderr
+    result = cli("quantize", str(tiny_model), "-o", str(tmp_path / "b.llmq"), *CALIB, "--e2e-steps", "3")
+    assert result.code == 2 and "--e2e-* settings tune --refine e2e" in result.stderr
+    result = cli("quantize", str(tiny_model), "-o", str(tmp_path / "c.llmq"), "--no-calib", "--refine", "e2e")
+    assert result.code == 2 and "--refine e2e tunes the blocks on calibration text" in result.stderr
     with pytest.raises(UsageError, match="--refine-batch 0 must be at least 1"):
         llmq.QuantConfig(refine_settings=RefineSettings(batch=0)).check()
     with pytest.raises(UsageError, match="--refine-inputs 'mixed' must be one of quantized, fp"):
@@ -97,11 +114,40 @@ def test_a_plain_quantize_calibrates_on_the_builtin_mix_and_refines(cli, tiny_mo
     assert result.code == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["calibration"]["dataset"] == "mix:prose+technical+code" and report["calibration"]["samples"] == 64
-    assert report["config"]["refine"] == "block" and report["config"]["refine_settings"] == {
-        **RefineSettings().__dict__, "inputs": "quantized"}  # fmt: skip
+    assert report["config"]["refine"] == "block"
+    assert report["config"]["refine_settings"] == {"steps": 50, "batch": 4, "lr": 0.0, "scale_lr": 0.01,
+                                                   "inputs": "quantized"}  # fmt: skip
     assert set(report["stages"]) == {"calibrate", "quantize", "refine"} and report["peak_rss_bytes"] > 0
+    assert re.search(r"refine: \d of 2 blocks kept their tuned numbers; held-aside error \S+ -> \S+", result.stderr)
     rounded = tmp_path / "rtn.llmq"
     report = json.loads(
         cli("quantize", str(tiny_model), "-o", str(rounded), "--g4", "16", "--no-calib", "--json").stdout
     )
     assert "calibration" not in report and "refine" not in report["config"] and set(report["stages"]) == {"quantize"}
+
+
+def test_end_to_end_tuning_moves_only_the_scales_and_norms_of_the_refined_blocks(tuned, refined):
+    report = llmq.verify(tuned)
+    assert report.ok, report.problems
+    recorded = json.loads((tuned / "manifest.json").read_text())["quantization"]
+    assert recorded["refine"] == "e2e" and recorded["refine_settings"]["e2e_steps"] == 4
+    assert "e2e_steps" not in json.loads((refined / "manifest.json").read_text())["quantization"]["refine_settings"]
+    assert sorted(_tree(tuned)) == sorted(_tree(refined))  # the side file is not part of the artifact
+    changed = []
+    for shard in ("shard-00000.safetensors", "shard-00001.safetensors"):
+        a, b = load_file(str(tuned / shard)), load_file(str(refined / shard))
+        changed += [key for key in a if not a[key].equal(b[key])]
+    assert any(key.endswith((".scale2", ".scale4")) for key in changed) and any("norm" in key for key in changed)
+    assert all(key.endswith((".scale2", ".scale4")) or "norm" in key for key in changed)  # codes and zeros frozen
+    assert _tree(tuned)["shard-00002.safetensors"] == _tree(refined)["shard-00002.safetensors"]
+
+
+def test_a_run_stopped_while_applying_the_end_to_end_result_resumes_to_the_same_bytes(
+    cli, tiny_model, tuned, tmp_path, monkeypatch
+):
+    out = tmp_path / "x.llmq"
+    # 3 GPTQ shards, 2 refined blocks, then 1 of the 2 shards the end-to-end result is merged into
+    stopped, resumed = _stop_then_resume(cli, tiny_model, out, monkeypatch, 6, E2E)
+    assert "refining 2 of 2 blocks" in stopped.stderr and "e2e:" in stopped.stderr
+    assert "e2e:" not in resumed.stderr  # merged from the saved result, not tuned again
+    assert _tree(out) == _tree(tuned)
