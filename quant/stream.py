@@ -81,6 +81,7 @@ class LayerStream:
 
     def load_rest(self) -> None:
         """Load what comes after the decoder layers (final norm, output head), fp32 and frozen."""
+        self.model.tie_weights()  # a tied head is the embedding loaded before the layers, not a checkpoint tensor
         self._load([n for n, p in self.model.named_parameters() if p.device.type == "meta"])
         self.model.requires_grad_(False)
 

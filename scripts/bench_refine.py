@@ -80,6 +80,7 @@ def point(name: str, forward: dict, tmp: Path) -> dict:
         "windows": samples,
         "bits_per_weight": quant["accounting"]["bits_per_weight"],
         "stages_seconds": quant["stages"],
+        "fp32_forward_seconds": round(forward_s, 1),  # this run's, which the ratios divide by
         "stages_over_forward": {k: round(v / forward_s, 2) for k, v in quant["stages"].items()},
         "total_over_forward": round(quant["seconds"] / forward_s, 2),
         "peak_rss_mb": round(quant["peak_rss_bytes"] / 2**20, 1),
@@ -106,7 +107,7 @@ def main() -> None:
     if args.only and args.out.is_file():  # merge: keep the other variants' points and forward times
         earlier = json.loads(args.out.read_text())
         record["points"] = [p for p in earlier["points"] if p["name"] not in names]
-        record["fp32_forward_seconds"] = earlier["fp32_forward_seconds"] | record["fp32_forward_seconds"]
+        record["fp32_forward_seconds"] = record["fp32_forward_seconds"] | earlier["fp32_forward_seconds"]
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             record["points"].append(point(name, forward, Path(tmp)))

@@ -93,6 +93,7 @@ def build_tiny_model(
     hidden: int = 64,
     intermediate: int = 128,
     heads: int = 4,
+    tie_embeddings: bool = False,
 ) -> Path:
     """A 2-layer random Llama (hidden 64 unless told) with a 400-token BPE vocabulary, saved as safetensors."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -113,7 +114,7 @@ def build_tiny_model(
         max_position_embeddings=TINY_CONTEXT,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_embeddings,
     )
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(folder)

@@ -151,3 +151,11 @@ def test_a_run_stopped_while_applying_the_end_to_end_result_resumes_to_the_same_
     assert "refining 2 of 2 blocks" in stopped.stderr and "e2e:" in stopped.stderr
     assert "e2e:" not in resumed.stderr  # merged from the saved result, not tuned again
     assert _tree(out) == _tree(tuned)
+
+
+def test_end_to_end_tuning_runs_the_tied_head_of_a_model_whose_checkpoint_has_none(tmp_path):
+    from conftest import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "tied", tie_embeddings=True)
+    out = _quantize(model, tmp_path / "tied.llmq", *E2E)
+    assert llmq.verify(out).ok
