@@ -87,12 +87,12 @@ def _collect(model, text, samples, seq_len, seed, config, device, revision, trus
     feedback.info(f"calibration: {loaded.source}, {samples} samples x {seq_len} tokens, seed {seed}, on {torch_device}")
     start = time.perf_counter()
     with feedback.progress("calibrating layers") as update:
-        calibration, meta = calibrate_model(
+        calibration, meta, windows = calibrate_model(
             source, model_config, config, loaded.source, loaded.text, samples, seq_len, seed,
             on_layer=update, device=torch_device, log=feedback.info,
         )  # fmt: skip
     feedback.stage("calibrate", time.perf_counter() - start)
-    return statsfile.in_memory(calibration, meta, source, loaded.text)
+    return statsfile.in_memory(calibration, meta, source, windows)
 
 
 @dataclass(frozen=True)
@@ -237,8 +237,10 @@ def quantize(
     refinement = None
     if p.config.refine.tunes:
         meta = p.stats.meta
-        text = p.stats.text if p.stats.text is not None else T.from_source(meta["dataset"]).text
-        windows = calibration_windows(p.source, text, meta["samples"], meta["seq_len"], meta["seed"])
+        windows = p.stats.windows
+        if windows is None:  # a stats file records only its text's label: tokenized and sampled again
+            text = T.from_source(meta["dataset"]).text
+            windows = calibration_windows(p.source, text, meta["samples"], meta["seq_len"], meta["seed"])
         refinement = pipeline.Refinement(windows, p.model_config)
         where = f"{len(windows)} windows of {meta['dataset']}"
         feedback.info(f"refinement: {p.config.refine.value}, {where}, {_settings(p.config)}")

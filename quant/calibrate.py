@@ -217,8 +217,9 @@ def calibrate_model(
     on_layer: Callable[[int, int], None] | None = None,
     device: torch.device | None = None,
     log: Callable[[str], None] = lambda message: None,
-) -> tuple[Calibration, dict]:
-    """Tokenize ``text``, sample windows, collect stats; returns them and the stats-file manifest."""
+) -> tuple[Calibration, dict, torch.Tensor]:
+    """Tokenize ``text``, sample windows, collect stats; returns them, the stats-file manifest and the
+    windows ``[samples, seq_len]`` (token ids)."""
     windows = calibration_windows(source, text, samples, seq_len, seed)
     calibration = collect(source, model_config, config, windows, on_layer, device, log)
     meta = {
@@ -232,4 +233,4 @@ def calibrate_model(
         "include": list(config.include),
         "exclude": list(config.exclude),
     }
-    return calibration, meta
+    return calibration, meta, windows

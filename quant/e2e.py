@@ -20,23 +20,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from llmq.quant.config import RefineSettings
 from llmq.quant.reconstruct import Stack
+from llmq.quant.refine import TuneResult, tune_if_better
 from llmq.quant.stream import LayerStream
 
 # Teacher tokens per position: enough to hold nearly all of the fp32 model's probability mass.
 TOP_K = 64
-
-
-@dataclass(frozen=True)
-class E2EResult:
-    before: float  # held-aside KL over the teacher's top tokens, nats per token
-    after: float
-    kept: bool
 
 
 @dataclass(frozen=True)
@@ -77,7 +72,7 @@ def tune_end_to_end(
     settings: RefineSettings,
     stop: Callable[[], None] = lambda: None,
     on_step: Callable[[int, int], None] = lambda step, total: None,
-) -> E2EResult:
+) -> TuneResult:
     """Tune ``stack``'s scales and norms in place so the model's outputs match the fp32 model's.
 
     stream  the source model over the calibration windows, its layers already walked (the stack's)
@@ -91,28 +86,16 @@ def tune_end_to_end(
     scales = [p for layer in stack.trainables for t in layer.values() for p in t.scale_parameters()]
     norms = [(p, dtype) for layer in stack.norms for p, dtype in layer.values()]
     params = scales + [p for p, _ in norms]
-    start = [p.detach().clone() for p in params]
-    before = _held_loss(stream, stack, held, teacher)
-    for p in params:
-        p.requires_grad_(True)
-    adam = torch.optim.Adam(params, lr=settings.e2e_lr)
-    gen = torch.Generator().manual_seed(0)
-    for step in range(settings.e2e_steps):
-        stop()
-        adam.zero_grad(set_to_none=True)
-        for i in torch.randperm(train, generator=gen)[: settings.e2e_batch].tolist():
-            (_student_loss(stream, stack, i, teacher) / settings.e2e_batch).backward()
-        adam.step()
-        on_step(step + 1, settings.e2e_steps)
-    with torch.no_grad():
-        for p, dtype in norms:
-            p.copy_(p.to(dtype).float())
-    for p in params:
-        p.requires_grad_(False)
-    after = _held_loss(stream, stack, held, teacher)
-    kept = after < before
-    if not kept:
-        with torch.no_grad():
-            for p, value in zip(params, start, strict=True):
-                p.copy_(value)
-    return E2EResult(before, after, kept)
+
+    def steps() -> None:
+        adam = torch.optim.Adam(params, lr=settings.e2e_lr)
+        gen = torch.Generator().manual_seed(0)
+        for step in range(settings.e2e_steps):
+            stop()
+            adam.zero_grad(set_to_none=True)
+            for i in torch.randperm(train, generator=gen)[: settings.e2e_batch].tolist():
+                (_student_loss(stream, stack, i, teacher) / settings.e2e_batch).backward()
+            adam.step()
+            on_step(step + 1, settings.e2e_steps)
+
+    return tune_if_better(params, norms, partial(_held_loss, stream, stack, held, teacher), steps)

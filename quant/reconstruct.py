@@ -29,7 +29,7 @@ from torch import nn
 
 from llmq.quant.config import RefineSettings
 from llmq.quant.plan import Plan
-from llmq.quant.refine import BlockResult, TrainableLinear, refine_block
+from llmq.quant.refine import TrainableLinear, TuneResult, refine_block
 from llmq.quant.stream import LayerStream
 
 # How many windows one forward pass without gradients takes at once.
@@ -51,7 +51,7 @@ class Shards:
 @dataclass(frozen=True)
 class BlockReport:
     index: int
-    result: BlockResult | None  # None: refined by an earlier run, replayed here
+    result: TuneResult | None  # None: refined by an earlier run, replayed here
     seconds: float
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -134,10 +135,41 @@ class TrainableLinear(nn.Module):
 
 
 @dataclass(frozen=True)
-class BlockResult:
-    before: float  # held-aside reconstruction error (mean squared, per element) with GPTQ's numbers
+class TuneResult:
+    before: float  # held-aside loss with the numbers tuning started from
     after: float  # with the tuned ones
     kept: bool  # whether the tuned numbers were kept (only when after < before)
+
+
+def tune_if_better(
+    params: list[nn.Parameter],
+    dense: list[tuple[nn.Parameter, torch.dtype]],
+    held_loss: Callable[[], float],
+    train: Callable[[], None],
+) -> TuneResult:
+    """Run ``train`` on ``params`` (gradients on while it runs) and keep the result only if
+    ``held_loss()`` went down; else every parameter goes back to where it started.
+
+    dense  those of ``params`` the artifact stores as 16-bit dense tensors (the norms), with that
+           dtype: rounded to it before the result is judged, so the judge sees what is stored
+    """
+    start = [p.detach().clone() for p in params]
+    before = held_loss()
+    for p in params:
+        p.requires_grad_(True)
+    train()
+    with torch.no_grad():
+        for p, dtype in dense:
+            p.copy_(p.to(dtype).float())
+    for p in params:
+        p.requires_grad_(False)
+    after = held_loss()
+    kept = after < before
+    if not kept:
+        with torch.no_grad():
+            for p, value in zip(params, start, strict=True):
+                p.copy_(value)
+    return TuneResult(before, after, kept)
 
 
 def refine_block(
@@ -149,7 +181,7 @@ def refine_block(
     settings: RefineSettings,
     stop: Callable[[], None] = lambda: None,
     dense: list[tuple[nn.Parameter, torch.dtype]] = (),
-) -> BlockResult:
+) -> TuneResult:
     """Tune ``trainables`` (installed in ``block``) so ``call(block, inputs[i:j])`` matches ``targets[i:j]``.
 
     inputs, targets  [windows, tokens, hidden]: the block's inputs and the outputs it should give
@@ -165,37 +197,27 @@ def refine_block(
     held = slice(train, len(inputs))
     integers = [p for t in trainables.values() for p in t.integer_parameters()] if settings.lr > 0 else []
     continuous = [p for t in trainables.values() for p in t.scale_parameters()] + [p for p, _ in dense]
-    start = [p.detach().clone() for p in integers + continuous]
-    for p in integers + continuous:
-        p.requires_grad_(True)
-    before = _error(block, inputs[held], targets[held], call, settings.batch)
-    adam = torch.optim.Adam(continuous, lr=settings.scale_lr)
-    gen = torch.Generator().manual_seed(0)
-    for step in range(settings.steps):
-        stop()
-        picks = torch.randperm(train, generator=gen)[: settings.batch]
-        loss = torch.nn.functional.mse_loss(call(block, inputs[picks]), targets[picks])
-        adam.zero_grad(set_to_none=True)
-        for p in integers:
-            p.grad = None
-        loss.backward()
-        with torch.no_grad():
-            rate = settings.lr * (1 - step / settings.steps)
+
+    def steps() -> None:
+        adam = torch.optim.Adam(continuous, lr=settings.scale_lr)
+        gen = torch.Generator().manual_seed(0)
+        for step in range(settings.steps):
+            stop()
+            picks = torch.randperm(train, generator=gen)[: settings.batch]
+            loss = torch.nn.functional.mse_loss(call(block, inputs[picks]), targets[picks])
+            adam.zero_grad(set_to_none=True)
             for p in integers:
-                if p.grad is not None:
-                    p.sub_(rate * p.grad.sign())
-        adam.step()
-    with torch.no_grad():
-        for p, dtype in dense:
-            p.copy_(p.to(dtype).float())
-    after = _error(block, inputs[held], targets[held], call, settings.batch)
-    kept = after < before
-    with torch.no_grad():
-        for p, value in zip(integers + continuous, start, strict=True):
-            p.requires_grad_(False)
-            if not kept:
-                p.copy_(value)
-    return BlockResult(before, after, kept)
+                p.grad = None
+            loss.backward()
+            with torch.no_grad():
+                rate = settings.lr * (1 - step / settings.steps)
+                for p in integers:
+                    if p.grad is not None:
+                        p.sub_(rate * p.grad.sign())
+            adam.step()
+
+    held_error = partial(_error, block, inputs[held], targets[held], call, settings.batch)
+    return tune_if_better(integers + continuous, list(dense), held_error, steps)
 
 
 @torch.no_grad()

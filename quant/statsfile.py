@@ -38,7 +38,9 @@ class CalibStats:
     tensors: dict[str, torch.Tensor]
     path: Path | None = None  # the stats file they were read from or written to; None: only in memory
     model: ModelSource | None = None  # the model they were collected from, when that was in this process
-    text: str | None = None  # the calibration text itself, when collected in this process (a file keeps its label)
+    # the calibration windows [samples, seq_len] (token ids), when collected in this process (a file keeps
+    # only its text's label)
+    windows: torch.Tensor | None = None
 
     @property
     def linears(self) -> int:
@@ -65,14 +67,14 @@ class CalibStats:
 
 
 def in_memory(
-    calibration: Calibration, meta: dict, model: ModelSource | None = None, text: str | None = None
+    calibration: Calibration, meta: dict, model: ModelSource | None = None, windows: torch.Tensor | None = None
 ) -> CalibStats:
     """Stats collected in this process, in the same shape as a file holds them."""
     tensors = {}
     for name, stats in calibration.stats.items():
         tensors[f"{name}.hessian"] = stats.hessian().contiguous()
         tensors[f"{name}.sq_mean"] = stats.sq_mean().contiguous()
-    return CalibStats({**meta, "aliases": calibration.aliases}, tensors, model=model, text=text)
+    return CalibStats({**meta, "aliases": calibration.aliases}, tensors, model=model, windows=windows)
 
 
 def write_stats(path: Path, stats: CalibStats) -> CalibStats:

@@ -153,17 +153,17 @@ class ArtifactWriter:
 
     def write_shard(self, index: int, tensors: dict[str, torch.Tensor]) -> str:
         name = SHARD_PATTERN.format(index)
-        contiguous = {k: v.contiguous() for k, v in tensors.items()}
-        with writing(self.out, name):
-            save_file(contiguous, str(self.staging / name), metadata={"format": FORMAT_NAME})
-            self._record(name)
+        self._save(name, tensors, {"format": FORMAT_NAME})
         return name
 
     def write_side(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         """A safetensors file for the run's own later use (checked on resume like a shard); the
         artifact does not carry it: :meth:`discard` it before :meth:`commit`."""
+        self._save(name, tensors)
+
+    def _save(self, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
         with writing(self.out, name):
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(self.staging / name))
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(self.staging / name), metadata=metadata)
             self._record(name)
 
     def discard(self, name: str, fingerprint: str, unit: str) -> None:
