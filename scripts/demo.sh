@@ -39,8 +39,11 @@ echo "== 6. chat replies to the same prompts, fp32 model and quantized artifact 
 "$VENV/bin/python" - "$OUT/demo.llmq" <<'PY'
 import sys
 
+import transformers
+
 import llmq
 
+transformers.utils.logging.disable_progress_bar()  # the fp32 model's loading bar, between the replies
 prompts = ["Write one sentence about the sea.", "What is the capital of France?", "Give me one tip for sleeping well."]
 for prompt in prompts:
     print(f"> {prompt}")
