@@ -8,6 +8,11 @@ for every selected matrix's input, and dropped. Its outputs are the next layer's
 the layers are, and how experts are stored, comes from the architecture table. Matrices that
 read the same tensor (q/k/v, gate/up) share one set of statistics; each expert's matrices get
 statistics from the tokens routed to it.
+
+Then the first ``FISHER_WINDOWS`` windows go back through the layers, last to first
+(:mod:`llmq.quant.sensitivity`): each matrix's output Fisher diagonal, which tells the bit budget
+what an error in that output costs the whole model. Their layer inputs are kept from the forward
+pass for it: ``layers x FISHER_WINDOWS x seq_len x hidden`` float32.
 """
 
 from __future__ import annotations
@@ -20,11 +25,15 @@ import torch
 
 from llmq.errors import TextSourceError, UsageError
 from llmq.quant.config import QuantConfig
+from llmq.quant.sensitivity import output_fisher
 from llmq.quant.stream import LayerStream
 from llmq.runtime.sources import families as F
 from llmq.runtime.sources.checkpoint import model_fingerprint
 from llmq.runtime.sources.models import ModelSource, load_tokenizer
 from llmq.runtime.sources.tokenize import tokenize_stream
+
+# Windows of the backward pass: the sum over their positions averages the one label drawn per position.
+FISHER_WINDOWS = 8
 
 
 @dataclass
@@ -65,6 +74,7 @@ class Calibration:
     stats: dict[str, InputStats] = field(default_factory=dict)  # canonical matrix name -> stats
     aliases: dict[str, str] = field(default_factory=dict)  # every matrix name -> canonical name
     tokens: int = 0
+    fisher: dict[str, torch.Tensor] = field(default_factory=dict)  # matrix name -> [N] output Fisher diagonal
 
     def finish(self, prefix: str) -> None:
         """Finish the statistics of every matrix whose name starts with ``prefix`` (a layer's, or all):
@@ -112,10 +122,14 @@ def collect(
     calibration = Calibration(tokens=windows.numel())
     starved = Starved(family)
     hidden = stream.hidden
+    kept = min(len(windows), FISHER_WINDOWS)
+    layer_inputs = []  # per layer, its inputs on the windows the Fisher pass uses
+    total = 2 * len(stream)  # the forward pass, then the backward pass of sensitivity.output_fisher
     for index in range(len(stream)):
         prefix = f"{family.layers}.{index}"
         layer = stream.layer(index)
         hooks = _attach_hooks(layer, prefix, family, config, calibration)
+        layer_inputs.append([h.clone() for h in hidden[:kept]])  # clone: out of inference mode, for autograd
         with torch.inference_mode():
             hidden = [stream.call(index, layer, h) for h in hidden]
         for hook in hooks:
@@ -124,8 +138,12 @@ def collect(
         calibration.finish(prefix + ".")  # the fp64 sums of this layer become fp32 statistics on the CPU
         stream.drop(index)
         if on_layer is not None:
-            on_layer(index + 1, len(stream))
+            on_layer(index + 1, total)
     starved.report(log)
+    backward = None if on_layer is None else lambda done, layers: on_layer(layers + done, total)
+    final = [h.clone() for h in hidden[:kept]]
+    calibration.fisher = output_fisher(stream, layer_inputs, final, config, on_layer=backward)
+    del layer_inputs, final
     model = stream.model
     if any(F.linear_shape(m) is not None and config.quantizes(n, family) for n, m in model.named_modules()):
         hooks = _attach_hooks(model, "", family, config, calibration)

@@ -86,10 +86,15 @@ def _quantize_weight(name, weight, config, hessian, layout, scores, device):
     return layout, tensors
 
 
-def hessian_score(w: torch.Tensor, hessian: torch.Tensor | None, config: QuantConfig) -> torch.Tensor:
+def hessian_score(
+    w: torch.Tensor, hessian: torch.Tensor | None, config: QuantConfig, fisher: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per channel: the extra squared error of 2-bit over 4-bit rounding, weighted by ``H[c, c]``.
 
     ``H[c, c] = E[x_c²]``, so this is the output error each channel would add if left in 2-bit.
+    With ``fisher`` (``[N]``, the output Fisher diagonal of :mod:`llmq.quant.sensitivity`) each
+    output row's error is weighted by what it costs the model, and the score is the KL it would
+    add (``½ Σ_o fisher[o] err[o, c]² H[c, c]``): comparable across Linears, which a bit budget needs.
     Without a Hessian every channel gets unit energy: the weight error alone (used to compare
     Linears when spreading a bit budget without calibration data).
     The errors come from min/max rounding: the ranking only needs their size, and the clipping
@@ -106,7 +111,8 @@ def hessian_score(w: torch.Tensor, hessian: torch.Tensor | None, config: QuantCo
     four = quantize_4bit(torch.nn.functional.pad(w, (0, pad4)), config.g4, Rounding.minmax)
     err4 = (four.decode(config.g4)[:, :k] - w) ** 2
     energy = torch.ones(k) if hessian is None else torch.diag(hessian).clamp(min=0)
-    return energy * (err2 - err4).sum(0)
+    rows = torch.ones(n) if fisher is None else 0.5 * fisher.to(w.dtype)
+    return energy * (rows @ (err2 - err4))
 
 
 def _gptq(packed, hessian, two, four, layout: L.LinearLayout, config: QuantConfig, device=None, exact=None):

@@ -54,6 +54,7 @@ class Plan:
     checkpoint: Checkpoint
     units: list[str]  # "0", "1", ... then "rest"
     scores: dict[str, torch.Tensor] | None = None  # channel scores the budget used; reused to pick stripes
+    budget_by: str | None = None  # what the budget's scores measure: "predicted KL", "output error", "weight error"
     tied: tuple[str, ...] = ()  # selected matrices that share their weight with an embedding: kept 16-bit
 
     def notes(self) -> list[str]:
@@ -64,6 +65,11 @@ class Plan:
             lines.append(
                 f"{len(stacked)} 3-D tensor(s) in the decoder layers stay 16-bit (first {stacked[0]}): the "
                 f"architecture table does not describe {self.family.name}'s experts (llmq/runtime/sources/families.py)"
+            )
+        if self.budget_by == "output error":
+            lines.append(
+                "--target-bits: the calibration statistics carry no output Fisher (written by an older llmq), so "
+                "the budget compares Linears by output error, which ranks them poorly; run `llmq calibrate` again"
             )
         return lines
 
@@ -129,7 +135,8 @@ def make_plan(
         name: (lambda k4, n=lay.out_features, k=lay.in_features: plan_layout(n, k, config, k4))
         for name, lay in linears.items()
     }
-    return replace(plan, linears=allocate(factories, scores, config.target_bits), scores=scores)
+    budget_by = "weight error" if stats is None else "predicted KL" if stats.has_fisher else "output error"
+    return replace(plan, linears=allocate(factories, scores, config.target_bits), scores=scores, budget_by=budget_by)
 
 
 def _matrices(model, family: F.Family, config: QuantConfig, params: dict, experts: dict):
@@ -164,11 +171,21 @@ def _matrices(model, family: F.Family, config: QuantConfig, params: dict, expert
 
 
 def _channel_scores(plan: Plan, config: QuantConfig, stats) -> dict[str, torch.Tensor]:
-    """One read of every selected weight: each channel's 2-bit-over-4-bit error (Hessian-weighted if known)."""
+    """One read of every selected weight: each channel's 2-bit-over-4-bit error, Hessian-weighted if
+    known, and in predicted KL (output-Fisher-weighted) if the statistics carry the output Fisher."""
+
+    def fisher(name: str, out_features: int) -> torch.Tensor | None:
+        if stats is None or not stats.has_fisher:
+            return None
+        found = stats.fisher(name)
+        # None: a routed expert no token reached in the Fisher windows, so no cost was measured
+        return torch.zeros(out_features) if found is None else found
+
     return {
-        name: hessian_score(plan.weight(name).float(), hessian(stats, name, layout.in_features), config)
-        for name, layout in plan.linears.items()
-    }
+        name: hessian_score(plan.weight(name).float(), hessian(stats, name, lay.in_features), config,
+                            fisher(name, lay.out_features))
+        for name, lay in plan.linears.items()
+    }  # fmt: skip
 
 
 def hessian(stats: CalibStats | None, linear: str, in_features: int) -> torch.Tensor | None:

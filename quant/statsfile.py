@@ -2,7 +2,9 @@
 
 Tensors: ``<linear>.hessian`` (float32 ``[K, K]``, ``E[x xᵀ]``) and ``<linear>.sq_mean`` (float32
 ``[K]``, ``E[x²]``) for each *canonical* Linear; Linears reading the same input point to it
-through ``aliases``. The manifest, in the safetensors metadata under ``llmq_calib``, records the
+through ``aliases``. ``<linear>.fisher`` (float32 ``[N]``, every Linear: outputs are not shared)
+is the diagonal of its output Fisher (:mod:`llmq.quant.sensitivity`); files written before it
+existed lack it and still load. The manifest, in the safetensors metadata under ``llmq_calib``, records the
 model fingerprint, text source, samples, sequence length, seed and token count, so one file can
 serve many ``quantize`` runs (like llama.cpp's imatrix) and is refused for any other model.
 """
@@ -65,6 +67,14 @@ class CalibStats:
         canonical = self.meta["aliases"].get(linear)
         return None if canonical is None else self.tensors[f"{canonical}.hessian"]
 
+    def fisher(self, linear: str) -> torch.Tensor | None:
+        """``linear``'s output Fisher diagonal float32 ``[N]``; None in stats written without it."""
+        return self.tensors.get(f"{linear}.fisher")
+
+    @property
+    def has_fisher(self) -> bool:
+        return any(name.endswith(".fisher") for name in self.tensors)
+
 
 def in_memory(
     calibration: Calibration, meta: dict, model: ModelSource | None = None, windows: torch.Tensor | None = None
@@ -74,6 +84,8 @@ def in_memory(
     for name, stats in calibration.stats.items():
         tensors[f"{name}.hessian"] = stats.hessian().contiguous()
         tensors[f"{name}.sq_mean"] = stats.sq_mean().contiguous()
+    for name, fisher in calibration.fisher.items():
+        tensors[f"{name}.fisher"] = fisher.contiguous()
     return CalibStats({**meta, "aliases": calibration.aliases}, tensors, model=model, windows=windows)
 
 
@@ -119,6 +131,9 @@ def read_stats(path: Path, fingerprint: str) -> CalibStats:
         h = tensors.get(f"{canonical}.hessian")
         if h is None or h.dim() != 2 or h.shape[0] != h.shape[1] or not torch.isfinite(h).all():
             raise StatsFileError(f"{path}: the Hessian for {linear} is missing or corrupt")
+    for name, tensor in tensors.items():
+        if name.endswith(".fisher") and (tensor.dim() != 1 or not torch.isfinite(tensor).all() or (tensor < 0).any()):
+            raise StatsFileError(f"{path}: the output Fisher {name} is corrupt (want finite, non-negative, 1-D)")
     return CalibStats(meta, tensors, path)
 
 

@@ -11,6 +11,8 @@ Calibration and block-wise refinement both walk a model this way.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from llmq.runtime.sources import families as F
@@ -37,6 +39,9 @@ class LayerStream:
         self.layers = F.decoder_layers(self.model, self.family)
         self.checkpoint = Checkpoint.of(source.path, self.model, self.family)
         self.windows = windows
+        # Each layer still on the meta device, so a dropped one can be loaded again (a backward pass
+        # walks the layers a second time, last to first); meta modules cost no memory.
+        self._templates = [copy.deepcopy(layer) for layer in self.layers]
         before = [n for n, _ in self.model.named_parameters() if _before_layers(n, self.family, self.model)]
         self._load(before)
         self._load_layer(0)
@@ -46,8 +51,13 @@ class LayerStream:
         return len(self.layers)
 
     def layer(self, index: int) -> torch.nn.Module:
-        """Decoder layer ``index`` loaded from the checkpoint, its experts as one Linear per matrix."""
-        layer = self.layers[index] if index == 0 else self._load_layer(index)
+        """Decoder layer ``index`` loaded from the checkpoint, its experts as one Linear per matrix;
+        loaded again if it was dropped."""
+        if isinstance(self.layers[index], torch.nn.Identity):
+            self.layers[index] = copy.deepcopy(self._templates[index])
+        layer = self.layers[index]
+        if any(p.device.type == "meta" for p in layer.parameters()):
+            self._load_layer(index)
         _unfuse_experts(layer, self.family)
         return layer
 

@@ -15,11 +15,15 @@ eval ppl OUT` on the first 16,384 tokens of *Persuasion*. Families:
 - gptq: Hessian-ranked stripes + GPTQ, uniform stripe fraction per Linear, no act-order;
 - rtn: the same options without calibration (round-to-nearest, range-ranked stripes);
 - gptq-range: GPTQ (no act-order), but the stripes ranked by the data-free range score;
-- gptq-budget: GPTQ (no act-order) with `--target-bits`, stripes spread over Linears by sensitivity;
+- gptq-budget: GPTQ (no act-order) with `--target-bits`, stripes spread over Linears by sensitivity
+  (measured when the budget compared Linears by output error; stats files now carry the output
+  Fisher, so the same command now ranks by predicted KL);
+- budget-kl: act-order GPTQ with `--target-bits`, ranked by predicted KL (the output Fisher);
 - gptq-act-order: GPTQ with `--act-order` (columns in descending E[x²] within each part; the
   default since it was measured);
 - gptq-outliers: the default preset (act-order on) plus `--outliers`;
-- refined: act-order GPTQ then block-wise refinement (`--refine block`, its default settings).
+- refined: act-order GPTQ then block-wise refinement (`--refine block`, its default settings);
+- refined-budget: the same with `--target-bits` (predicted KL) at the uniform refined points' bits.
 
 Calibration and refinement became defaults after most families were measured: the rtn family
 passes `--no-calib` and every other family but refined passes `--refine none`, so each command
@@ -71,6 +75,9 @@ BUDGET = {
     "budget 3.06 g16": ["--target-bits", "3.06"],
     "budget 3.07 g32": ["--g1", "32", "--target-bits", "3.07"],
 }
+# At the bits of the uniform refined points (12.5% g32, 25% g32 = the default preset, 30% g64).
+BUDGET_KL = {"budget 2.582": ["--target-bits", "2.582"], "budget 2.825": ["--target-bits", "2.825"],
+             "budget 2.936": ["--target-bits", "2.936"]}  # fmt: skip
 OUTLIERS = {
     "default + 0.25% outliers": ["--outliers", "0.0025"],
     "default + 0.5% outliers": ["--outliers", "0.005"],
@@ -96,6 +103,8 @@ def plan(stats: Path) -> dict[str, tuple[str, list[str]]]:
     points.update({f"gptq {name}": ("gptq-outliers", [*calib, *options]) for name, options in OUTLIERS.items()})
     refined = ["--calib", str(stats), "--refine", "block"]
     points.update({f"refined {n}": ("refined", [*refined, *CONFIGS[n]]) for n in REFINED})
+    points.update({f"act-order {n}": ("budget-kl", [*calib, *options]) for n, options in BUDGET_KL.items()})
+    points.update({f"refined {n}": ("refined-budget", [*refined, *options]) for n, options in BUDGET_KL.items()})
     return points
 
 

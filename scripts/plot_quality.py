@@ -22,12 +22,15 @@ STYLES = {
     "gptq": ("o", "tab:blue", "llmq + GPTQ (Hessian-ranked stripes)"),
     "gptq-act-order": ("P", "tab:cyan", "llmq + GPTQ, --act-order"),
     "gptq-range": ("^", "tab:orange", "llmq + GPTQ, range-ranked stripes"),
-    "gptq-budget": ("D", "tab:green", "llmq + GPTQ, --target-bits budget"),
+    "gptq-budget": ("D", "tab:green", "llmq + GPTQ, --target-bits budget (output error)"),
+    "budget-kl": ("d", "darkgreen", "llmq + GPTQ, act-order, --target-bits (predicted KL)"),
     "gptq-outliers": ("v", "tab:purple", "llmq + GPTQ + outliers"),
     "refined": ("*", "tab:red", "llmq + GPTQ, act-order, --refine block"),
+    "refined-budget": ("*", "tab:pink", "llmq, --refine block, --target-bits (predicted KL)"),
     "rtn": ("s", "tab:gray", "llmq, round-to-nearest"),
     "hqq": ("x", "tab:brown", "HQQ 0.2.8 (no calibration)"),
     "plain-gptq": ("+", "black", "plain GPTQ, uniform bits (no stripes)"),
+    "autoround": ("1", "tab:olive", "AutoRound 0.16.1 (200 iterations)"),
 }
 
 

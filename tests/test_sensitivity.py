@@ -1,0 +1,93 @@
+"""The output Fisher: streamed layer by layer it equals the whole model's, and the budget uses it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from llmq.quant.calibrate import FISHER_WINDOWS, calibration_windows, collect
+from llmq.quant.config import QuantConfig
+from llmq.quant.linear import hessian_score
+from llmq.runtime.sources import models, text
+
+
+def _whole_model_fisher(folder, windows: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The same statistic from the whole model in memory, the way one would first write it."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval().requires_grad_(False)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.layers")}
+    outputs: dict[str, torch.Tensor] = {}
+    for name, module in linears.items():
+        module.register_forward_hook(lambda mod, args, out, name=name: outputs.__setitem__(name, out))
+    generator = torch.Generator().manual_seed(seed)
+    totals = {name: torch.zeros(m.out_features, dtype=torch.float64) for name, m in linears.items()}
+    for window in windows:
+        embeds = model.get_input_embeddings()(window[None]).requires_grad_(True)
+        log_p = torch.log_softmax(model(inputs_embeds=embeds, use_cache=False).logits[0].float(), -1)
+        labels = torch.multinomial(log_p.detach().exp(), 1, generator=generator)
+        grads = torch.autograd.grad(log_p.gather(-1, labels).sum(), list(outputs.values()))
+        for (name, _), grad in zip(outputs.items(), grads, strict=True):
+            totals[name] += grad.double().pow(2).reshape(-1, grad.shape[-1]).sum(0)
+    return {name: (total / windows[: len(windows)].numel()).float() for name, total in totals.items()}
+
+
+def test_streamed_fisher_equals_the_whole_models(tiny_model):
+    source = models.resolve_model(str(tiny_model), progress=False)
+    calib = text.load_text(text.Dataset.austen, None, text.Split.calib).text[:50_000]
+    windows = calibration_windows(source, calib, FISHER_WINDOWS + 2, 48, seed=0)
+    streamed = collect(source, models.load_config(source), QuantConfig(), windows).fisher
+    expected = _whole_model_fisher(tiny_model, windows[:FISHER_WINDOWS])
+    assert streamed.keys() == expected.keys() and len(streamed) == 14  # 7 Linears x 2 layers
+    for name, value in expected.items():
+        assert value.abs().sum() > 0, name
+        torch.testing.assert_close(streamed[name], value, rtol=1e-3, atol=1e-9, msg=name)
+
+
+def test_fisher_weights_the_budget_score_by_output_row():
+    config = QuantConfig()
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    hessian = torch.eye(64)
+    plain = hessian_score(w, hessian, config)
+    only_row_2 = torch.zeros(8)
+    only_row_2[2] = 4.0
+    weighted = hessian_score(w, hessian, config, only_row_2)
+    # ½ · 4 · (row 2's error difference): one row counts, twice over
+    alone = hessian_score(w[2:3], hessian, config)
+    torch.testing.assert_close(weighted, 2.0 * alone)
+    assert not torch.allclose(weighted, plain)
+
+
+@pytest.fixture(scope="module")
+def stats_without_fisher(tmp_path_factory, tiny_model):
+    """A stats file as llmq wrote them before the output Fisher: the same file less those tensors."""
+    from conftest import run_cli
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("stats")
+    full = folder / "full.stats"
+    result = run_cli("calibrate", str(tiny_model), "-o", str(full), "--dataset", "austen", "--samples", "4",
+                     "--seq-len", "64", "-q")  # fmt: skip
+    assert result.code == 0, result.stderr
+    with safe_open(str(full), framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    assert sum(k.endswith(".fisher") for k in tensors) == 14
+    old = folder / "old.stats"
+    save_file({k: v for k, v in tensors.items() if not k.endswith(".fisher")}, str(old), metadata=metadata)
+    return full, old
+
+
+def test_budget_by_predicted_kl_and_a_note_for_old_stats(cli, tiny_model, stats_without_fisher, tmp_path):
+    full, old = stats_without_fisher
+    options = ("--g1", "16", "--g4", "16", "--target-bits", "3.4", "--refine", "none", "--json")
+    layouts = {}
+    for label, stats in (("full", full), ("old", old)):
+        result = cli("quantize", str(tiny_model), "-o", str(tmp_path / f"{label}.llmq"), "--calib", str(stats), *options)
+        assert result.code == 0, result.stderr
+        assert ("carry no output Fisher" in result.stderr) == (label == "old"), result.stderr
+        layouts[label] = {layer["name"]: layer["k4"] for layer in json.loads(result.stdout)["accounting"]["layers"]}
+    assert layouts["full"] != layouts["old"]  # the Fisher moved the stripes
