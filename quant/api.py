@@ -86,7 +86,7 @@ def _collect(model, text, samples, seq_len, seed, config, device, revision, trus
     loaded = early or T.load(text, T.Split.calib, T.Dataset.mix)
     feedback.info(f"calibration: {loaded.source}, {samples} samples x {seq_len} tokens, seed {seed}, on {torch_device}")
     start = time.perf_counter()
-    with feedback.progress("calibrating layers") as update:
+    with feedback.progress("calibrating layers (forward, then back)") as update:
         calibration, meta, windows = calibrate_model(
             source, model_config, config, loaded.source, loaded.text, samples, seq_len, seed,
             on_layer=update, device=torch_device, log=feedback.info,

@@ -25,7 +25,7 @@ import torch
 
 from llmq.errors import TextSourceError, UsageError
 from llmq.quant.config import QuantConfig
-from llmq.quant.sensitivity import output_fisher
+from llmq.quant.sensitivity import fill_unreached, output_fisher
 from llmq.quant.stream import LayerStream
 from llmq.runtime.sources import families as F
 from llmq.runtime.sources.checkpoint import model_fingerprint
@@ -75,6 +75,7 @@ class Calibration:
     aliases: dict[str, str] = field(default_factory=dict)  # every matrix name -> canonical name
     tokens: int = 0
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)  # matrix name -> [N] output Fisher diagonal
+    out_features: dict[str, int] = field(default_factory=dict)  # every hooked matrix name -> its N
 
     def finish(self, prefix: str) -> None:
         """Finish the statistics of every matrix whose name starts with ``prefix`` (a layer's, or all):
@@ -112,8 +113,10 @@ def collect(
     on_layer: Callable[[int, int], None] | None = None,
     device: torch.device | None = None,
     log: Callable[[str], None] = lambda message: None,
+    seed: int = 0,
 ) -> Calibration:
-    """Run ``windows`` ([S, L] token ids) through the model layer by layer, collecting Linear input stats.
+    """Run ``windows`` ([S, L] token ids) through the model layer by layer, collecting Linear input stats,
+    then back through the first ``FISHER_WINDOWS`` for the output Fisher (labels drawn with ``seed``).
 
     Layers and activations live on ``device`` (default: the CPU); the statistics come back on the CPU.
     """
@@ -136,14 +139,11 @@ def collect(
             hook.remove()
         starved.fill(calibration, layer, prefix)
         calibration.finish(prefix + ".")  # the fp64 sums of this layer become fp32 statistics on the CPU
-        stream.drop(index)
+        if index < len(stream) - 1:  # the last one is the backward pass's first
+            stream.drop(index)
         if on_layer is not None:
             on_layer(index + 1, total)
     starved.report(log)
-    backward = None if on_layer is None else lambda done, layers: on_layer(layers + done, total)
-    final = [h.clone() for h in hidden[:kept]]
-    calibration.fisher = output_fisher(stream, layer_inputs, final, config, on_layer=backward)
-    del layer_inputs, final
     model = stream.model
     if any(F.linear_shape(m) is not None and config.quantizes(n, family) for n, m in model.named_modules()):
         hooks = _attach_hooks(model, "", family, config, calibration)
@@ -151,6 +151,16 @@ def collect(
         for hook in hooks:
             hook.remove()
         calibration.finish("")
+    final = [h.clone() for h in hidden[:kept]]
+    del hidden
+    backward = None if on_layer is None else lambda done, layers: on_layer(layers + done, total)
+    calibration.fisher = output_fisher(stream, layer_inputs, final, config, seed, backward)
+    filled = fill_unreached(calibration.fisher, calibration.out_features)
+    if filled:
+        log(
+            f"calibration: {filled} matrices got no gradient in the {kept} Fisher windows (routed experts no token "
+            "reached there, or outputs that do not reach the loss); the bit budget uses their experts' mean or zero"
+        )
     return calibration
 
 
@@ -167,6 +177,7 @@ def _attach_hooks(layer, prefix: str, family: F.Family, config: QuantConfig, cal
         shape = F.linear_shape(module)
         if shape is None or not config.quantizes(full, family):
             continue
+        calibration.out_features[full] = shape[0]
 
         def hook(mod, args, full=full, k=shape[1]):
             x = args[0]
@@ -239,7 +250,7 @@ def calibrate_model(
     """Tokenize ``text``, sample windows, collect stats; returns them, the stats-file manifest and the
     windows ``[samples, seq_len]`` (token ids)."""
     windows = calibration_windows(source, text, samples, seq_len, seed)
-    calibration = collect(source, model_config, config, windows, on_layer, device, log)
+    calibration = collect(source, model_config, config, windows, on_layer, device, log, seed)
     meta = {
         "model": source.label,
         "model_fingerprint": model_fingerprint(source.path),

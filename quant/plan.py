@@ -54,8 +54,8 @@ class Plan:
     checkpoint: Checkpoint
     units: list[str]  # "0", "1", ... then "rest"
     scores: dict[str, torch.Tensor] | None = None  # channel scores the budget used; reused to pick stripes
-    budget_by: str | None = None  # what the budget's scores measure: "predicted KL", "output error", "weight error"
     tied: tuple[str, ...] = ()  # selected matrices that share their weight with an embedding: kept 16-bit
+    budget_by: str | None = None  # what the budget's scores measure: "predicted KL", "output error", "weight error"
 
     def notes(self) -> list[str]:
         """What the user asked for that the plan does not do, each as one line to log."""
@@ -127,7 +127,7 @@ def make_plan(
     dense = {key: (dense_dtype or _default_dense_dtype(dtype), shape)
              for key, (dtype, shape) in params.items() if key not in quantized}  # fmt: skip
     units = sorted({unit_of(k, family) for k in params} - {REST}, key=int) + [REST]
-    plan = Plan(linears, {n: m for n, (m, _) in matrices.items()}, biases, dense, family, checkpoint, units, None, tied)
+    plan = Plan(linears, {n: m for n, (m, _) in matrices.items()}, biases, dense, family, checkpoint, units, tied=tied)
     if config.target_bits is None:
         return plan
     scores = _channel_scores(plan, config, stats)
@@ -173,19 +173,23 @@ def _matrices(model, family: F.Family, config: QuantConfig, params: dict, expert
 def _channel_scores(plan: Plan, config: QuantConfig, stats) -> dict[str, torch.Tensor]:
     """One read of every selected weight: each channel's 2-bit-over-4-bit error, Hessian-weighted if
     known, and in predicted KL (output-Fisher-weighted) if the statistics carry the output Fisher."""
-
-    def fisher(name: str, out_features: int) -> torch.Tensor | None:
-        if stats is None or not stats.has_fisher:
-            return None
-        found = stats.fisher(name)
-        # None: a routed expert no token reached in the Fisher windows, so no cost was measured
-        return torch.zeros(out_features) if found is None else found
-
+    with_fisher = stats is not None and stats.has_fisher
     return {
         name: hessian_score(plan.weight(name).float(), hessian(stats, name, lay.in_features), config,
-                            fisher(name, lay.out_features))
+                            fisher(stats, name, lay.out_features) if with_fisher else None)
         for name, lay in plan.linears.items()
     }  # fmt: skip
+
+
+def fisher(stats: CalibStats, linear: str, out_features: int) -> torch.Tensor:
+    """``linear``'s output Fisher ``[out_features]`` from statistics that carry one for every Linear."""
+    found = stats.fisher(linear)
+    if found is None or found.shape != (out_features,):
+        raise StatsFileError(
+            f"{stats.file_label} has no output Fisher of size {out_features} for {linear}; recalibrate with the "
+            "same --include/--exclude (llmq calibrate takes them too)"
+        )
+    return found
 
 
 def hessian(stats: CalibStats | None, linear: str, in_features: int) -> torch.Tensor | None:

@@ -6,16 +6,19 @@ next-token distribution with it. To second order the KL divergence from the fp32
 distribution with respect to that Linear's output at position ``t``. Its diagonal is
 ``E[g²]`` with ``g`` the gradient of ``log p(y)`` for labels ``y`` drawn from the model itself
 (not the text's tokens: that would be the empirical Fisher, which measures fit, not sensitivity).
-Summed over positions it gives one weight per output channel, ``fisher[o] = mean_t g[t, o]²``, and
-the predicted KL of an error ``E = Ŵ - W`` is ``½ Σ_o fisher[o] · (E H Eᵀ)[o, o]`` with ``H`` the
-input statistics calibration collects anyway. (Measured on the demo model for 99 Linears, each
-quantized alone to pure 2-bit: Spearman 0.80 between this prediction and the KL measured by
-running the model; the per-Linear output error that the budget used before ranks them at 0.24.)
+Averaged over positions it gives one weight per output channel, ``fisher[o] = mean_t g[t, o]²``.
+Keeping only that diagonal, and taking ``g²`` independent of the input ``x``, the KL of an error
+``E = Ŵ - W`` is about ``½ Σ_o fisher[o] · (E H Eᵀ)[o, o]``, with ``H = E[x xᵀ]`` the input
+statistics calibration collects anyway. (On the demo model, 99 Linears each quantized alone to
+pure 2-bit with GPTQ: that prediction ranks the measured KLs with Spearman 0.80; their output
+errors ``tr(E H Eᵀ)`` rank them at 0.24. ``scripts/check_sensitivity.py``.)
 
 The pass streams like calibration: the caller's forward pass keeps every layer's input for the
 windows used here, then one backward pass walks the layers from last to first, loading each
-again, and leaves each Linear's weights. One draw of labels per position; the windows supply the
-averaging.
+again and freeing its inputs as it goes. One label is drawn per position; the positions of all
+the windows supply the averaging. The mean is over all positions, so a routed expert's weight
+counts the positions that did not reach it as zero, as its Hessian's tokens are only the routed
+ones: their product is the expert's share of the model's loss.
 """
 
 from __future__ import annotations
@@ -34,49 +37,69 @@ def output_fisher(
     layer_inputs: list[list[torch.Tensor]],
     final: list[torch.Tensor],
     config: QuantConfig,
-    seed: int = 0,
+    seed: int,
     on_layer: Callable[[int, int], None] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Per selected Linear, ``fisher[o]`` float32 ``[N]`` on the CPU: the mean over positions of the
-    squared gradient of a sampled label's log-probability with respect to output channel ``o``.
+    """Per selected Linear that the loss reaches, ``fisher[o]`` float32 ``[N]`` on the CPU: the mean
+    over positions of the squared gradient of a sampled label's log-probability at output ``o``.
 
     stream        the model, its layers already walked forward (each dropped or still loaded)
     layer_inputs  per decoder layer, the hidden states [1, L, H] entering it, one per window used
+                  (the first ``len(final)`` of ``stream.windows``); emptied as the pass goes
     final         per window used, the last decoder layer's output [1, L, H]
+    seed          of the label draws
     """
     family = stream.family
     fisher: dict[str, torch.Tensor] = {}
     tokens = sum(h.shape[1] for h in final)
     stream.load_rest()
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    grads = [_head_grad(stream, h, w, config, fisher, generator) for h, w in zip(final, stream.windows, strict=False)]
+    windows = stream.windows[: len(final)]
+    grads = [_head_grad(stream, h, w, config, fisher, generator) for h, w in zip(final, windows, strict=True)]
     for index in reversed(range(len(stream))):
         prefix = f"{family.layers}.{index}"
         layer = stream.layer(index)
         layer.requires_grad_(False)
+        inputs = layer_inputs.pop()
         grads = [_layer_grad(stream, index, layer, prefix, x, g, config, fisher) for x, g in
-                 zip(layer_inputs[index], grads, strict=True)]  # fmt: skip
+                 zip(inputs, grads, strict=True)]  # fmt: skip
+        del inputs
         stream.drop(index)
         if on_layer is not None:
             on_layer(len(stream) - index, len(stream))
     return {name: (total / tokens).float().cpu() for name, total in fisher.items()}
 
 
+def fill_unreached(fisher: dict[str, torch.Tensor], linears: dict[str, int]) -> int:
+    """Give every Linear in ``linears`` (name -> out features) a Fisher: one the loss did not reach
+    in the Fisher windows (a routed expert no token went to there) gets the mean of its measured
+    sibling experts, any other zeros. Returns how many were filled."""
+    filled = 0
+    for name, out_features in linears.items():
+        if name in fisher:
+            continue
+        kind, _, expert = name.rpartition(".")
+        siblings = [v for n, v in fisher.items() if expert.isdigit() and n.rpartition(".")[0] == kind]
+        fisher[name] = torch.stack(siblings).mean(0) if siblings else torch.zeros(out_features)
+        filled += 1
+    return filled
+
+
 def _head_grad(stream: LayerStream, final, window, config, fisher, generator) -> torch.Tensor:
     """The gradient at the last layer's output of ``log p(y)`` summed over positions, ``y`` drawn
     from the model's own distribution; selected Linears after the layers (an output head) add theirs."""
     final = final.detach().requires_grad_(True)
-    outputs = _capture_outputs(stream.model, "", stream.family, config, skip=stream.family.layers + ".")
+    outputs, hooks = _capture_outputs(stream.model, "", stream.family, config, skip=stream.family.layers + ".")
     try:
         logits = stream.logits(final, window)[0].float()
     finally:
-        hooks = outputs.pop("__hooks__")
         for hook in hooks:
             hook.remove()
+    # Linears before the decoder layers (an embedding projection) get no gradient from here
+    outputs = {name: out for name, out in outputs.items() if out.requires_grad}
     log_p = torch.log_softmax(logits, -1)
     labels = torch.multinomial(log_p.detach().exp().cpu(), 1, generator=generator).to(log_p.device)
-    wanted = [final, *outputs.values()]
-    grads = torch.autograd.grad(log_p.gather(-1, labels).sum(), wanted)
+    grads = torch.autograd.grad(log_p.gather(-1, labels).sum(), [final, *outputs.values()])
     _accumulate(fisher, outputs, grads[1:])
     return grads[0]
 
@@ -85,35 +108,34 @@ def _layer_grad(stream: LayerStream, index: int, layer, prefix: str, x, grad, co
     """Back through decoder layer ``index`` from ``grad`` at its output: the gradient at its input;
     its selected Linears' squared output gradients are added to ``fisher``."""
     x = x.detach().requires_grad_(True)
-    outputs = _capture_outputs(layer, prefix, stream.family, config)
+    outputs, hooks = _capture_outputs(layer, prefix, stream.family, config)
     try:
         y = stream.call(index, layer, x)
     finally:
-        for hook in outputs.pop("__hooks__"):
+        for hook in hooks:
             hook.remove()
     grads = torch.autograd.grad(y, [x, *outputs.values()], grad_outputs=grad, allow_unused=True)
     _accumulate(fisher, outputs, grads[1:])
     return grads[0]
 
 
-def _capture_outputs(module, prefix: str, family: F.Family, config: QuantConfig, skip: str | None = None) -> dict:
-    """Hooks that keep each selected Linear's output tensor (name -> tensor); ``"__hooks__"`` holds
-    the handles. A Linear called more than once (none in the supported families) keeps its last."""
-    outputs: dict = {}
+def _capture_outputs(module, prefix: str, family: F.Family, config: QuantConfig, skip: str | None = None):
+    """Hooks that keep each selected Linear's output tensor: ``(name -> tensor, handles)``. Only the
+    Linears that run appear (a routed expert no token reached does not)."""
+    outputs: dict[str, torch.Tensor] = {}
     hooks = []
     for name, child in module.named_modules():
         full = f"{prefix}.{name}" if prefix else name
-        shape = F.linear_shape(child)
-        if (skip is not None and full.startswith(skip)) or shape is None or not config.quantizes(full, family):
+        skipped = skip is not None and full.startswith(skip)
+        if skipped or F.linear_shape(child) is None or not config.quantizes(full, family):
             continue
         hooks.append(child.register_forward_hook(lambda mod, args, out, full=full: outputs.__setitem__(full, out)))
-    outputs["__hooks__"] = hooks
-    return outputs
+    return outputs, hooks
 
 
-def _accumulate(fisher: dict[str, torch.Tensor], outputs: dict, grads) -> None:
+def _accumulate(fisher: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor], grads) -> None:
     for (name, out), grad in zip(outputs.items(), grads, strict=True):
-        if grad is None:  # a routed expert no token reached
+        if grad is None:  # its output does not reach the loss; fill_unreached gives it one
             continue
         squares = grad.detach().double().pow(2).reshape(-1, out.shape[-1]).sum(0)
         fisher[name] = fisher[name] + squares if name in fisher else squares

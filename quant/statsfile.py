@@ -11,6 +11,7 @@ serve many ``quantize`` runs (like llama.cpp's imatrix) and is refused for any o
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass, replace
@@ -71,8 +72,9 @@ class CalibStats:
         """``linear``'s output Fisher diagonal float32 ``[N]``; None in stats written without it."""
         return self.tensors.get(f"{linear}.fisher")
 
-    @property
+    @functools.cached_property
     def has_fisher(self) -> bool:
+        """Whether they carry the output Fisher (stats files written before it existed do not)."""
         return any(name.endswith(".fisher") for name in self.tensors)
 
 

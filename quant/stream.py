@@ -73,9 +73,10 @@ class LayerStream:
 
     def after_layers(self, final: list[torch.Tensor]) -> None:
         """Run the rest of the model (final norm, output head: loaded now) on each window's output of
-        the last layer, which stands in for the whole stack; hooks on those modules see their inputs."""
+        the last layer, which stands in for the whole stack; hooks on those modules see their inputs.
+        The layers are as they were afterwards (a backward pass may load them again)."""
         self.load_rest()
-        layers, returns_tuple = self.layers, self.returns_tuple
+        layers, returns_tuple, saved = self.layers, self.returns_tuple, list(self.layers)
         outputs = iter(final)
 
         class Replay(torch.nn.Module):
@@ -83,11 +84,15 @@ class LayerStream:
                 hidden = next(outputs) if self is layers[0] else args[0]
                 return (hidden,) if returns_tuple else hidden
 
-        for index in range(len(layers)):
-            layers[index] = Replay()
-        with torch.inference_mode():
-            for window in self.windows:
-                self.model(window[None].to(self.device), use_cache=False)
+        try:
+            for index in range(len(layers)):
+                layers[index] = Replay()
+            with torch.inference_mode():
+                for window in self.windows:
+                    self.model(window[None].to(self.device), use_cache=False)
+        finally:
+            for index, layer in enumerate(saved):
+                layers[index] = layer
 
     def load_rest(self) -> None:
         """Load what comes after the decoder layers (final norm, output head), fp32 and frozen."""
@@ -209,4 +214,6 @@ def _unfuse_experts(layer, family: F.Family) -> None:
         fused = getattr(owner, child)
     except AttributeError:
         return  # a dense layer of a model that mixes dense and MoE layers
+    if isinstance(fused, RoutedExperts):
+        return  # unfused already: the layer was handed out before and kept
     setattr(owner, child, RoutedExperts.from_fused(fused, family.experts))

@@ -13,12 +13,13 @@ from llmq.quant.linear import hessian_score
 from llmq.runtime.sources import models, text
 
 
-def _whole_model_fisher(folder, windows: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
+def _whole_model_fisher(folder, windows: torch.Tensor, head: bool, seed: int = 0) -> dict[str, torch.Tensor]:
     """The same statistic from the whole model in memory, the way one would first write it."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval().requires_grad_(False)
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.layers")}
+    wanted = ("model.layers", "lm_head") if head else ("model.layers",)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith(wanted)}
     outputs: dict[str, torch.Tensor] = {}
     for name, module in linears.items():
         module.register_forward_hook(lambda mod, args, out, name=name: outputs.__setitem__(name, out))
@@ -31,16 +32,18 @@ def _whole_model_fisher(folder, windows: torch.Tensor, seed: int = 0) -> dict[st
         grads = torch.autograd.grad(log_p.gather(-1, labels).sum(), list(outputs.values()))
         for (name, _), grad in zip(outputs.items(), grads, strict=True):
             totals[name] += grad.double().pow(2).reshape(-1, grad.shape[-1]).sum(0)
-    return {name: (total / windows[: len(windows)].numel()).float() for name, total in totals.items()}
+    return {name: (total / windows.numel()).float() for name, total in totals.items()}
 
 
-def test_streamed_fisher_equals_the_whole_models(tiny_model):
+@pytest.mark.parametrize("head", [False, True], ids=["layers", "with-lm-head"])
+def test_streamed_fisher_equals_the_whole_models(tiny_model, head):
     source = models.resolve_model(str(tiny_model), progress=False)
     calib = text.load_text(text.Dataset.austen, None, text.Split.calib).text[:50_000]
     windows = calibration_windows(source, calib, FISHER_WINDOWS + 2, 48, seed=0)
-    streamed = collect(source, models.load_config(source), QuantConfig(), windows).fisher
-    expected = _whole_model_fisher(tiny_model, windows[:FISHER_WINDOWS])
-    assert streamed.keys() == expected.keys() and len(streamed) == 14  # 7 Linears x 2 layers
+    config = QuantConfig(include=(*QuantConfig().include, "lm_head")) if head else QuantConfig()
+    streamed = collect(source, models.load_config(source), config, windows, seed=0).fisher
+    expected = _whole_model_fisher(tiny_model, windows[:FISHER_WINDOWS], head)
+    assert streamed.keys() == expected.keys() and len(streamed) == 14 + head  # 7 Linears x 2 layers (+ head)
     for name, value in expected.items():
         assert value.abs().sum() > 0, name
         torch.testing.assert_close(streamed[name], value, rtol=1e-3, atol=1e-9, msg=name)
@@ -63,9 +66,10 @@ def test_fisher_weights_the_budget_score_by_output_row():
 @pytest.fixture(scope="module")
 def stats_without_fisher(tmp_path_factory, tiny_model):
     """A stats file as llmq wrote them before the output Fisher: the same file less those tensors."""
-    from conftest import run_cli
     from safetensors import safe_open
     from safetensors.torch import save_file
+
+    from conftest import run_cli
 
     folder = tmp_path_factory.mktemp("stats")
     full = folder / "full.stats"
@@ -81,13 +85,40 @@ def stats_without_fisher(tmp_path_factory, tiny_model):
     return full, old
 
 
-def test_budget_by_predicted_kl_and_a_note_for_old_stats(cli, tiny_model, stats_without_fisher, tmp_path):
-    full, old = stats_without_fisher
+def _quantize_k4(cli, model, stats, out) -> dict[str, int]:
     options = ("--g1", "16", "--g4", "16", "--target-bits", "3.4", "--refine", "none", "--json")
-    layouts = {}
-    for label, stats in (("full", full), ("old", old)):
-        result = cli("quantize", str(tiny_model), "-o", str(tmp_path / f"{label}.llmq"), "--calib", str(stats), *options)
-        assert result.code == 0, result.stderr
-        assert ("carry no output Fisher" in result.stderr) == (label == "old"), result.stderr
-        layouts[label] = {layer["name"]: layer["k4"] for layer in json.loads(result.stdout)["accounting"]["layers"]}
-    assert layouts["full"] != layouts["old"]  # the Fisher moved the stripes
+    result = cli("quantize", str(model), "-o", str(out), "--calib", str(stats), *options)
+    assert result.code == 0, result.stderr
+    return {layer["name"]: layer["k4"] for layer in json.loads(result.stdout)["accounting"]["layers"]}, result.stderr
+
+
+def test_the_budget_follows_the_fisher_and_old_stats_get_a_note(cli, tiny_model, stats_without_fisher, tmp_path):
+    from llmq.quant import statsfile
+    from llmq.runtime.sources.checkpoint import model_fingerprint
+
+    full, old = stats_without_fisher
+    k4, log = _quantize_k4(cli, tiny_model, full, tmp_path / "full.llmq")
+    assert "carry no output Fisher" not in log
+    _, log = _quantize_k4(cli, tiny_model, old, tmp_path / "old.llmq")
+    assert "carry no output Fisher" in log
+    # a Linear without stripes, made far more costly to the model than any other, gets the widest
+    stats = statsfile.read_stats(full, model_fingerprint(tiny_model))
+    loud = min(k4, key=k4.get)
+    loudest = max(float(t.max()) for name, t in stats.tensors.items() if name.endswith(".fisher"))
+    stats.tensors[f"{loud}.fisher"] = torch.full_like(stats.tensors[f"{loud}.fisher"], 1000 * loudest)
+    statsfile.write_stats(tmp_path / "loud.stats", stats)
+    k4_loud, _ = _quantize_k4(cli, tiny_model, tmp_path / "loud.stats", tmp_path / "loud.llmq")
+    assert k4_loud[loud] > k4[loud] and k4_loud[loud] == max(k4_loud.values())
+
+
+def test_a_stats_file_missing_one_fisher_is_refused(cli, tiny_model, stats_without_fisher, tmp_path):
+    from llmq.quant import statsfile
+    from llmq.runtime.sources.checkpoint import model_fingerprint
+
+    stats = statsfile.read_stats(stats_without_fisher[0], model_fingerprint(tiny_model))
+    del stats.tensors["model.layers.1.mlp.down_proj.fisher"]
+    statsfile.write_stats(tmp_path / "partial.stats", stats)
+    options = ("--target-bits", "3.4", "--g1", "16", "--g4", "16", "--refine", "none")
+    partial = str(tmp_path / "partial.stats")
+    result = cli("quantize", str(tiny_model), "-o", str(tmp_path / "x.llmq"), "--calib", partial, *options)
+    assert result.code == 1 and "no output Fisher of size 64 for model.layers.1.mlp.down_proj" in result.stderr

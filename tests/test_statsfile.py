@@ -53,6 +53,8 @@ def test_another_models_statistics_are_refused(tmp_path):
         (lambda path: _rewrite(path, meta=lambda m: m | {"version": 99}), "not an llmq calibration stats file"),
         (lambda path: _rewrite(path, meta=lambda m: {k: v for k, v in m.items() if k != "aliases"}), "alias table"),
         (lambda path: _rewrite(path, tensor=torch.full((8, 8), float("nan"))), "missing or corrupt"),
+        (lambda path: _rewrite(path, fisher=torch.tensor([1.0, -2.0])), "output Fisher layer.q.fisher is corrupt"),
+        (lambda path: _rewrite(path, fisher=torch.ones(2, 2)), "output Fisher layer.q.fisher is corrupt"),
     ],
 )
 def test_a_damaged_stats_file_is_a_clear_error(tmp_path, damage, message):
@@ -63,7 +65,7 @@ def test_a_damaged_stats_file_is_a_clear_error(tmp_path, damage, message):
         statsfile.read_stats(path, FINGERPRINT)
 
 
-def _rewrite(path, meta=lambda m: m, tensor=None) -> None:
+def _rewrite(path, meta=lambda m: m, tensor=None, fisher=None) -> None:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -72,6 +74,8 @@ def _rewrite(path, meta=lambda m: m, tensor=None) -> None:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     if tensor is not None:
         tensors["layer.q.hessian"] = tensor
+    if fisher is not None:
+        tensors["layer.q.fisher"] = fisher
     save_file(tensors, str(path), metadata={"llmq_calib": json.dumps(meta(record))})
 
 
