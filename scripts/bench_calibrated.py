@@ -75,9 +75,10 @@ BUDGET = {
     "budget 3.06 g16": ["--target-bits", "3.06"],
     "budget 3.07 g32": ["--g1", "32", "--target-bits", "3.07"],
 }
-# At the bits of the uniform refined points (12.5% g32, 25% g32 = the default preset, 30% g64).
+# At the bits of the uniform refined points (12.5% g32, 25% g32 = the default preset, 30% g64) and of a peer.
+# 2.5625: AutoRound's 2-bit g32 as its auto_gptq export stores it.
 BUDGET_KL = {"budget 2.582": ["--target-bits", "2.582"], "budget 2.825": ["--target-bits", "2.825"],
-             "budget 2.936": ["--target-bits", "2.936"]}  # fmt: skip
+             "budget 2.936": ["--target-bits", "2.936"], "budget 2.5625": ["--target-bits", "2.5625"]}  # fmt: skip
 OUTLIERS = {
     "default + 0.25% outliers": ["--outliers", "0.0025"],
     "default + 0.5% outliers": ["--outliers", "0.005"],
