@@ -65,6 +65,11 @@ def ensure_peer_environment() -> None:
     os.execv(str(python), [str(python), *sys.argv])
 
 
+def autogptq_bits(n: int, k: int, bits: int, group: int) -> int:
+    """Bits a [n, k] weight takes as AutoGPTQ stores it: b-bit codes, an fp16 scale and a b-bit zero per group."""
+    return n * (k * bits + math.ceil(k / group) * (16 + bits))
+
+
 def hqq_point(bits: int, group: int, max_tokens: int) -> dict:
     import torch
     from benchlib import simulated_ppl
@@ -139,7 +144,7 @@ def autoround_point(bits: int, group: int, max_tokens: int, iters: int, samples:
         groups = fake[:, : k - k % group].reshape(n, -1, group).sort(-1).values
         levels = int((groups.diff(dim=-1) != 0).sum(-1).max()) + 1
         assert levels <= 2**bits, f"{name}: a group holds {levels} levels, more than {bits} bits allow"
-        totals["bits"] += n * (k * bits + math.ceil(k / group) * (16 + bits))
+        totals["bits"] += autogptq_bits(n, k, bits, group)
         totals["weights"] += n * k
         return fake
 
@@ -195,7 +200,7 @@ def plain_gptq_point(bits: int, group: int, stats, max_tokens: int, act_order: b
         order = torch.argsort(torch.diag(hessian), descending=True) if act_order else torch.arange(k)
         codes, _ = gptq_round(w[:, order], hessian[order][:, order], scale_k[:, order], zero_k[:, order], qmax_k, damp)
         codes = codes[:, torch.argsort(order)]
-        totals["bits"] += n * (k * bits + math.ceil(k / group) * (16 + bits))
+        totals["bits"] += autogptq_bits(n, k, bits, group)
         totals["weights"] += n * k
         return scale_k * (codes - zero_k)
 
