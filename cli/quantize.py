@@ -16,6 +16,7 @@ from llmq.quant.config import (
     DEFAULT_SAMPLES,
     DEFAULT_SEQ_LEN,
     PRESETS,
+    Allocation,
     Refine,
     RefineInputs,
     Rounding,
@@ -87,6 +88,14 @@ def quantize(
         float | None,
         typer.Option("--target-bits", help="Model-wide bits per weight: stripes spread over Linears by sensitivity."),
     ] = None,
+    allocation: Annotated[
+        Allocation | None,
+        typer.Option(
+            "--allocation",
+            help="How the 4-bit stripes are shared: budget (the preset's bits spread over the Linears by predicted "
+            "KL; the default when calibrated) or uniform (every Linear the same stripe fraction).",
+        ),
+    ] = None,
     damp: Annotated[
         float | None, typer.Option("--damp", help="GPTQ dampening, share of the mean Hessian diagonal.")
     ] = None,
@@ -142,7 +151,7 @@ def quantize(
         preset, g1=g1, g2=g2, g4=g4, stripe_fraction=stripe_fraction, scale_bits=scale_bits,
         outlier_fraction=outliers, rounding=rounding, selection=selection, gptq_damp=damp, gptq_block=gptq_block,
         act_order=act_order, include=tuple(include) if include else None, exclude=tuple(exclude) if exclude else None,
-        target_bits=target_bits, refine=refine, refine_settings=refine_settings(
+        target_bits=target_bits, allocation=allocation, refine=refine, refine_settings=refine_settings(
             steps=refine_steps, batch=refine_batch, lr=refine_lr, scale_lr=refine_scale_lr, inputs=refine_inputs,
             e2e_steps=e2e_steps, e2e_batch=e2e_batch, e2e_lr=e2e_lr),
     )  # fmt: skip

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from llmq.errors import ArtifactWriteError, OutputExistsError, UsageError
 from llmq.quant import pipeline, resources, statsfile, writer
 from llmq.quant.calibrate import calibrate_model, calibration_windows
-from llmq.quant.config import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, QuantConfig, Refine
+from llmq.quant.config import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, Allocation, QuantConfig, Refine
 from llmq.quant.plan import Plan, make_plan
 from llmq.quant.statsfile import CalibStats
 from llmq.runtime.format import dtypes
@@ -153,10 +153,14 @@ def _prepare(model, out: Path, config, calib, calib_data, dense_dtype, device, f
             "no calibration (--no-calib): rounding to nearest, which loses far more accuracy at 2-3 bits than GPTQ "
             "(docs/benchmarks.md)"
         )
-    if dry_run and calib_data is not None and config.target_bits is not None:
-        feedback.info("dry run: stripes allocated without calibration data; the real run ranks them with its Hessians")
+    spreads = run_config.target_bits is not None or 0 < run_config.stripe_fraction < 1
+    if dry_run and calib_data is not None and spreads and run_config.allocation != Allocation.uniform:
+        feedback.info(
+            "dry run: stripes placed without calibration data; the real run spreads the same bits by predicted KL"
+        )
     dense = None if dense_dtype == "auto" else dtypes.BY_SHORT[dense_dtype].torch()
     plan = make_plan(source, model_config, run_config, dense, stats)
+    run_config = replace(run_config, target_bits=plan.target_bits, allocation=None)  # as the manifest records it
     for note in plan.notes():
         feedback.warn(note)
     needs = resources.estimate_plan(plan, source.path, stats, out)
@@ -189,8 +193,8 @@ def estimate(
 ) -> QuantizeEstimate:
     """Per-layer bits per weight, artifact size, disk and peak memory of :func:`quantize` with the
     same arguments (``device`` is checked, not used). Writes nothing; reads weights only to rank
-    stripes for ``config.target_bits`` and to check a stats file's model fingerprint.
-    ``calib_data`` is not collected: with ``target_bits`` the stripes are allocated without it."""
+    stripes by sensitivity and to check a stats file's model fingerprint. ``calib_data`` is not
+    collected: the stripes are placed without it (uniformly unless ``target_bits`` is given)."""
     p = _prepare(model, Path(out), config, calib, calib_data, dense_dtype, device, False, revision,
                  trust_remote_code, feedback, dry_run=True)  # fmt: skip
     calibration = p.stats.provenance if p.stats is not None else None
@@ -214,8 +218,9 @@ def quantize(
 ) -> Manifest:
     """Quantize ``model`` to range-aware mixed 2/4-bit weights and write the artifact ``out``.
 
-    config       group sizes, stripes, rounding, GPTQ settings, Linears to quantize, ``target_bits``
-                 (default: the ``mixed`` preset, :data:`llmq.quant.config.PRESETS`)
+    config       group sizes, stripes, rounding, GPTQ settings, Linears to quantize, ``target_bits``,
+                 ``allocation`` (default: the ``mixed`` preset, :data:`llmq.quant.config.PRESETS`; when
+                 calibrated, its bits are spread over the Linears by predicted KL)
     calib        statistics (from :func:`calibrate`, or a stats file's path): Hessian-ranked stripes + GPTQ
     calib_data   calibrate now on this text (default: 64 x 512 tokens of the built-in mix, unless ``calib``
                  is given); None: round to nearest without calibration (fast, much less accurate)

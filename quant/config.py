@@ -46,6 +46,13 @@ class Refine(str, enum.Enum):
         return self != Refine.none
 
 
+class Allocation(str, enum.Enum):
+    """How the 4-bit stripes are shared among the Linears."""
+
+    uniform = "uniform"  # every Linear keeps the config's stripe fraction
+    budget = "budget"  # the uniform plan's bits (or target_bits), spread over the Linears by sensitivity
+
+
 class RefineInputs(str, enum.Enum):
     """What a block is given while it learns to reproduce the fp32 block's outputs."""
 
@@ -137,14 +144,18 @@ class QuantConfig:
     exclude: tuple[str, ...] = field(default_factory=tuple)
     # Model-wide bits per weight: stripes spread over the Linears by sensitivity (replaces stripe_fraction)
     target_bits: float | None = None
+    # None: budget when the calibration statistics carry the output Fisher (predicted KL), uniform
+    # otherwise; a run resolves it into target_bits (make_plan), so manifests carry only that
+    allocation: Allocation | None = None
     # After GPTQ; None: block when calibrated, none otherwise (resolved by for_run)
     refine: Refine | None = None
     refine_settings: RefineSettings = field(default_factory=RefineSettings)
 
     def __post_init__(self) -> None:  # the enums' strings and single patterns, as a script may write them
-        for name, kind in (("rounding", Rounding), ("selection", Selection), ("refine", Refine)):
+        for name, kind in (("rounding", Rounding), ("selection", Selection), ("refine", Refine),
+                           ("allocation", Allocation)):  # fmt: skip
             value = getattr(self, name)
-            if value is None and name == "refine":
+            if value is None and name in ("refine", "allocation"):
                 continue
             try:
                 object.__setattr__(self, name, kind(value))
@@ -176,6 +187,8 @@ class QuantConfig:
             raise UsageError(f"--gptq-block {self.gptq_block} must be at least 1")
         if not self.include:
             raise UsageError("--include needs at least one pattern")
+        if self.target_bits is not None and self.allocation == Allocation.uniform:
+            raise UsageError("--target-bits spreads the stripes by sensitivity; drop --allocation uniform")
         self.refine_settings.check()
 
     def for_run(self, calibrated: bool) -> QuantConfig:
@@ -217,6 +230,7 @@ class QuantConfig:
         data["include"], data["exclude"] = list(self.include), list(self.exclude)
         if self.target_bits is None:  # as manifests before the field existed: a fixed stripe fraction
             del data["target_bits"]
+        del data["allocation"]  # a run resolves it into target_bits
         data["refine"] = None if self.refine is None else self.refine.value
         data["refine_settings"]["inputs"] = self.refine_settings.inputs.value
         if self.refine == Refine.none:  # as manifests before refinement existed

@@ -16,7 +16,7 @@ import torch
 
 from llmq.errors import ModelSourceError, StatsFileError, UsageError
 from llmq.quant.budget import allocate
-from llmq.quant.config import QuantConfig
+from llmq.quant.config import Allocation, QuantConfig
 from llmq.quant.linear import hessian_score, plan_layout
 from llmq.quant.statsfile import CalibStats
 from llmq.runtime.format.accounting import Accounting, account
@@ -56,6 +56,8 @@ class Plan:
     scores: dict[str, torch.Tensor] | None = None  # channel scores the budget used; reused to pick stripes
     tied: tuple[str, ...] = ()  # selected matrices that share their weight with an embedding: kept 16-bit
     budget_by: str | None = None  # what the budget's scores measure: "predicted KL", "output error", "weight error"
+    target_bits: float | None = None  # the budget's bits per quantized weight (the uniform plan's unless given)
+    uniform_for_want_of_fisher: bool = False  # stats without the output Fisher: the default stayed uniform
 
     def notes(self) -> list[str]:
         """What the user asked for that the plan does not do, each as one line to log."""
@@ -71,7 +73,17 @@ class Plan:
                 "--target-bits: the calibration statistics carry no output Fisher (written by an older llmq), so "
                 "the budget compares Linears by output error, which ranks them poorly; run `llmq calibrate` again"
             )
+        if self.uniform_for_want_of_fisher:
+            lines.append(
+                "the calibration statistics carry no output Fisher (written by an older llmq), so every Linear keeps "
+                "the same stripe fraction; run `llmq calibrate` again to spread them by predicted KL"
+            )
         return lines
+
+    def linear_bits_per_weight(self) -> float:
+        """Stored bits per weight of the quantized matrices alone, as :func:`allocate` counts them."""
+        weights = sum(lay.out_features * lay.in_features for lay in self.linears.values())
+        return sum(lay.stored_bits() for lay in self.linears.values()) / weights
 
     def accounting(self) -> Accounting:
         return account(self.linears, self.dense)
@@ -107,9 +119,10 @@ def make_plan(
     dense_dtype: torch.dtype | None,
     stats: CalibStats | None = None,
 ) -> Plan:
-    """The layouts to write. With ``config.target_bits`` the stripes are spread over the matrices by
-    :mod:`llmq.quant.budget`, scored with the Hessians in ``stats`` if given (one extra read of
-    every weight); otherwise every matrix gets the config's stripe fraction."""
+    """The layouts to write. With ``config.target_bits``, or the uniform plan's bits when
+    ``config.allocation`` asks for a budget (by default: when ``stats`` carry the output Fisher), the
+    stripes are spread over the matrices by :mod:`llmq.quant.budget`, scored with ``stats`` if
+    given (one extra read of every weight); otherwise every matrix gets the config's stripe fraction."""
     model = skeleton(model_config)
     family = F.family_of(model, model_config)
     F.decoder_layers(model, family)  # exists, or a clear error
@@ -128,15 +141,31 @@ def make_plan(
              for key, (dtype, shape) in params.items() if key not in quantized}  # fmt: skip
     units = sorted({unit_of(k, family) for k in params} - {REST}, key=int) + [REST]
     plan = Plan(linears, {n: m for n, (m, _) in matrices.items()}, biases, dense, family, checkpoint, units, tied=tied)
-    if config.target_bits is None:
-        return plan
+    target = config.target_bits
+    if target is None and _spreads_by_default(config, stats):
+        target = plan.linear_bits_per_weight()
+    if target is None:
+        no_fisher = config.allocation is None and stats is not None and 0 < config.stripe_fraction < 1
+        return replace(plan, uniform_for_want_of_fisher=no_fisher)
     scores = _channel_scores(plan, config, stats)
     factories = {
         name: (lambda k4, n=lay.out_features, k=lay.in_features: plan_layout(n, k, config, k4))
         for name, lay in linears.items()
     }
     budget_by = "weight error" if stats is None else "predicted KL" if stats.has_fisher else "output error"
-    return replace(plan, linears=allocate(factories, scores, config.target_bits), scores=scores, budget_by=budget_by)
+    linears = allocate(factories, scores, target)
+    return replace(plan, linears=linears, scores=scores, budget_by=budget_by, target_bits=target)
+
+
+def _spreads_by_default(config: QuantConfig, stats: CalibStats | None) -> bool:
+    """Whether a run without ``target_bits`` spreads the uniform plan's bits by sensitivity: when
+    asked to, or by default when the statistics can predict each channel's KL (measured better at
+    equal bits on two texts: docs/benchmarks.md); pure 2- or 4-bit plans have nothing to spread."""
+    if config.allocation == Allocation.budget:
+        return True
+    if config.allocation == Allocation.uniform or not 0 < config.stripe_fraction < 1:
+        return False
+    return stats is not None and stats.has_fisher
 
 
 def _matrices(model, family: F.Family, config: QuantConfig, params: dict, experts: dict):

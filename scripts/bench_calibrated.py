@@ -77,8 +77,11 @@ BUDGET = {
 }
 # At the bits of the uniform refined points (12.5% g32, 25% g32 = the default preset, 30% g64) and of a peer.
 # 2.5625: AutoRound's 2-bit g32 as its auto_gptq export stores it.
+# 3.1608 and 2.2812: AutoRound's 3-bit g128 and 2-bit g64 (g64 2-bit groups: pure 2-bit g32 is 2.37).
 BUDGET_KL = {"budget 2.582": ["--target-bits", "2.582"], "budget 2.825": ["--target-bits", "2.825"],
-             "budget 2.936": ["--target-bits", "2.936"], "budget 2.5625": ["--target-bits", "2.5625"]}  # fmt: skip
+             "budget 2.936": ["--target-bits", "2.936"], "budget 2.5625": ["--target-bits", "2.5625"],
+             "budget 3.1608": ["--target-bits", "3.1608"],
+             "budget 2.2812 g64": ["--g1", "64", "--target-bits", "2.2812"]}  # fmt: skip
 OUTLIERS = {
     "default + 0.25% outliers": ["--outliers", "0.0025"],
     "default + 0.5% outliers": ["--outliers", "0.005"],
@@ -90,21 +93,27 @@ REFINED = ["2bit g32", "mixed 12.5% g32", "mixed 25% g32", "mixed 30% g64", "mix
 # The gptq, range and budget families were measured before activation ordering became the
 # default; they keep it off so that each family differs from the others in one option only.
 NO_ACT_ORDER = "--no-act-order"
+# Every family but the budgets keeps the same stripe fraction in each Linear, as before the budget
+# became the default of a calibrated run.
+UNIFORM = ["--allocation", "uniform"]
 
 
 def plan(stats: Path) -> dict[str, tuple[str, list[str]]]:
     """Every point: name -> (family, llmq quantize options)."""
-    calib = ["--calib", str(stats), "--refine", "none"]
+    budget = ["--calib", str(stats), "--refine", "none"]
+    calib = [*budget, *UNIFORM]
     off = [*calib, NO_ACT_ORDER]
     points = {f"gptq {name}": ("gptq", [*off, *options]) for name, options in CONFIGS.items()}
     points.update({f"rtn {name}": ("rtn", ["--no-calib", *CONFIGS[name]]) for name in RTN})
     points.update({f"range {n}": ("gptq-range", [*off, *CONFIGS[n], "--selection", "range"]) for n in RANGE})
-    points.update({f"gptq {name}": ("gptq-budget", [*off, *options]) for name, options in BUDGET.items()})
+    points.update(
+        {f"gptq {name}": ("gptq-budget", [*budget, NO_ACT_ORDER, *options]) for name, options in BUDGET.items()}
+    )
     points.update({f"act-order {n}": ("gptq-act-order", [*calib, *CONFIGS[n], "--act-order"]) for n in ACT_ORDER})
     points.update({f"gptq {name}": ("gptq-outliers", [*calib, *options]) for name, options in OUTLIERS.items()})
     refined = ["--calib", str(stats), "--refine", "block"]
-    points.update({f"refined {n}": ("refined", [*refined, *CONFIGS[n]]) for n in REFINED})
-    points.update({f"act-order {n}": ("budget-kl", [*calib, *options]) for n, options in BUDGET_KL.items()})
+    points.update({f"refined {n}": ("refined", [*refined, *UNIFORM, *CONFIGS[n]]) for n in REFINED})
+    points.update({f"act-order {n}": ("budget-kl", [*budget, *options]) for n, options in BUDGET_KL.items()})
     points.update({f"refined {n}": ("refined-budget", [*refined, *options]) for n, options in BUDGET_KL.items()})
     return points
 

@@ -122,3 +122,38 @@ def test_a_stats_file_missing_one_fisher_is_refused(cli, tiny_model, stats_witho
     partial = str(tmp_path / "partial.stats")
     result = cli("quantize", str(tiny_model), "-o", str(tmp_path / "x.llmq"), "--calib", partial, *options)
     assert result.code == 1 and "no output Fisher of size 64 for model.layers.1.mlp.down_proj" in result.stderr
+
+
+def _default_run(cli, model, stats, out, *options) -> tuple[dict, str]:
+    base = ("--g1", "16", "--g4", "16", "--stripe-fraction", "0.5", "--refine", "none", "--json")
+    result = cli("quantize", str(model), "-o", str(out), "--calib", str(stats), *base, *options)
+    assert result.code == 0, result.stderr
+    return json.loads(result.stdout), result.stderr
+
+
+def _stripe_shares(document: dict) -> set[float]:
+    return {layer["k4"] / layer["shape"][1] for layer in document["accounting"]["layers"]}
+
+
+def test_a_calibrated_run_spreads_the_uniform_plans_bits_by_predicted_kl(
+    cli, tiny_model, stats_without_fisher, tmp_path
+):
+    full, old = stats_without_fisher
+    uniform, _ = _default_run(cli, tiny_model, full, tmp_path / "u.llmq", "--allocation", "uniform")
+    spread, _ = _default_run(cli, tiny_model, full, tmp_path / "s.llmq")
+    assert _stripe_shares(uniform) == {0.5}
+    assert "target_bits" not in uniform["config"]
+    assert len(_stripe_shares(spread)) > 1
+    # the budget aims at the uniform plan's bits per quantized weight, and lands at or under them
+    assert spread["config"]["target_bits"] == pytest.approx(uniform["accounting"]["bits_per_weight"], abs=1e-4)
+    assert spread["accounting"]["bits_per_weight"] <= uniform["accounting"]["bits_per_weight"]
+    # statistics from before the output Fisher keep the old uniform stripes, and say so
+    old_run, log = _default_run(cli, tiny_model, old, tmp_path / "o.llmq")
+    assert old_run["accounting"]["layers"] == uniform["accounting"]["layers"]
+    assert "every Linear keeps the same stripe fraction" in log
+
+
+def test_uniform_allocation_with_target_bits_is_a_usage_error(cli, tiny_model, tmp_path):
+    options = ("--allocation", "uniform", "--target-bits", "3.0")
+    result = cli("quantize", str(tiny_model), "-o", str(tmp_path / "x.llmq"), "--no-calib", *options)
+    assert result.code == 2 and "drop --allocation uniform" in result.stderr
