@@ -20,6 +20,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from llmq.errors import UsageError
 from llmq.runtime.backend import Backend
 from llmq.runtime.decode.modes import DecodeMode
 from llmq.runtime.options import LoadOptions
@@ -63,6 +64,7 @@ DecodeOpt = Annotated[
 ]
 Seed = Annotated[int, typer.Option("--seed", min=0, help="Random seed (sampling, and anything else random).")]
 Json = Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout.")]
+Markdown = Annotated[bool, typer.Option("--md", help="Print the result as Markdown tables, e.g. for a CI job summary.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No logs or progress on stderr; errors still print.")]
 Revision = Annotated[
     str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit) of a hub MODEL.")
@@ -87,8 +89,10 @@ TextFile = Annotated[
 class Reporter:
     """Where a command writes: logs and progress to stderr, the result to stdout."""
 
-    def __init__(self, json_mode: bool, quiet: bool):
-        self.json_mode, self.quiet = json_mode, quiet
+    def __init__(self, json_mode: bool, quiet: bool, markdown: bool = False):
+        if json_mode and markdown:
+            raise UsageError("--json and --md both choose what stdout carries; give one")
+        self.json_mode, self.quiet, self.markdown = json_mode, quiet, markdown
         self.stages: dict[str, float] = {}  # name -> wall seconds, as the library reports them
         self.err = Console(stderr=True, highlight=False)
 
@@ -105,7 +109,21 @@ class Reporter:
             sys.stdout.write(text + "\n")
             sys.stdout.flush()
 
+    def gates(self, gates) -> None:
+        """One line per gate on stderr, even with --quiet; then exit GATE_FAILED (3) if any failed,
+        so a script can tell "the model regressed" from "the tool broke" (1) or "bad options" (2)."""
+        from llmq.runtime.eval.gates import GATE_FAILED
+
+        for gate in gates:
+            self.err.print(gate.line(), markup=False, soft_wrap=True)
+        if not all(gate.passed for gate in gates):
+            raise typer.Exit(GATE_FAILED)
+
     def emit_json(self, document: dict[str, Any]) -> None:
+        """The document, led by the id of the schema it follows (docs/json/)."""
+        from llmq.runtime.schemas import schema_id
+
+        document = {"schema": schema_id(document["command"]), **document}
         sys.stdout.write(json.dumps(document, indent=2) + "\n")
         sys.stdout.flush()
 

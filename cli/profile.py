@@ -11,7 +11,8 @@ from typing import Annotated
 
 import typer
 
-from llmq.cli.common import DecodeOpt, Json, ModelArg, Quiet, Reporter, with_load_options
+from llmq.cli import markdown
+from llmq.cli.common import DecodeOpt, Json, Markdown, ModelArg, Quiet, Reporter, with_load_options
 from llmq.runtime.decode.modes import DecodeMode
 from llmq.runtime.options import LoadOptions
 
@@ -30,24 +31,32 @@ def profile(
     baseline: Annotated[
         bool, typer.Option("--baseline", help="Also run the same artifact with dense weights (torch backend).")
     ] = False,
+    min_speedup: Annotated[
+        float | None,
+        typer.Option("--min-speedup", help="Gate: exit 3 when a batch's decode speedup over --baseline is below this."),
+    ] = None,
     decode: DecodeOpt = DecodeMode.dynamic,
     *,
     options: LoadOptions,
     json: Json = False,
+    md: Markdown = False,
     quiet: Quiet = False,
 ) -> None:
     """Time prefill and decode of MODEL per batch size, and show where a decode step's time goes."""
     from llmq.runtime import api
 
-    out = Reporter(json, quiet)
+    out = Reporter(json, quiet, md)
     report = api.profile(
         model, batches=batch, prompt_len=prompt_len, gen_len=gen_len, warmup=warmup, reps=reps,
-        breakdown_steps=breakdown_steps, baseline=baseline, decode=decode, options=options, feedback=out.feedback(),
+        breakdown_steps=breakdown_steps, baseline=baseline, min_speedup=min_speedup, decode=decode, options=options,
+        feedback=out.feedback(),
     )  # fmt: skip
+    document = report.to_json()
     if json:
-        out.emit_json(report.to_json())
-        return
-    out.result(render_markdown(report.to_json()))
+        out.emit_json(document)
+    else:  # the plain output is Markdown already; --md adds the gates table
+        out.result(render_markdown(document) + (markdown.gates(document) if md else ""))
+    out.gates(report.gates)
 
 
 def render_markdown(document: dict) -> str:

@@ -24,8 +24,10 @@ from llmq.runtime.decode import profile as P
 from llmq.runtime.decode.generate import GenerationResult, SamplingOptions, generate_static
 from llmq.runtime.decode.generate import generate as generate_dynamic
 from llmq.runtime.decode.modes import DecodeMode, check_decode_device
+from llmq.runtime.eval import gates as G
 from llmq.runtime.eval import logit_cache
 from llmq.runtime.eval import perplexity as ppl
+from llmq.runtime.eval.baseline_cache import baseline_perplexity
 from llmq.runtime.eval.kld import KldResult, kl_divergence
 from llmq.runtime.format import artifact as A
 from llmq.runtime.format import dtypes
@@ -64,6 +66,15 @@ def load(model: ModelSpec, options: LoadOptions = DEFAULTS, feedback: Feedback =
 
 
 @dataclass(frozen=True)
+class BaselinePerplexity:
+    """``eval ppl --baseline``: the other model's result on the same text and windows."""
+
+    source: ModelSource
+    result: ppl.PplResult
+    cached: bool  # read from the llmq cache (``cache_baseline``), not computed in this run
+
+
+@dataclass(frozen=True)
 class PerplexityReport:
     """``llmq eval ppl``: the result, the exact protocol, and where and how it ran."""
 
@@ -73,21 +84,24 @@ class PerplexityReport:
     result: ppl.PplResult
     load_seconds: float
     wall_seconds: float
+    baseline: BaselinePerplexity | None = None
+    gates: tuple[G.Gate, ...] = ()
+
+    @property
+    def ratio(self) -> float | None:
+        """ppl(model) / ppl(baseline), with a baseline."""
+        return None if self.baseline is None else self.result.ppl / self.baseline.result.ppl
+
+    @property
+    def passed(self) -> bool:
+        """Every gate passed (true without gates)."""
+        return all(g.passed for g in self.gates)
 
     def to_json(self) -> dict:
         r = self.result
-        return _header("eval ppl", self.run) | {
+        document = _header("eval ppl", self.run) | {
             "text": {"source": self.text_source, "tokens": r.tokens_in_text},
-            "result": {
-                "ppl": r.ppl,
-                "ppl_stderr": r.ppl_stderr,
-                "ppl_ci95": list(r.ppl_ci95),
-                "ppl_stderr_windows": r.ppl_stderr_windows,
-                "mean_nll": r.mean_nll,
-                "tokens_scored": r.tokens_scored,
-                "windows": r.windows,
-                "tokens_used": r.tokens_used,
-            },
+            "result": _ppl_json(r),
             "timing": {
                 "eval_seconds": round(r.seconds, 3),
                 "tokens_per_s": round(r.tokens_used / r.seconds, 1) if r.seconds > 0 else None,
@@ -97,6 +111,24 @@ class PerplexityReport:
             "backend": self.run.backend.value if self.run.backend else None,
             "protocol": self.protocol,
         }
+        if self.baseline is not None:
+            b = self.baseline
+            document["baseline"] = {"model": b.source.to_json(), "result": _ppl_json(b.result), "cached": b.cached}
+            document["ppl_ratio"] = self.ratio
+        return document | G.verdict(list(self.gates))
+
+
+def _ppl_json(r: ppl.PplResult) -> dict:
+    return {
+        "ppl": r.ppl,
+        "ppl_stderr": r.ppl_stderr,
+        "ppl_ci95": list(r.ppl_ci95),
+        "ppl_stderr_windows": r.ppl_stderr_windows,
+        "mean_nll": r.mean_nll,
+        "tokens_scored": r.tokens_scored,
+        "windows": r.windows,
+        "tokens_used": r.tokens_used,
+    }
 
 
 def _open_with_text(models: list[ModelSpec], text: T.TextSpec | None, options: LoadOptions, feedback: Feedback):
@@ -122,6 +154,14 @@ def _revisions(models: list[ModelSpec], revision: str | None) -> list[str | None
     return [revision if kind == SourceKind.hub else None for kind in kinds]
 
 
+def _same_tokens(runs: list[OpenedModel], text: str, models: list[ModelSpec], why: str) -> list[torch.Tensor]:
+    """The text tokenized by each run's tokenizer; a comparison of two models needs the same tokens."""
+    ids = [tokenize_stream(r.tokenizer(), text) for r in runs]
+    if len(ids) == 2 and not (len(ids[0]) == len(ids[1]) and bool((ids[0] == ids[1]).all())):
+        raise ModelSourceError(f"{models[0]} and {models[1]} tokenize the text differently; {why}")
+    return ids
+
+
 def perplexity(
     model: ModelSpec,
     text: T.TextSpec | None = None,
@@ -129,19 +169,30 @@ def perplexity(
     seq_len: int | None = None,
     stride: int | None = None,
     max_tokens: int | None = None,
+    baseline: ModelSpec | None = None,
+    cache_baseline: bool = False,
+    max_ratio: float | None = None,
     options: LoadOptions = DEFAULTS,
     feedback: Feedback = LOGGED,
 ) -> PerplexityReport:
     """Perplexity of ``model`` on ``text`` (default: wikitext2 test), to the protocol of docs/eval.md.
 
-    seq_len     window length in tokens; default 2048, capped by the model's context
-    stride      start a window every ``stride`` tokens (default ``seq_len``: no overlap)
-    max_tokens  use only the first ``max_tokens`` tokens of the text
+    seq_len         window length in tokens; default 2048, capped by the model's (and baseline's) context
+    stride          start a window every ``stride`` tokens (default ``seq_len``: no overlap)
+    max_tokens      use only the first ``max_tokens`` tokens of the text
+    baseline        another model (the original) scored on the same text and windows; same tokenizer
+    cache_baseline  keep the baseline's result in the llmq cache and reuse it (keyed like kld's base cache)
+    max_ratio       a gate: ``report.passed`` is false when ppl(model) / ppl(baseline) exceeds it
     """
+    G.check_threshold("--max-ratio", max_ratio, 0.0)
+    if baseline is None and (max_ratio is not None or cache_baseline):
+        raise UsageError("--max-ratio and --cache-baseline compare with a baseline; add --baseline MODEL")
     wall_start = time.perf_counter()
     torch.manual_seed(options.seed)
-    (run,), loaded = _open_with_text([model], text, options, feedback)
-    context = context_length(run.config)
+    models = [model] if baseline is None else [model, baseline]
+    runs, loaded = _open_with_text(models, text, options, feedback)
+    contexts = [c for c in (context_length(r.config) for r in runs) if c]
+    context = min(contexts) if contexts else None
     if seq_len is None:
         seq_len = min(DEFAULT_SEQ_LEN, context or DEFAULT_SEQ_LEN)
         if seq_len < DEFAULT_SEQ_LEN:
@@ -149,21 +200,36 @@ def perplexity(
     stride = seq_len if stride is None else stride
     ppl.check_protocol(seq_len, stride, max_tokens, context)
     # Tokenization comes before the weights, so a too-short text fails in seconds.
-    tokenizer = run.tokenizer()
-    ids = tokenize_stream(tokenizer, loaded.text)
-    ppl.require_one_window(len(ids), seq_len, loaded.source)
+    ids = _same_tokens(runs, loaded.text, models, "a perplexity ratio needs the same tokenizer")
+    ppl.require_one_window(len(ids[0]), seq_len, loaded.source)
+    feedback.info(f"text: {loaded.source}, {len(ids[0])} tokens; windows of {seq_len}, stride {stride}")
+    result, load_seconds = _score(runs[0], ids[0], seq_len, stride, max_tokens, feedback)
+    base = None
+    if baseline is not None:
+        key = {"seq_len": seq_len, "stride": stride, "max_tokens": max_tokens,
+               "dtype": dtypes.short(runs[1].dtype), "device": runs[1].device.type}  # fmt: skip
+        score = lambda: _score(runs[1], ids[1], seq_len, stride, max_tokens, feedback)[0]  # noqa: E731
+        base_result, cached = baseline_perplexity(runs[1].source.path, ids[1], key, cache_baseline, score, feedback)
+        base = BaselinePerplexity(runs[1].source, base_result, cached)
+    protocol = {
+        "seq_len": seq_len, "stride": stride, "max_tokens": max_tokens, "tokenization": ppl.TOKENIZATION_RULE,
+        "bos": bos_policy(runs[0].tokenizer(), ids[0]), "scoring": ppl.SCORING_RULE,
+        "uncertainty": ppl.UNCERTAINTY_RULE,
+    }  # fmt: skip
+    wall = time.perf_counter() - wall_start
+    report = PerplexityReport(runs[0], loaded.source, protocol, result, load_seconds, wall, base)
+    return replace(report, gates=tuple(G.at_most("ppl_ratio", "--max-ratio", report.ratio, max_ratio)))
+
+
+def _score(run: OpenedModel, ids: torch.Tensor, seq_len: int, stride: int, max_tokens: int | None,
+           feedback: Feedback) -> tuple[ppl.PplResult, float]:  # fmt: skip
+    """``run``'s model loaded and scored on ``ids``; the result and the load time in seconds."""
     load_start = time.perf_counter()
     lm = run.load()
     load_seconds = time.perf_counter() - load_start
-    feedback.info(f"text: {loaded.source}, {len(ids)} tokens; windows of {seq_len}, stride {stride}")
-    feedback.info(f"running {dtypes.short(run.dtype)} on {run.device}")
+    feedback.info(f"running {run.source.label} in {dtypes.short(run.dtype)} on {run.device}")
     with feedback.progress("perplexity") as update:
-        result = ppl.perplexity(lm, ids, seq_len, stride, max_tokens, on_window=update)
-    protocol = {
-        "seq_len": seq_len, "stride": stride, "max_tokens": max_tokens, "tokenization": ppl.TOKENIZATION_RULE,
-        "bos": bos_policy(tokenizer, ids), "scoring": ppl.SCORING_RULE, "uncertainty": ppl.UNCERTAINTY_RULE,
-    }  # fmt: skip
-    return PerplexityReport(run, loaded.source, protocol, result, load_seconds, time.perf_counter() - wall_start)
+        return ppl.perplexity(lm, ids, seq_len, stride, max_tokens, on_window=update), load_seconds
 
 
 # -- KL divergence --------------------------------------------------------------------------
@@ -180,26 +246,36 @@ class KldReport:
     protocol: dict  # seq_len, stride, max_tokens, how KL is computed, whether base log-probs were cached
     result: KldResult
     wall_seconds: float
+    gates: tuple[G.Gate, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        """Every gate passed (true without gates)."""
+        return all(g.passed for g in self.gates)
 
     def to_json(self) -> dict:
         r = self.result
-        return _header("eval kld", self.run, self.base) | {
-            "backend": self.run.backend.value if self.run.backend else None,
-            "text": {"source": self.text_source, "tokens": self.text_tokens},
-            "protocol": self.protocol,
-            "result": {
-                "kl_mean": r.mean,
-                "kl_median": r.median,
-                "kl_p99": r.p99,
-                "kl_p999": r.p999,
-                "top1_agreement": r.top1_agreement,
-                "ppl_model": r.ppl_quant,
-                "ppl_base": r.ppl_base,
-                "tokens_scored": r.tokens_scored,
-                "windows": r.windows,
-            },
-            "timing": {"eval_seconds": round(r.seconds, 3), "wall_seconds": round(self.wall_seconds, 3)},
-        }
+        return (
+            _header("eval kld", self.run, self.base)
+            | {
+                "backend": self.run.backend.value if self.run.backend else None,
+                "text": {"source": self.text_source, "tokens": self.text_tokens},
+                "protocol": self.protocol,
+                "result": {
+                    "kl_mean": r.mean,
+                    "kl_median": r.median,
+                    "kl_p99": r.p99,
+                    "kl_p999": r.p999,
+                    "top1_agreement": r.top1_agreement,
+                    "ppl_model": r.ppl_quant,
+                    "ppl_base": r.ppl_base,
+                    "tokens_scored": r.tokens_scored,
+                    "windows": r.windows,
+                },
+                "timing": {"eval_seconds": round(r.seconds, 3), "wall_seconds": round(self.wall_seconds, 3)},
+            }
+            | G.verdict(list(self.gates))
+        )
 
 
 def kld(
@@ -211,6 +287,8 @@ def kld(
     stride: int | None = None,
     max_tokens: int | None = None,
     cache_base: bool = False,
+    max_mean: float | None = None,
+    min_top1: float | None = None,
     options: LoadOptions = DEFAULTS,
     feedback: Feedback = LOGGED,
 ) -> KldReport:
@@ -218,18 +296,18 @@ def kld(
 
     With ``cache_base`` the base's log-probabilities are kept in the llmq cache (keyed by the base
     files, the text's tokens and the protocol) and a later call reads them instead of loading it.
+    Gates: ``max_mean`` (nats; fails when the mean KL exceeds it), ``min_top1`` (a share in [0, 1];
+    fails when the top-1 agreement is below it); ``report.passed`` says whether all held.
     """
+    G.check_threshold("--max-mean", max_mean, 0.0)
+    G.check_threshold("--min-top1", min_top1, 0.0, 1.0)
     wall_start = time.perf_counter()
     torch.manual_seed(options.seed)
     (run, base_run), loaded = _open_with_text([model, base], text, options, feedback)
     stride = seq_len if stride is None else stride
     contexts = [c for c in (context_length(r.config) for r in (run, base_run)) if c]
     ppl.check_protocol(seq_len, stride, max_tokens, min(contexts) if contexts else None)
-    ids, base_ids = (tokenize_stream(r.tokenizer(), loaded.text) for r in (run, base_run))
-    if not (len(ids) == len(base_ids) and bool((ids == base_ids).all())):
-        raise ModelSourceError(
-            f"{model} and {base} tokenize the text differently; KL divergence needs the same tokenizer"
-        )
+    ids, base_ids = _same_tokens([run, base_run], loaded.text, [model, base], "KL divergence needs the same tokenizer")
     ppl.require_one_window(len(ids), seq_len, loaded.source)
     lm = run.load()
     key_protocol = {"seq_len": seq_len, "stride": stride, "max_tokens": max_tokens,
@@ -244,7 +322,9 @@ def kld(
         "base_log_probs": "cached, float16" if cache_base else "computed",
     }  # fmt: skip
     wall = time.perf_counter() - wall_start
-    return KldReport(run, base_run.source, loaded.source, len(ids), protocol, result, wall)
+    gates = G.at_most("kl_mean", "--max-mean", result.mean, max_mean)
+    gates += G.at_least("top1_agreement", "--min-top1", result.top1_agreement, min_top1)
+    return KldReport(run, base_run.source, loaded.source, len(ids), protocol, result, wall, tuple(gates))
 
 
 # -- generation -----------------------------------------------------------------------------
@@ -356,6 +436,12 @@ class ProfileReport:
     protocol: dict
     copy_bandwidth_gbps: float
     runs: list[ProfileRun]
+    gates: tuple[G.Gate, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        """Every gate passed (true without gates)."""
+        return all(g.passed for g in self.gates)
 
     def to_json(self) -> dict:
         runs = [
@@ -364,13 +450,17 @@ class ProfileReport:
              "batches": [b.to_json(self.copy_bandwidth_gbps) for b in r.batches]}
             for r in self.runs
         ]  # fmt: skip
-        return _header("profile", self.run) | {
-            "device_name": self.device_name,
-            "protocol": self.protocol,
-            "copy_bandwidth_gbps": self.copy_bandwidth_gbps,
-            "runs": runs,
-            "speedup": _speedups(runs) if len(runs) == 2 else None,
-        }
+        return (
+            _header("profile", self.run)
+            | {
+                "device_name": self.device_name,
+                "protocol": self.protocol,
+                "copy_bandwidth_gbps": self.copy_bandwidth_gbps,
+                "runs": runs,
+                "speedup": _speedups(runs) if len(runs) == 2 else None,
+            }
+            | G.verdict(list(self.gates))
+        )
 
 
 def _speedups(runs: list[dict]) -> list[dict]:
@@ -395,13 +485,18 @@ def profile(
     reps: int = 3,
     breakdown_steps: int = 4,
     baseline: bool = False,
+    min_speedup: float | None = None,
     decode: DecodeMode = DecodeMode.dynamic,
     options: LoadOptions = DEFAULTS,
     feedback: Feedback = LOGGED,
 ) -> ProfileReport:
     """Time prefill (``prompt_len`` random tokens) and ``gen_len`` greedy decode steps per batch size,
     mean ± sd over ``reps`` after ``warmup``; break ``breakdown_steps`` decode steps down by kernel
-    (GPU) or module (CPU). ``baseline`` runs the same artifact again with dense weights."""
+    (GPU) or module (CPU). ``baseline`` runs the same artifact again with dense weights.
+    ``min_speedup`` gates each batch size's decode speedup over that baseline (needs ``baseline``)."""
+    G.check_threshold("--min-speedup", min_speedup, 0.0)
+    if min_speedup is not None and not baseline:
+        raise UsageError("--min-speedup compares with the dense weights; add --baseline")
     batch_sizes = P.parse_batches(batches) if isinstance(batches, str) else P.check_batches(list(batches))
     decode = DecodeMode(decode)
     kind = check_model_spec(model, options.revision)
@@ -432,7 +527,11 @@ def profile(
         "breakdown_steps": breakdown_steps, "seed": options.seed, "prompt": "random token ids",
         "decode": "greedy argmax, KV cache, one token per sequence per step", "decode_mode": decode.value,
     }  # fmt: skip
-    return ProfileReport(run, P.device_name(run.device), protocol, copy_gbps, runs)
+    report = ProfileReport(run, P.device_name(run.device), protocol, copy_gbps, runs)
+    speedups = report.to_json()["speedup"] or []
+    gates = [g for s in speedups for g in G.at_least(f"decode_speedup_batch{s['batch']}", "--min-speedup",
+                                                      s["decode"], min_speedup)]  # fmt: skip
+    return replace(report, gates=tuple(gates))
 
 
 # -- artifacts ------------------------------------------------------------------------------
