@@ -10,7 +10,9 @@ The Python API (``docs/api.md``) is importable from here and does what the ``llm
 
 Subpackages: ``llmq.cli`` (the ``llmq`` command), ``llmq.quant`` (quantize, offline),
 ``llmq.runtime`` (load and run), ``llmq.cuda`` (GPU kernels). Importing any of them, or this
-package, does no work: each name below is imported when it is first used.
+package, does no work: each name below is imported when it is first used. The one thing
+``import llmq`` sets up is transformers' registration of the ``llmq`` quantization method
+(``llmq/hf.py``), which waits for transformers to be imported.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ _EXPORTS = {
     "profile": "llmq.runtime.api",
     "verify": "llmq.runtime.api",
     "inspect": "llmq.runtime.api",
+    "evaluate_tasks": "llmq.runtime.eval.tasks",
+    "TasksReport": "llmq.runtime.eval.tasks",
     "PerplexityReport": "llmq.runtime.api",
     "KldReport": "llmq.runtime.api",
     "GenerateReport": "llmq.runtime.api",
@@ -53,6 +57,9 @@ _EXPORTS = {
     "TextRequest": "llmq.runtime.sources.text",
     "Feedback": "llmq.runtime.sources.feedback",
     "LlmqError": "llmq.errors",
+    "register_with_transformers": "llmq.hf",
+    "record_perplexity": "llmq.runtime.format.card",
+    "perplexity_entry": "llmq.runtime.format.card",
 }
 __all__ = ["__version__", *_EXPORTS]
 
@@ -67,3 +74,10 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(__all__)
+
+
+# transformers learns the "llmq" quantization method (AutoModelForCausalLM.from_pretrained of an
+# artifact) when its quantizer registry is imported, before or after llmq; this imports neither.
+from llmq.hf import install as _install_hf  # noqa: E402
+
+_install_hf()

@@ -85,3 +85,7 @@ class InterruptedRun(LlmqError):
 
 class CacheError(LlmqError):
     """A file in llmq's cache (base log-probabilities) is corrupt or cannot be written."""
+
+
+class TaskError(LlmqError):
+    """An lm-evaluation-harness task cannot run: lm-eval is not installed, or a task's data cannot be loaded."""

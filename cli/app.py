@@ -9,10 +9,12 @@ import traceback
 import typer
 
 from llmq import __version__
-from llmq.cli import calibrate, eval_kld, eval_ppl, generate, inspect_cmd, profile, quantize, verify
-from llmq.errors import LlmqError
+from llmq.cli import calibrate, eval_kld, eval_ppl, eval_tasks, generate, inspect_cmd, profile, quantize, verify
+from llmq.cli.common import handled_signals
+from llmq.errors import InterruptedRun, LlmqError
 
 DEBUG_ENV = "LLMQ_DEBUG"
+INTERRUPTED = InterruptedRun.exit_code  # 130, as a shell reports a job stopped by SIGINT
 
 _HELP = """\
 Quantize HuggingFace causal LMs to range-aware mixed 2/4-bit weights, and run them.
@@ -34,6 +36,18 @@ class _Command(typer.core.TyperCommand):
     def get_params(self, ctx):
         return _valueless_flags(super().get_params(ctx))
 
+    def invoke(self, ctx):
+        """Run the command; a stop by SIGTERM or Ctrl-C (cli/common.py, StopRequest) exits 130 with
+        one line (typer would exit 130 without a word)."""
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as err:
+            if os.environ.get(DEBUG_ENV):
+                traceback.print_exc()
+            reason = str(err) or "SIGINT"
+            print(f"interrupted ({reason}): stopped before the end; no file was left half-written", file=sys.stderr)
+            raise typer.Exit(INTERRUPTED) from None
+
 
 class _Group(typer.core.TyperGroup):
     def get_params(self, ctx):
@@ -51,11 +65,14 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 eval_app = typer.Typer(
-    cls=_Group, help="Evaluate a model: perplexity (ppl), KL divergence from its base (kld).", no_args_is_help=True
+    cls=_Group,
+    help="Evaluate a model: perplexity (ppl), KL divergence from its base (kld), lm-eval tasks (tasks).",
+    no_args_is_help=True,
 )
 app.add_typer(eval_app, name="eval")
 eval_app.command("ppl", cls=_Command)(eval_ppl.ppl)
 eval_app.command("kld", cls=_Command)(eval_kld.kld)
+eval_app.command("tasks", cls=_Command)(eval_tasks.tasks)
 app.command("calibrate", cls=_Command)(calibrate.calibrate)
 app.command("quantize", cls=_Command)(quantize.quantize)
 app.command("inspect", cls=_Command)(inspect_cmd.inspect)
@@ -83,7 +100,8 @@ def main() -> None:
     """Console entry point: run the app, mapping llmq's errors to one line and an exit code."""
     debug = bool(os.environ.get(DEBUG_ENV))
     try:
-        app(prog_name="llmq")
+        with handled_signals():
+            app(prog_name="llmq")
     except LlmqError as err:
         if debug:
             traceback.print_exc()

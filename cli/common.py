@@ -133,11 +133,11 @@ class Reporter:
 
     def feedback(self, models: bool = True) -> Feedback:
         """The library's view of this reporter. Ctrl-C and SIGTERM inside the library's stoppable
-        regions stop at the next bounded step (:class:`StopRequest`). ``models``: the command loads
-        models, so transformers' own warnings and bars are kept off stderr."""
+        regions stop at the next bounded step (:class:`StopRequest`, installed by ``main``).
+        ``models``: the command loads models, so transformers' own warnings and bars are kept off stderr."""
         if models:
             quiet_libraries(self.show_progress)
-        return Feedback(self.info, self.warn, self.progress, self.show_progress, StopRequest.installed, self.stage)
+        return Feedback(self.info, self.warn, self.progress, self.show_progress, _stoppable, self.stage)
 
     def stage(self, name: str, seconds: float) -> None:
         """Record a finished stage of the run (``stages`` in the JSON) and log its time."""
@@ -228,34 +228,70 @@ def with_load_options(command):
 
 
 class StopRequest:
-    """Ctrl-C and SIGTERM (a scheduler's kill) during a long run.
+    """What SIGTERM and Ctrl-C do while a command runs: one policy for every command.
 
-    The first asks the run to stop at the next bounded step (the library calls ``check``): raised
-    anywhere, the interrupt can land inside a library call that turns it into another error
-    (safetensors reported a ``ValueError`` that way), and finished work would not be kept. A
-    second signal stops at once.
+    Inside a region where the library checks for a stop at each bounded step (a layer, a window,
+    a token, a shard: :meth:`region`), the first signal asks the run to stop at the next check,
+    because an interrupt raised anywhere can land inside a library call that turns it into
+    another error (safetensors reported a ``ValueError`` that way) and finished work would not be
+    kept. Outside such regions, and at a second signal, it stops at once. Either way the command
+    exits 130 with a message (``llmq.cli.app.main``).
+
+    SIGTERM is always handled, whatever disposition the command inherited. SIGINT is handled
+    unless the command inherited it ignored: a shell starts background jobs that way so that a
+    Ctrl-C at the terminal does not reach them, and llmq keeps that choice (docs/reliability.md).
     """
 
     def __init__(self) -> None:
-        self.requested = False
+        self.requested: str | None = None  # the signal that asked for a stop, by name
+        self.regions = 0
 
     def __call__(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt(f"signal {signum}")
-        self.requested = True
+        name = signal.Signals(signum).name
+        if self.requested or not self.regions:
+            raise KeyboardInterrupt(name)
+        self.requested = name
 
     def check(self) -> None:
         if self.requested:
-            raise KeyboardInterrupt("stop requested")
+            raise KeyboardInterrupt(self.requested)
 
-    @classmethod
     @contextmanager
-    def installed(cls):
-        """The handlers for the length of the block, which gets the check to call at each step."""
-        stop = cls()
-        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    def region(self):
+        """A stoppable region: yields the check the library calls at each bounded step."""
+        self.regions += 1
         try:
-            yield stop.check
+            yield self.check
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            self.regions -= 1
+
+
+_active: StopRequest | None = None  # the running command's, set by handled_signals()
+
+
+@contextmanager
+def handled_signals():
+    """The stop policy of :class:`StopRequest` for the length of one command; the previous
+    handlers come back after it (tests run many commands in one process)."""
+    global _active
+    stop = StopRequest()
+    wanted = [signal.SIGTERM] + ([] if signal.getsignal(signal.SIGINT) == signal.SIG_IGN else [signal.SIGINT])
+    previous = {sig: signal.signal(sig, stop) for sig in wanted}
+    _active = stop
+    try:
+        yield stop
+    finally:
+        _active = None
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextmanager
+def _stoppable():
+    """The running command's stoppable region; without one (a command called outside ``main``),
+    a region that never asks to stop, and signals act as Python's defaults."""
+    if _active is None:
+        yield lambda: None
+        return
+    with _active.region() as check:
+        yield check

@@ -50,6 +50,9 @@ def ppl(
         float | None,
         typer.Option("--max-ratio", help="Gate: exit 3 when ppl(MODEL) / ppl(baseline) is above this."),
     ] = None,
+    record: Annotated[
+        bool, typer.Option("--record", help="Add the result to the artifact's model card (README.md, checksummed).")
+    ] = False,
     *,
     options: LoadOptions,
     json: Json = False,
@@ -62,7 +65,7 @@ def ppl(
     out = Reporter(json, quiet, md)
     report = api.perplexity(
         model, TextRequest(dataset, text_file), seq_len=seq_len, stride=stride, max_tokens=max_tokens,
-        baseline=baseline, cache_baseline=cache_baseline, max_ratio=max_ratio, options=options,
+        baseline=baseline, cache_baseline=cache_baseline, max_ratio=max_ratio, record=record, options=options,
         feedback=out.feedback(),
     )  # fmt: skip
     if json:

@@ -29,7 +29,7 @@ from llmq.quant.statsfile import CalibStats
 from llmq.quant.stream import LayerStream
 from llmq.quant.writer import ArtifactWriter, check_output, find_checkpoints, remove_stale_staging
 from llmq.runtime.format import artifact as A
-from llmq.runtime.format import dtypes
+from llmq.runtime.format import card, dtypes, hub
 from llmq.runtime.format.manifest import SHARD_PATTERN, DenseEntry, FileRecord, LinearEntry, Manifest, SourceRecord
 from llmq.runtime.sources.checkpoint import model_files
 from llmq.runtime.sources.feedback import LOGGED, ProgressUpdate
@@ -91,9 +91,9 @@ def quantize_model(
                 stage("e2e", time.perf_counter() - start)
         if E2E_FILE in writer.files:
             _apply_end_to_end(plan, writer, fingerprint)
-        for file in hf_files(source.path):
-            writer.copy_file(file)
-        return writer.commit(_manifest(source, config, plan, stats, device))
+        manifest = _manifest(source, config, plan, stats, device)
+        _write_hf_files(writer, source.path, manifest)
+        return writer.commit(manifest)
     except KeyboardInterrupt:
         if not writer.units_done:
             writer.abort()
@@ -292,6 +292,19 @@ def hf_files(folder: Path) -> list[Path]:
     if not any(p.name == "config.json" for p in files):
         raise ModelSourceError(f"{folder} has no config.json to copy into the artifact")
     return files
+
+
+def _write_hf_files(writer: ArtifactWriter, folder: Path, manifest: Manifest) -> None:
+    """The source's config and tokenizer files (``config.json`` with llmq's ``quantization_config``),
+    then llmq's own HF files: the shards' index and the model card. All before the manifest, whose
+    checksums cover them (docs/format.md)."""
+    for file in hf_files(folder):
+        if file.name == "config.json":
+            writer.write_text(file.name, hub.config_with_quantization(file.read_text(encoding="utf-8"), str(file)))
+        else:
+            writer.copy_file(file)
+    writer.write_text(A.WEIGHTS_INDEX, hub.weights_index(manifest))
+    writer.write_text(A.CARD, card.render_card(manifest))
 
 
 def _source_files(folder: Path) -> dict[str, FileRecord]:

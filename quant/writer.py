@@ -173,6 +173,13 @@ class ArtifactWriter:
         self.checkpoint(fingerprint, unit)
         (self.staging / name).unlink()
 
+    def write_text(self, name: str, text: str) -> None:
+        """A file llmq writes itself (the model card, the HF config, the weights index), UTF-8;
+        recorded like every other file, so the manifest's checksums cover it."""
+        with writing(self.out, name):
+            (self.staging / name).write_text(text, encoding="utf-8")
+            self._record(name)
+
     def copy_file(self, source: Path) -> None:
         with writing(self.out, source.name):
             shutil.copyfile(source, self.staging / source.name)
@@ -187,9 +194,8 @@ class ArtifactWriter:
         the manifest as written."""
         (self.staging / CHECKPOINT).unlink(missing_ok=True)  # the finished artifact carries no checkpoint
         manifest = replace(manifest, files=dict(sorted(self.files.items())), path=self.out)
-        text = json.dumps(manifest.to_json(), indent=2) + "\n"  # insertion order: module order, deterministic
         with writing(self.out, MANIFEST):
-            (self.staging / MANIFEST).write_text(text, encoding="utf-8")
+            (self.staging / MANIFEST).write_text(manifest.to_text(), encoding="utf-8")
             _fsync_tree(self.staging)
         if self.out.exists():
             check_output(self.out, self.force)

@@ -31,6 +31,8 @@ from llmq.runtime.eval.baseline_cache import baseline_perplexity
 from llmq.runtime.eval.kld import KldResult, kl_divergence
 from llmq.runtime.format import artifact as A
 from llmq.runtime.format import dtypes
+from llmq.runtime.format.artifact import CARD
+from llmq.runtime.format.card import perplexity_entry, record_perplexity
 from llmq.runtime.format.manifest import Manifest
 from llmq.runtime.format.verify import VerifyReport, verify_artifact
 from llmq.runtime.loader import OpenedModel, open_for_run
@@ -172,6 +174,7 @@ def perplexity(
     baseline: ModelSpec | None = None,
     cache_baseline: bool = False,
     max_ratio: float | None = None,
+    record: bool = False,
     options: LoadOptions = DEFAULTS,
     feedback: Feedback = LOGGED,
 ) -> PerplexityReport:
@@ -183,8 +186,12 @@ def perplexity(
     baseline        another model (the original) scored on the same text and windows; same tokenizer
     cache_baseline  keep the baseline's result in the llmq cache and reuse it (keyed like kld's base cache)
     max_ratio       a gate: ``report.passed`` is false when ppl(model) / ppl(baseline) exceeds it
+    record          add the result to the artifact's model card (README.md; its checksum in the
+                    manifest follows), so the card carries what was measured; ``model`` must be an artifact
     """
     G.check_threshold("--max-ratio", max_ratio, 0.0)
+    if record and check_model_spec(model, options.revision) != SourceKind.artifact:
+        raise UsageError(f"--record writes into an llmq artifact's model card, and {model} is not an artifact")
     if baseline is None and (max_ratio is not None or cache_baseline):
         raise UsageError("--max-ratio and --cache-baseline compare with a baseline; add --baseline MODEL")
     wall_start = time.perf_counter()
@@ -218,7 +225,11 @@ def perplexity(
     }  # fmt: skip
     wall = time.perf_counter() - wall_start
     report = PerplexityReport(runs[0], loaded.source, protocol, result, load_seconds, wall, base)
-    return replace(report, gates=tuple(G.at_most("ppl_ratio", "--max-ratio", report.ratio, max_ratio)))
+    report = replace(report, gates=tuple(G.at_most("ppl_ratio", "--max-ratio", report.ratio, max_ratio)))
+    if record:
+        record_perplexity(runs[0].source.path, perplexity_entry(report.to_json()))
+        feedback.info(f"recorded in {runs[0].source.path / CARD}")
+    return report
 
 
 def _score(run: OpenedModel, ids: torch.Tensor, seq_len: int, stride: int, max_tokens: int | None,
@@ -228,8 +239,8 @@ def _score(run: OpenedModel, ids: torch.Tensor, seq_len: int, stride: int, max_t
     lm = run.load()
     load_seconds = time.perf_counter() - load_start
     feedback.info(f"running {run.source.label} in {dtypes.short(run.dtype)} on {run.device}")
-    with feedback.progress("perplexity") as update:
-        return ppl.perplexity(lm, ids, seq_len, stride, max_tokens, on_window=update), load_seconds
+    with feedback.steps("perplexity") as step:
+        return ppl.perplexity(lm, ids, seq_len, stride, max_tokens, on_window=step), load_seconds
 
 
 # -- KL divergence --------------------------------------------------------------------------
@@ -309,13 +320,15 @@ def kld(
     ppl.check_protocol(seq_len, stride, max_tokens, min(contexts) if contexts else None)
     ids, base_ids = _same_tokens([run, base_run], loaded.text, [model, base], "KL divergence needs the same tokenizer")
     ppl.require_one_window(len(ids), seq_len, loaded.source)
+    feedback.info(f"text: {loaded.source}, {len(ids)} tokens; windows of {seq_len}, stride {stride}")
     lm = run.load()
     key_protocol = {"seq_len": seq_len, "stride": stride, "max_tokens": max_tokens,
                     "dtype": dtypes.short(run.dtype), "device": run.device.type}  # fmt: skip
     with logit_cache.base_log_probs(base_run.source, base_run.config, base_ids, key_protocol, cache_base,
                                     base_run.load, feedback) as base_lp:  # fmt: skip
-        with feedback.progress("kl divergence") as update:
-            result = kl_divergence(base_lp, lm, ids, seq_len, stride, max_tokens, on_window=update)
+        feedback.info(f"running {run.source.label} against its base in {dtypes.short(run.dtype)} on {run.device}")
+        with feedback.steps("kl divergence") as step:
+            result = kl_divergence(base_lp, lm, ids, seq_len, stride, max_tokens, on_window=step)
     protocol = {
         "seq_len": seq_len, "stride": stride, "max_tokens": max_tokens,
         "kl": "KL(P_base || P_model) per scored token, fp32",
@@ -409,10 +422,12 @@ def generate(
             f"context of {context} tokens"
         )
     lm = run.load()
-    if decode == DecodeMode.dynamic:
-        result = generate_dynamic(lm, tokenizer, input_ids, sampling, on_text=on_text)
-    else:
-        result = generate_static(lm, tokenizer, input_ids, sampling, on_text, graph=decode == DecodeMode.graph)
+    with feedback.stoppable() as stop:
+        if decode == DecodeMode.dynamic:
+            result = generate_dynamic(lm, tokenizer, input_ids, sampling, on_text=on_text, stop=stop)
+        else:
+            graph = decode == DecodeMode.graph
+            result = generate_static(lm, tokenizer, input_ids, sampling, on_text, graph=graph, stop=stop)
     return GenerateReport(run, decode, prompt, chat, sampling, result, time.perf_counter() - wall_start)
 
 
@@ -517,8 +532,9 @@ def profile(
         feedback.info(f"profiling {label} ({backend.value if backend else 'dense'}) on {run.device}")
         lm = run.load(backend)
         memory = sum(t.numel() * t.element_size() for t in (*lm.parameters(), *lm.buffers()))
-        results = P.profile_batches(lm, run.config.vocab_size, batch_sizes, prompt_len, gen_len, warmup, reps,
-                                    breakdown_steps, options.seed, run.device, decode)  # fmt: skip
+        with feedback.stoppable() as stop:
+            results = P.profile_batches(lm, run.config.vocab_size, batch_sizes, prompt_len, gen_len, warmup, reps,
+                                        breakdown_steps, options.seed, run.device, decode, stop)  # fmt: skip
         runs.append(ProfileRun(label, backend, memory, results))
         del lm
         P.free_memory(run.device)
@@ -543,8 +559,8 @@ def verify(artifact: str | os.PathLike, feedback: Feedback = LOGGED) -> VerifyRe
     Structural damage raises :class:`~llmq.errors.ArtifactError`; non-finite weights and bad JSON
     are collected in the report (``report.ok``, ``report.problems``).
     """
-    with feedback.progress("verifying shards") as update:
-        return verify_artifact(Path(artifact), on_shard=update)
+    with feedback.steps("verifying shards") as step:
+        return verify_artifact(Path(artifact), on_shard=step)
 
 
 def inspect(artifact: str | os.PathLike, verify_checksums: bool = True) -> Manifest:

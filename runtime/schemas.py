@@ -15,6 +15,7 @@ VERSIONS = {
     "verify": 1,
     "eval ppl": 1,
     "eval kld": 1,
+    "eval tasks": 1,
     "generate": 1,
     "profile": 1,
 }

@@ -15,7 +15,7 @@ EVAL=(--dataset austen --seq-len 2048 --max-tokens 16384)
 echo "== 1. fp32 baseline perplexity (Austen, Persuasion, first 16384 tokens)" >&2
 "$LLMQ" eval ppl demo "${EVAL[@]}" --json > "$OUT/ppl-fp32.json"
 
-echo "== 2. quantize with the default preset, calibrated on the other novel (Pride and Prejudice): GPTQ, then block-wise refinement" >&2
+echo "== 2. quantize with the default preset, calibrated on the other novel (Pride and Prejudice): its bits spread by predicted KL, GPTQ, then block-wise refinement" >&2
 "$LLMQ" quantize demo -o "$OUT/demo.llmq" --calib-data austen --force
 
 echo "== 3. inspect the artifact" >&2

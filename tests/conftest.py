@@ -10,6 +10,9 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import signal
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,6 +171,28 @@ def demo_artifact_path() -> Path:
             ".llmq-demo/demo.llmq here, or set LLMQ_DEMO_ARTIFACT"
         )
     return path
+
+
+@pytest.fixture
+def children():
+    """Start ``llmq`` children with SIGINT set as asked (not inherited: a test run from a background
+    job would hand them an ignored SIGINT); every one is killed when the test ends, pass or fail."""
+    started: list[subprocess.Popen] = []
+
+    def start(*args: str, sigint=signal.SIG_DFL, env: dict | None = None) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "llmq.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, sigint),
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )  # fmt: skip
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
 
 
 def pytest_collection_modifyitems(config, items):

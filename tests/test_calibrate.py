@@ -126,7 +126,8 @@ def _perms(artifact) -> dict[str, torch.Tensor]:
 def test_selection_range_with_calibration_keeps_the_data_free_stripes(cli, tiny_model, stats_file, tmp_path):
     rtn, by_range, by_hessian = tmp_path / "rtn.llmq", tmp_path / "range.llmq", tmp_path / "hessian.llmq"
     base = ("quantize", str(tiny_model), "--g4", "16", "-q")
-    calib = ("--calib", str(stats_file), "--no-act-order")  # keep the original channel order within each part
+    # uniform stripes and the original channel order within each part, as the rtn artifact has them
+    calib = ("--calib", str(stats_file), "--no-act-order", "--allocation", "uniform")
     assert cli(*base, "-o", str(rtn), "--no-calib").code == 0
     assert cli(*base, "-o", str(by_range), *calib, "--selection", "range").code == 0
     assert cli(*base, "-o", str(by_hessian), *calib, "--selection", "hessian").code == 0

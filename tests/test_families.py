@@ -42,7 +42,9 @@ def _cli(*args):
 @pytest.mark.parametrize("label", list(FAMILIES))
 def test_the_family_quantizes_verifies_evaluates_and_generates(label, tmp_path, tokenizer):
     row = check_family(label, tmp_path, tokenizer, _cli)
-    assert row["bpw_rtn"] == row["bpw_gptq"] < row["bpw_4bit"]  # calibration changes codes, not sizes
+    # calibration spreads the uniform plan's bits by predicted KL: at most those bits (on these tiny
+    # models one step of the budget is a large share of the total, so it can land well under)
+    assert row["bpw_gptq"] <= row["bpw_rtn"] < row["bpw_4bit"]
     assert row["linears"] == row["expected_linears"] and math.isfinite(row["ppl_gptq"]) and row["ppl_gptq"] > 1
 
 

@@ -12,6 +12,7 @@ import pytest
 from llmq.runtime.schemas import VERSIONS, schema_file, schema_id
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "json"
+TASKS = Path(__file__).resolve().parent / "data" / "tasks"
 TEXT = ("--dataset", "austen", "--seq-len", "64", "--max-tokens", "256")
 
 
@@ -59,6 +60,9 @@ def documents(tmp_path_factory, tiny_model, tiny_artifact) -> dict[str, list[dic
             ("eval", "ppl", artifact, *TEXT, "--baseline", model, "--max-ratio", "100"),
         ],  # fmt: skip
         "eval kld": [("eval", "kld", artifact, "--base", model, *TEXT, "--min-top1", "0")],
+        "eval tasks": [
+            ("eval", "tasks", artifact, "--tasks", "llmq_local_choice", "--include-path", str(TASKS), "--limit", "4")
+        ],  # fmt: skip
         "generate": [("generate", artifact, "-p", "hi", "--max-new-tokens", "3")],
         "profile": [
             (

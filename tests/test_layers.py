@@ -30,6 +30,7 @@ LAYER_OF = {
     "llmq.runtime.placement": "execution",
     "llmq.runtime.qlinear": "execution",
     "llmq.runtime.cuda_backend": "execution",
+    "llmq.runtime.hf_quantizer": "execution",
     "llmq.runtime.decode": "decode",
     "llmq.runtime.eval": "eval",
     "llmq.runtime.api": "api",
@@ -59,7 +60,7 @@ def module_name(path: Path) -> str:
 
 
 def package_sources() -> dict[str, str]:
-    files = [ROOT / "__init__.py", ROOT / "errors.py"]
+    files = [ROOT / "__init__.py", ROOT / "errors.py", ROOT / "hf.py"]
     for package in PACKAGES:
         files += sorted((ROOT / package).rglob("*.py"))
     return {module_name(f): f.read_text(encoding="utf-8") for f in files}

@@ -67,8 +67,8 @@ def eos_ids(model, tokenizer) -> list[int]:
 class _Streamer:
     """Receives token ids from ``generate``; emits newly decoded text and times the first token."""
 
-    def __init__(self, tokenizer, on_text: Callable[[str], None] | None):
-        self.tokenizer, self.on_text = tokenizer, on_text
+    def __init__(self, tokenizer, on_text: Callable[[str], None] | None, stop: Callable[[], None] | None = None):
+        self.tokenizer, self.on_text, self.stop = tokenizer, on_text, stop
         self.ids: list[int] = []
         self.emitted = ""
         self.prompt_seen = False
@@ -80,6 +80,8 @@ class _Streamer:
             return
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
+        if self.stop is not None:  # one check per token: a stop lands between two decode steps
+            self.stop()
         self.ids.extend(int(t) for t in value.reshape(-1))
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         # A token can end inside a multi-byte character; wait until it decodes cleanly.
@@ -97,9 +99,15 @@ class _Streamer:
 
 @torch.inference_mode()
 def generate(
-    model, tokenizer, input_ids: torch.Tensor, options: SamplingOptions, on_text: Callable[[str], None] | None = None
+    model,
+    tokenizer,
+    input_ids: torch.Tensor,
+    options: SamplingOptions,
+    on_text: Callable[[str], None] | None = None,
+    stop: Callable[[], None] | None = None,
 ) -> GenerationResult:
-    """Generate from ``input_ids`` ([1, T] int64), calling ``on_text`` with each new piece of text."""
+    """Generate from ``input_ids`` ([1, T] int64), calling ``on_text`` with each new piece of text and
+    ``stop`` (raises ``KeyboardInterrupt`` to end the run) with each new token."""
     options.check()
     eos = eos_ids(model, tokenizer)
     config = copy.deepcopy(model.generation_config)
@@ -115,7 +123,7 @@ def generate(
     )
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
-    streamer = _Streamer(tokenizer, on_text)
+    streamer = _Streamer(tokenizer, on_text, stop)
     torch.manual_seed(options.seed)
     start = time.perf_counter()
     output = model.generate(
@@ -143,6 +151,7 @@ def generate_static(
     options: SamplingOptions,
     on_text: Callable[[str], None] | None = None,
     graph: bool = False,
+    stop: Callable[[], None] | None = None,
 ) -> GenerationResult:
     """:func:`generate` through :class:`~llmq.runtime.decode.static.StaticDecoder`: a preallocated KV cache,
     sampling on the device, and with ``graph`` the decode step replayed as a CUDA graph (captured
@@ -159,7 +168,7 @@ def generate_static(
         sample = sampler(options.temperature, options.top_k, options.top_p, options.seed, device)
     else:
         sample = greedy
-    streamer = _Streamer(tokenizer, on_text)
+    streamer = _Streamer(tokenizer, on_text, stop)
     streamer.put(ids)  # the prompt, which the streamer skips
     start = time.perf_counter()
     token = sample(decoder.prefill(ids))

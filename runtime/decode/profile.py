@@ -28,6 +28,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -243,12 +244,15 @@ def random_prompt(vocab_size: int, batch: int, prompt_len: int, seed: int, devic
 
 
 @torch.inference_mode()
-def time_batch(runner, ids: torch.Tensor, gen_len: int, warmup: int, reps: int) -> tuple[Stat, Stat]:
+def time_batch(
+    runner, ids: torch.Tensor, gen_len: int, warmup: int, reps: int, stop: Callable[[], None] = lambda: None
+) -> tuple[Stat, Stat]:
     """(prefill seconds, decode seconds per step) over ``reps`` rounds after ``warmup``."""
     device = ids.device
     prefill, decode = [], []
     runner.prepare(ids)
     for round_ in range(warmup + reps):
+        stop()  # outside the timed region
         synchronize(device)
         start = time.perf_counter()
         token = runner.prefill(ids)
@@ -358,12 +362,14 @@ def _by_kernel(prof, steps: int) -> Breakdown:
 def profile_batches(
     model, vocab_size: int, batches: list[int], prompt_len: int, gen_len: int, warmup: int, reps: int,
     breakdown_steps: int, seed: int, device: torch.device, mode: DecodeMode = DecodeMode.dynamic,
+    stop: Callable[[], None] = lambda: None,
 ) -> list[BatchResult]:  # fmt: skip
+    """``stop`` is called before each timed or warm-up round; it raises ``KeyboardInterrupt`` to end there."""
     results = []
     for batch in batches:
         ids = random_prompt(vocab_size, batch, prompt_len, seed, device)
         runner = make_runner(model, mode, batch, prompt_len + max(gen_len, breakdown_steps) + 1)
-        prefill, decode = time_batch(runner, ids, gen_len, warmup, reps)
+        prefill, decode = time_batch(runner, ids, gen_len, warmup, reps, stop)
         breakdown = decode_breakdown(model, runner, ids, breakdown_steps) if breakdown_steps > 0 else None
         results.append(BatchResult(batch, prompt_len, prefill, decode, breakdown, *weight_bytes_per_step(model)))
     return results

@@ -25,9 +25,14 @@ from llmq.runtime.format import dtypes
 from llmq.runtime.format import layout as L
 from llmq.runtime.format.manifest import MANIFEST, FileRecord, Manifest
 
-# Source files an artifact may carry along: data only, never code or pickles.
+# Files llmq writes for the HF ecosystem (``docs/format.md``): the model card, and the index of the
+# shards that ``transformers`` loads through llmq's quantizer (``llmq.runtime.hf_quantizer``).
+CARD = "README.md"
+WEIGHTS_INDEX = "llmq.safetensors.index.json"
+# Source files an artifact may carry along: data only, never code or pickles. The source's own
+# weight index, model card and any file named like llmq's own are never copied: llmq writes those.
 HF_FILE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
-HF_FILE_EXCLUDE = ("model.safetensors.index.json", MANIFEST)
+HF_FILE_EXCLUDE = ("model.safetensors.index.json", MANIFEST, CARD, WEIGHTS_INDEX)
 _MAX_JSON_BYTES = 64 << 20
 
 

@@ -9,6 +9,7 @@ a field that is ``None`` is left out of the file, and an absent or null one read
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, field, fields
@@ -119,6 +120,11 @@ class Manifest:
             document["accounting"] = self.accounting_record
         document["files"] = {name: record.to_json() for name, record in self.files.items()}
         return document
+
+    def to_text(self) -> str:
+        """The exact bytes of ``manifest.json`` (as text): :meth:`to_json`, indented, in insertion
+        order (module order, deterministic). Every writer of the file uses this one form."""
+        return json.dumps(self.to_json(), indent=2) + "\n"
 
     @classmethod
     def from_json(cls, raw: Any, file: Path) -> Manifest:

@@ -3,7 +3,8 @@
 Every public API call takes a :class:`Feedback`. The default one sends log lines and warnings to
 the ``llmq`` logger and draws nothing. The CLI gives one that writes to stderr, draws progress
 bars on a terminal, and turns Ctrl-C or SIGTERM into a stop at the next bounded step inside the
-regions where the library checks for one (today the quantize pipeline: the next tensor).
+regions where the library checks for one (a tensor or a block in quantize, a layer in calibrate,
+a window in eval, a token in generate, a timed round in profile, a shard in verify).
 """
 
 from __future__ import annotations
@@ -47,6 +48,18 @@ class Feedback:
     show_progress: bool = False
     stoppable: Callable[[], AbstractContextManager[StopCheck]] = _never_stop
     stage: StageDone = lambda name, seconds: None
+
+    @contextlib.contextmanager
+    def steps(self, description: str):
+        """A progress bar and a stoppable region together: yields ``step(done, total)``, which
+        reports progress and then checks for a stop, for loops whose units are bounded steps."""
+        with self.progress(description) as update, self.stoppable() as check:
+
+            def step(done: int, total: int) -> None:
+                update(done, total)
+                check()
+
+            yield step
 
 
 LOGGED = Feedback()  # the default of every API call: the "llmq" logger, no bars

@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""How long each long command takes to stop after SIGTERM (or Ctrl-C), on the demo model.
+
+    python scripts/stop_latency.py --out docs/data/stop_latency.json            # idle, then loaded
+    python scripts/stop_latency.py --out docs/data/stop_latency.json --load 0   # idle only
+
+Each command is started as a child with SIGINT at its default, the script waits for a line the
+command prints once its main loop is under way (or for its first shard, for quantize), sends the
+signal, and times until the process has exited: the stop latency a user or a scheduler sees. It
+checks the exit code (130) and that nothing partial is left where the output would go. "Loaded"
+runs the same with ``--load`` CPU-bound processes (a busy Python loop each) beside it; 2 on a
+2-core machine is the issue's condition.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# command -> (arguments with OUT for a scratch folder, the stderr text that says the loop is running)
+COMMANDS = {
+    "calibrate": (["calibrate", "demo", "-o", "OUT/demo.stats", "--dataset", "austen", "--force"], "calibration:"),
+    "quantize": (["quantize", "demo", "-o", "OUT/demo.llmq", "--no-calib"], None),  # waits for a shard instead
+    "eval ppl": (["eval", "ppl", "demo", "--dataset", "austen"], "running "),
+    "eval kld": (["eval", "kld", "OUT/a.llmq", "--base", "demo", "--dataset", "austen"], "running "),
+    "generate": (
+        ["generate", "demo", "-p", "Once upon a time", "--max-new-tokens", "8000", "--temperature", "1"],
+        "STDOUT",
+    ),  # fmt: skip
+    "profile": (["profile", "demo", "--reps", "100000", "--breakdown-steps", "0"], "profiling model"),
+    "verify": (["verify", "OUT/a.llmq"], "HANDLERS"),  # prints nothing before its result
+}
+
+
+def _busy() -> None:
+    while True:
+        pass
+
+
+def _child(args: list[str], scratch: Path) -> subprocess.Popen:
+    argv = [a.replace("OUT", str(scratch)) for a in args]
+    return subprocess.Popen(
+        [sys.executable, "-m", "llmq.cli", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+
+
+def _catches_sigterm(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    caught = int(next(line for line in status if line.startswith("SigCgt:")).split()[1], 16)
+    return bool(caught >> (signal.SIGTERM - 1) & 1)
+
+
+def _wait_until_running(proc: subprocess.Popen, marker: str | None, scratch: Path) -> None:
+    if marker == "STDOUT":
+        assert proc.stdout.read(1), "generate printed nothing"
+    elif marker == "HANDLERS":  # llmq's signal handlers are in place: the command itself has started
+        while not _catches_sigterm(proc.pid):
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.01)
+    elif marker is None:
+        while not list(scratch.glob(".demo.llmq.partial-*/shard-*.safetensors")):
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.02)
+    else:
+        for line in proc.stderr:
+            if marker in line:
+                return
+        raise AssertionError(f"ended without printing {marker!r}: {proc.communicate()}")
+
+
+def measure(name: str, scratch: Path, sig: int) -> dict:
+    args, marker = COMMANDS[name]
+    before = sorted(p.name for p in scratch.iterdir())
+    proc = _child(args, scratch)
+    try:
+        _wait_until_running(proc, marker, scratch)
+        sent = time.perf_counter()
+        proc.send_signal(sig)
+        _, stderr = proc.communicate()
+        latency = time.perf_counter() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    left = sorted(p.name for p in scratch.iterdir() if p.name not in before)
+    # quantize keeps its finished layers for --resume in a hidden checkpoint folder, by design
+    partial = [n for n in left if not n.startswith(".demo.llmq.partial-stopped-")]
+    for leftover in left:
+        path = scratch / leftover
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    message = stderr.strip().splitlines()[-1] if stderr.strip() else ""
+    return {"command": name, "signal": signal.Signals(sig).name, "seconds": round(latency, 3),
+            "exit_code": proc.returncode, "left_behind": partial, "message": message}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--load", type=int, default=2, help="CPU-bound processes beside the loaded runs (0: none)")
+    parser.add_argument("--only", nargs="+", choices=list(COMMANDS))
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp)
+        subprocess.run([sys.executable, "-m", "llmq.cli", "quantize", "demo", "-o", str(scratch / "a.llmq"),
+                        "--no-calib", "--preset", "4bit", "-q"], check=True)  # fmt: skip
+        for loaded in [False] + ([True] if args.load else []):
+            burners = [multiprocessing.Process(target=_busy, daemon=True) for _ in range(args.load if loaded else 0)]
+            for b in burners:
+                b.start()
+            try:
+                for name in args.only or COMMANDS:
+                    for sig in (signal.SIGTERM, signal.SIGINT):
+                        row = measure(name, scratch, sig) | {"load": len(burners)}
+                        print(json.dumps(row), file=sys.stderr)
+                        rows.append(row)
+            finally:
+                for b in burners:
+                    b.terminate()
+    record = {"model": "demo (SmolLM2-135M-Instruct dequantized from the Q4_1 GGUF)", "date": time.strftime("%Y-%m-%d"),
+              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}",
+              "command": "python scripts/stop_latency.py " + " ".join(sys.argv[1:]), "rows": rows}  # fmt: skip
+    args.out.write_text(json.dumps(record, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
