@@ -102,6 +102,9 @@ def main() -> None:
     try:
         with handled_signals():
             app(prog_name="llmq")
+    except KeyboardInterrupt as err:  # a signal before the command itself ran (its own are reported there)
+        print(f"interrupted ({err or 'SIGINT'}) while starting", file=sys.stderr)
+        sys.exit(INTERRUPTED)
     except LlmqError as err:
         if debug:
             traceback.print_exc()

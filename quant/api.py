@@ -86,10 +86,10 @@ def _collect(model, text, samples, seq_len, seed, config, device, revision, trus
     loaded = early or T.load(text, T.Split.calib, T.Dataset.mix)
     feedback.info(f"calibration: {loaded.source}, {samples} samples x {seq_len} tokens, seed {seed}, on {torch_device}")
     start = time.perf_counter()
-    with feedback.steps("calibrating layers (forward, then back)") as step:
+    with feedback.steps("calibrating layers (forward, then back)") as step, feedback.stoppable() as check:
         calibration, meta, windows = calibrate_model(
             source, model_config, config, loaded.source, loaded.text, samples, seq_len, seed,
-            on_layer=step, device=torch_device, log=feedback.info,
+            on_layer=step, device=torch_device, log=feedback.info, stop=check,
         )  # fmt: skip
     feedback.stage("calibrate", time.perf_counter() - start)
     return statsfile.in_memory(calibration, meta, source, windows)

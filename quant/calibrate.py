@@ -114,9 +114,11 @@ def collect(
     device: torch.device | None = None,
     log: Callable[[str], None] = lambda message: None,
     seed: int = 0,
+    stop: Callable[[], None] = lambda: None,
 ) -> Calibration:
     """Run ``windows`` ([S, L] token ids) through the model layer by layer, collecting Linear input stats,
     then back through the first ``FISHER_WINDOWS`` for the output Fisher (labels drawn with ``seed``).
+    ``stop`` is called before each window of each layer; it raises ``KeyboardInterrupt`` to end there.
 
     Layers and activations live on ``device`` (default: the CPU); the statistics come back on the CPU.
     """
@@ -134,7 +136,11 @@ def collect(
         hooks = _attach_hooks(layer, prefix, family, config, calibration)
         layer_inputs.append([h.clone() for h in hidden[:kept]])  # clone: out of inference mode, for autograd
         with torch.inference_mode():
-            hidden = [stream.call(index, layer, h) for h in hidden]
+            outputs = []
+            for h in hidden:
+                stop()  # a stop lands between two windows of one layer, tens of milliseconds apart
+                outputs.append(stream.call(index, layer, h))
+            hidden = outputs
         for hook in hooks:
             hook.remove()
         starved.fill(calibration, layer, prefix)
@@ -246,11 +252,13 @@ def calibrate_model(
     on_layer: Callable[[int, int], None] | None = None,
     device: torch.device | None = None,
     log: Callable[[str], None] = lambda message: None,
+    stop: Callable[[], None] = lambda: None,
 ) -> tuple[Calibration, dict, torch.Tensor]:
     """Tokenize ``text``, sample windows, collect stats; returns them, the stats-file manifest and the
-    windows ``[samples, seq_len]`` (token ids)."""
+    windows ``[samples, seq_len]`` (token ids). ``stop``: see :func:`collect`."""
     windows = calibration_windows(source, text, samples, seq_len, seed)
-    calibration = collect(source, model_config, config, windows, on_layer, device, log, seed)
+    stop()
+    calibration = collect(source, model_config, config, windows, on_layer, device, log, seed, stop)
     meta = {
         "model": source.label,
         "model_fingerprint": model_fingerprint(source.path),

@@ -38,7 +38,7 @@ COMMANDS = {
         "STDOUT",
     ),  # fmt: skip
     "profile": (["profile", "demo", "--reps", "100000", "--breakdown-steps", "0"], "profiling model"),
-    "verify": (["verify", "OUT/a.llmq"], "HANDLERS"),  # prints nothing before its result
+    "verify": (["verify", "OUT/a.llmq"], "DECODING"),  # prints nothing before its result
 }
 
 
@@ -55,17 +55,18 @@ def _child(args: list[str], scratch: Path) -> subprocess.Popen:
     )  # fmt: skip
 
 
-def _catches_sigterm(pid: int) -> bool:
-    status = Path(f"/proc/{pid}/status").read_text().splitlines()
-    caught = int(next(line for line in status if line.startswith("SigCgt:")).split()[1], 16)
-    return bool(caught >> (signal.SIGTERM - 1) & 1)
+def _bytes_read(pid: int) -> int:
+    """Bytes the process has read so far (``rchar`` in Linux's ``/proc/PID/io``)."""
+    io = Path(f"/proc/{pid}/io").read_text().splitlines()
+    return int(next(line for line in io if line.startswith("rchar:")).split()[1])
 
 
 def _wait_until_running(proc: subprocess.Popen, marker: str | None, scratch: Path) -> None:
     if marker == "STDOUT":
         assert proc.stdout.read(1), "generate printed nothing"
-    elif marker == "HANDLERS":  # llmq's signal handlers are in place: the command itself has started
-        while not _catches_sigterm(proc.pid):
+    elif marker == "DECODING":  # verify read every file once for the checksums: now it decodes the shards
+        checksummed = sum(p.stat().st_size for p in (scratch / "a.llmq").iterdir())
+        while _bytes_read(proc.pid) < checksummed:
             assert proc.poll() is None, proc.communicate()
             time.sleep(0.01)
     elif marker is None:
