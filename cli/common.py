@@ -264,6 +264,7 @@ class StopRequest:
             yield self.check
         finally:
             self.regions -= 1
+        self.check()  # a stop asked for after the region's last check is honoured as it ends, not lost
 
 
 _active: StopRequest | None = None  # the running command's, set by handled_signals()

@@ -154,13 +154,16 @@ def _prepare(model, out: Path, config, calib, calib_data, dense_dtype, device, f
             "(docs/benchmarks.md)"
         )
     spreads = run_config.target_bits is not None or 0 < run_config.stripe_fraction < 1
-    if dry_run and calib_data is not None and spreads and run_config.allocation != Allocation.uniform:
+    provisional = dry_run and calib_data is not None and spreads and run_config.allocation != Allocation.uniform
+    if provisional:
         feedback.info(
             "dry run: stripes placed without calibration data; the real run spreads the same bits by predicted KL"
         )
     dense = None if dense_dtype == "auto" else dtypes.BY_SHORT[dense_dtype].torch()
     plan = make_plan(source, model_config, run_config, dense, stats)
-    run_config = replace(run_config, target_bits=plan.target_bits, allocation=None)  # as the manifest records it
+    # as the manifest records it; a dry run that cannot calibrate still reports the bits the real run aims at
+    target = plan.linear_bits_per_weight() if provisional and plan.target_bits is None else plan.target_bits
+    run_config = replace(run_config, target_bits=target, allocation=None)
     for note in plan.notes():
         feedback.warn(note)
     needs = resources.estimate_plan(plan, source.path, stats, out)
@@ -194,7 +197,8 @@ def estimate(
     """Per-layer bits per weight, artifact size, disk and peak memory of :func:`quantize` with the
     same arguments (``device`` is checked, not used). Writes nothing; reads weights only to rank
     stripes by sensitivity and to check a stats file's model fingerprint. ``calib_data`` is not
-    collected: the stripes are placed without it (uniformly unless ``target_bits`` is given)."""
+    collected: the per-layer stripes are placed without it (by weight error with ``target_bits``,
+    uniformly otherwise) and are provisional; ``config.target_bits`` is what the real run aims at."""
     p = _prepare(model, Path(out), config, calib, calib_data, dense_dtype, device, False, revision,
                  trust_remote_code, feedback, dry_run=True)  # fmt: skip
     calibration = p.stats.provenance if p.stats is not None else None

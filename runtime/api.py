@@ -544,6 +544,7 @@ def profile(
     for label, backend in plan:
         feedback.info(f"profiling {label} ({backend.value if backend else 'dense'}) on {run.device}")
         lm = run.load(backend)
+        feedback.info(f"timing {label}: {warmup} warm-up and {reps} timed rounds per batch size")
         memory = sum(t.numel() * t.element_size() for t in (*lm.parameters(), *lm.buffers()))
         with feedback.stoppable() as stop:
             results = P.profile_batches(lm, run.config.vocab_size, batch_sizes, prompt_len, gen_len, warmup, reps,

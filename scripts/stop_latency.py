@@ -37,7 +37,7 @@ COMMANDS = {
         ["generate", "demo", "-p", "Once upon a time", "--max-new-tokens", "8000", "--temperature", "1"],
         "STDOUT",
     ),  # fmt: skip
-    "profile": (["profile", "demo", "--reps", "100000", "--breakdown-steps", "0"], "profiling model"),
+    "profile": (["profile", "demo", "--reps", "100000", "--breakdown-steps", "0"], "timing model"),
     "verify": (["verify", "OUT/a.llmq"], "DECODING"),  # prints nothing before its result
 }
 

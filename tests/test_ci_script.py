@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +36,16 @@ def _run(tmp_path: Path, max_ratio: str) -> subprocess.CompletedProcess:
         "OUT": str(tmp_path / "demo.llmq"), "MAX_RATIO": max_ratio, "MAX_KL": "0.5", "MIN_TOP1": "0.55",
         "QUANTIZE_OPTIONS": QUANTIZE, "EVAL_OPTIONS": EVAL, "GITHUB_STEP_SUMMARY": str(tmp_path / "summary.md"),
     }  # fmt: skip
-    return subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=1800)
+    # its own process group, so the llmq commands it starts go with it if the test fails or times out
+    proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=1800)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ from llmq.runtime.schemas import VERSIONS, schema_file, schema_id
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "json"
 TASKS = Path(__file__).resolve().parent / "data" / "tasks"
 TEXT = ("--dataset", "austen", "--seq-len", "64", "--max-tokens", "256")
+PROFILE = ("--prompt-len", "8", "--gen-len", "2", "--reps", "1", "--baseline")
 
 
 def _validate(document: dict) -> None:
@@ -52,6 +53,22 @@ def documents(tmp_path_factory, tiny_model, tiny_artifact) -> dict[str, list[dic
             ("quantize", model, "-o", str(tmp / "a.llmq"), "--calib", str(stats), "--g4", "16", "--refine", "none"),
             ("quantize", model, "-o", str(tmp / "b.llmq"), "--no-calib", "--g4", "16"),
             ("quantize", model, "-o", str(tmp / "c.llmq"), "--dry-run"),
+            (
+                "quantize",
+                model,
+                "-o",
+                str(tmp / "d.llmq"),
+                "--calib-data",
+                "austen",
+                "--samples",
+                "4",
+                "--calib-seq-len",
+                "64",
+                "--g4",
+                "16",
+                "--refine",
+                "none",
+            ),  # calibrated inline, the default  # fmt: skip
         ],
         "inspect": [("inspect", artifact)],
         "verify": [("verify", artifact)],
@@ -65,27 +82,16 @@ def documents(tmp_path_factory, tiny_model, tiny_artifact) -> dict[str, list[dic
         ],  # fmt: skip
         "generate": [("generate", artifact, "-p", "hi", "--max-new-tokens", "3")],
         "profile": [
-            (
-                "profile",
-                artifact,
-                "--prompt-len",
-                "8",
-                "--gen-len",
-                "2",
-                "--reps",
-                "1",
-                "--baseline",
-                "--breakdown-steps",
-                "1",
-            )
-        ],  # fmt: skip
+            ("profile", artifact, *PROFILE, "--breakdown-steps", "1"),
+            ("profile", artifact, *PROFILE, "--breakdown-steps", "0", "--min-speedup", "1000000"),  # fails: exit 3
+        ],
     }
     out = {}
     for command, variants in runs.items():
         out[command] = []
         for args in variants:
             result = run_cli(*args, "--json")
-            assert result.code == 0, (args, result.stderr)
+            assert result.code == (3 if "--min-speedup" in args else 0), (args, result.stderr)
             out[command].append(json.loads(result.stdout))
     return out
 

@@ -183,16 +183,14 @@ def test_a_run_that_may_not_fit_in_memory_warns(cli, tiny_model, tmp_path, monke
 # -- several processes ---------------------------------------------------------------------
 
 
-def test_two_readers_of_one_artifact_at_once(good, tmp_path):
-    exe = str(Path(sys.executable).with_name("llmq"))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+def test_two_readers_of_one_artifact_at_once(good, children):
     commands = [
-        [exe, "verify", str(good), "-q"],
-        [exe, "eval", "ppl", str(good), "--dataset", "austen", "--max-tokens", "256", "--seq-len", "64", "--json"],
-        [exe, "generate", str(good), "-p", "hello", "-n", "4", "--json"],
+        ["verify", str(good), "-q"],
+        ["eval", "ppl", str(good), "--dataset", "austen", "--max-tokens", "256", "--seq-len", "64", "--json"],
+        ["generate", str(good), "-p", "hello", "-n", "4", "--json"],
     ]
-    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for c in commands]
-    results = [p.communicate(timeout=300) + (p.returncode,) for p in procs]
+    procs = [children(*c, env={"HF_HUB_OFFLINE": "1"}) for c in commands]  # all killed at the end, pass or fail
+    results = [p.communicate(timeout=600) + (p.returncode,) for p in procs]
     assert [code for _, _, code in results] == [0, 0, 0], [err[-500:] for _, err, _ in results]
     assert json.loads(results[1][0])["result"]["ppl"] > 1
     assert torch.isfinite(torch.tensor(json.loads(results[1][0])["result"]["ppl"]))

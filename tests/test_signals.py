@@ -92,9 +92,18 @@ def test_the_handlers_stop_at_the_check_not_inside_the_step():
             check()
         with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
             stop(signal.SIGTERM, None)  # a second one stops at once
+        stop.requested = None  # (as if the run had ended here; the region's own end is tested below)
     fresh = common.StopRequest()
     with pytest.raises(KeyboardInterrupt, match="SIGINT"):
         fresh(signal.SIGINT, None)  # outside any region: at once
+
+
+def test_a_stop_asked_after_the_last_check_is_honoured_as_the_region_ends():
+    late = common.StopRequest()
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        with late.region():
+            late(signal.SIGTERM, None)  # no check follows inside the region
+    assert late.regions == 0
 
 
 def test_an_inherited_ignored_sigint_stays_ignored_and_sigterm_is_still_handled():
@@ -134,7 +143,7 @@ def test_generate_stops_between_tokens(children, demo_cache, monkeypatch):
 
 def test_profile_stops_between_rounds(children, tiny_model):
     proc = children("profile", str(tiny_model), *PROFILE_FOREVER)
-    _wait_for_line(proc.stderr, "profiling model")
+    _wait_for_line(proc.stderr, "timing model")
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted (SIGTERM)" in stderr, stderr
@@ -155,7 +164,7 @@ def _has(mask: int, sig: int) -> bool:
 def test_a_background_job_keeps_sigint_ignored_and_still_stops_on_sigterm(children, tiny_model, inherited):
     """As `bash -c 'llmq ... &'` starts a command: SIGINT ignored, which it keeps; SIGTERM caught."""
     proc = children("profile", str(tiny_model), *PROFILE_FOREVER, sigint=inherited)
-    _wait_for_line(proc.stderr, "profiling model")  # after main installed its handlers
+    _wait_for_line(proc.stderr, "timing model")  # after main installed its handlers
     ignored, caught = _signal_mask(proc.pid, "SigIgn"), _signal_mask(proc.pid, "SigCgt")
     assert _has(ignored, signal.SIGINT) == (inherited == signal.SIG_IGN)
     assert _has(caught, signal.SIGINT) == (inherited == signal.SIG_DFL)

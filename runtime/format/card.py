@@ -285,7 +285,7 @@ def _body(manifest: Manifest, name: str, records: list[PerplexityRecord]) -> str
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", "Measured with `llmq eval ppl` (protocol: llmq's docs/eval.md); compare only equal protocols."]
     else:
-        lines.append("None recorded yet; `llmq eval ppl` measures one.")
+        lines.append("None recorded yet; `llmq eval ppl ARTIFACT --record` measures one and adds it here.")
     lines += [
         "",
         "## Files",
