@@ -254,14 +254,6 @@ def test_concurrent_records_all_land(artifact):
     assert llmq.verify(artifact).ok
 
 
-@pytest.mark.slow
-def test_the_demo_artifact_takes_a_record(demo_artifact_path, tmp_path):
-    """The demo artifact, whatever llmq wrote it (with or without a card), verifies after a record."""
-    artifact = Path(shutil.copytree(demo_artifact_path, tmp_path / "demo.llmq"))
-    C.record_perplexity(artifact, ENTRY)
-    assert front_matter(artifact)["llmq_results"][0]["ppl"] == ENTRY["ppl"] and llmq.verify(artifact).ok
-
-
 def test_eval_ppl_record_writes_the_measured_result_into_the_card(artifact, cli, tiny_model):
     text = ("--dataset", "austen", "--seq-len", "64", "--max-tokens", "256")
     result = cli("eval", "ppl", str(artifact), *text, "--record", "--json")

@@ -28,8 +28,11 @@ PROFILE_FOREVER = ("--prompt-len", "8", "--gen-len", "2", "--reps", "10000000", 
 @pytest.fixture
 def signal_at_first_step(monkeypatch):
     """Every progress bar's first update sends ``sig`` to this process: the signal arrives while
-    the command is inside its stoppable loop, before the check that follows the update."""
+    the command is inside its stoppable loop, before the check that follows the update. SIGINT is
+    set to Python's default first: a test run from a background job inherits it ignored, and the
+    command rightly keeps it so."""
     sent = []
+    saved = signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def arm(sig: int):
         @contextlib.contextmanager
@@ -44,7 +47,8 @@ def signal_at_first_step(monkeypatch):
         monkeypatch.setattr(common.Reporter, "progress", progress)
         return sent
 
-    return arm
+    yield arm
+    signal.signal(signal.SIGINT, saved)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
