@@ -10,7 +10,6 @@ leaves one that looks whole.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -19,15 +18,9 @@ from pathlib import Path
 import torch
 
 from llmq.errors import CacheError
-from llmq.runtime.eval.logit_cache import base_key
+from llmq.runtime.eval.logit_cache import base_key, cache_path
 from llmq.runtime.eval.perplexity import PplResult
-from llmq.runtime.sources.cache import cache_dir
 from llmq.runtime.sources.feedback import Feedback
-
-
-def _path(key: dict) -> Path:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
-    return cache_dir() / "ppl-baseline" / f"{digest}.json"
 
 
 def _read(path: Path, key: dict) -> PplResult | None:
@@ -58,7 +51,7 @@ def baseline_perplexity(
     if not use_cache:
         return compute(), False
     key = {"kind": "ppl", **base_key(model_path, ids, protocol)}
-    path = _path(key)
+    path = cache_path(key, "ppl-baseline", ".json")
     cached = _read(path, key)
     if cached is not None:
         feedback.info(f"baseline perplexity: reusing {path}")

@@ -43,9 +43,10 @@ def base_key(model_path: Path, ids: torch.Tensor, protocol: dict) -> dict:
     return {"schema": _SCHEMA, "model": str(model_path.resolve()), "files": weights, "tokens": tokens, **protocol}
 
 
-def cache_path(key: dict) -> Path:
+def cache_path(key: dict, folder: str = "kld-base", suffix: str = ".npy") -> Path:
+    """``<cache>/<folder>/<digest of key><suffix>``: one file per key (eval ppl's baseline cache too)."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
-    return cache_dir() / "kld-base" / f"{digest}.npy"
+    return cache_dir() / folder / f"{digest}{suffix}"
 
 
 def size_bytes(tokens_scored: int, vocab: int) -> int:
