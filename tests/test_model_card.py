@@ -6,7 +6,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -227,6 +229,28 @@ def test_a_record_interrupted_between_its_renames_is_completed_by_the_next(artif
     C.record_perplexity(artifact, ENTRY | {"seq_len": 32})
     assert [r["seq_len"] for r in front_matter(artifact)["llmq_results"]] == [64, 32]
     assert not (artifact / C.PENDING_CARD).exists() and llmq.verify(artifact).ok
+
+
+def test_a_stop_signal_between_the_renames_acts_only_after_both(artifact, monkeypatch):
+    real = C.os.replace
+
+    def replace_then_signal(src, dst):
+        real(src, dst)
+        if Path(dst).name == A.MANIFEST:  # the first of the two renames
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        monkeypatch.setattr(C.os, "replace", replace_then_signal)
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+            C.record_perplexity(artifact, ENTRY)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert not (artifact / C.PENDING_CARD).exists()  # the card's rename came before the stop
+    assert front_matter(artifact)["llmq_results"][0]["ppl"] == ENTRY["ppl"] and llmq.verify(artifact).ok
 
 
 def test_a_record_that_failed_before_any_rename_leaves_the_artifact_as_it_was(artifact, monkeypatch):

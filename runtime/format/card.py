@@ -26,6 +26,7 @@ import json
 import math
 import os
 import re
+import signal
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -39,7 +40,7 @@ from llmq.runtime.format.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST, 
 CARD = A.CARD
 METHOD = "llmq range-aware mixed 2/4-bit"
 RESULTS_KEY = "llmq_results"
-# Left by a record_perplexity that was interrupted between its two renames; the next one finishes
+# Left by a record_perplexity killed (or failing) between its two renames; the next one finishes
 # or discards them. Hidden names: the manifest never lists them.
 PENDING_CARD = f".{CARD}.llmq-new"
 PENDING_MANIFEST = f".{MANIFEST}.llmq-new"
@@ -448,9 +449,11 @@ def record_perplexity(artifact_path: str | os.PathLike, entry: dict[str, Any]) -
 
     ``README.md`` and ``manifest.json`` are each replaced atomically (temporary file, fsync,
     rename), the manifest first; concurrent calls on one artifact are serialized by a lock on the
-    directory. An interruption between the two renames leaves the previous card against the new
-    manifest (``llmq verify`` then reports README.md's checksum) and the new card as
-    ``.README.md.llmq-new``; the next call finishes that rename before doing its own.
+    directory. SIGINT and SIGTERM are held back between the two renames and act as soon as both
+    are done. Anything else that stops the process there (SIGKILL, power loss, an error from the
+    second rename) leaves the previous card against the new manifest (``llmq verify`` then reports
+    README.md's checksum) and the new card as ``.README.md.llmq-new``; the next call finishes that
+    rename before doing its own.
     """
     import fcntl
 
@@ -470,8 +473,9 @@ def record_perplexity(artifact_path: str | os.PathLike, entry: dict[str, Any]) -
             updated = replace(manifest, files=dict(sorted(files.items())))
             _write_synced(path / PENDING_CARD, card)
             _write_synced(path / PENDING_MANIFEST, updated.to_text().encode("utf-8"))
-            os.replace(path / PENDING_MANIFEST, path / MANIFEST)
-            _put_card(path)
+            with _stop_signals_deferred():
+                os.replace(path / PENDING_MANIFEST, path / MANIFEST)
+                _put_card(path)
             _fsync_dir(path)
         finally:
             os.close(fd)  # releases the lock
@@ -504,6 +508,18 @@ def _finish_interrupted(path: Path, manifest: Manifest) -> None:
         _put_card(path)  # the manifest was renamed into place, the card not yet
     else:
         pending.unlink()
+
+
+@contextmanager
+def _stop_signals_deferred():
+    """Hold SIGINT and SIGTERM back in this thread for the length of the block: a stop between
+    two renames that must happen together then comes after both, never between them."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _put_card(path: Path) -> None:
