@@ -35,14 +35,18 @@ STYLES = {
 
 
 def pareto(points: list[dict]) -> set[str]:
-    """Names of the points not beaten on both bits and perplexity by another point."""
+    """Names of the points not beaten on both bits and perplexity by another point.
+
+    Bits are compared at the table's 0.001: llmq records its accounting to four decimals, and a
+    peer at the same format point (3.1608 against 3.16080729) must count as equal, not as more."""
+
+    def bits(point: dict) -> float:
+        return round(point["bits_per_weight"], 3)
+
     front = set()
     for p in points:
         beaten = any(
-            q is not p
-            and q["bits_per_weight"] <= p["bits_per_weight"]
-            and q["ppl"] <= p["ppl"]
-            and (q["bits_per_weight"], q["ppl"]) != (p["bits_per_weight"], p["ppl"])
+            q is not p and bits(q) <= bits(p) and q["ppl"] <= p["ppl"] and (bits(q), q["ppl"]) != (bits(p), p["ppl"])
             for q in points
         )
         if not beaten:
