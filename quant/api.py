@@ -257,6 +257,7 @@ def quantize(
         return pipeline.quantize_model(
             p.source, out, p.config, p.plan, force, feedback.progress, p.stats, resolve_device(device),
             resume=resume, log=feedback.info, stop=stop, refinement=refinement, stage=feedback.stage,
+            own_stats=not isinstance(calib, CalibStats),  # collected or read here: no one else holds them
         )  # fmt: skip
 
 

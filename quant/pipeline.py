@@ -50,6 +50,7 @@ def quantize_model(
     stop: Callable[[], None] = lambda: None,
     refinement: Refinement | None = None,
     stage: Callable[[str, float], None] = lambda name, seconds: None,
+    own_stats: bool = False,
 ) -> Manifest:
     """Run the plan and write the artifact atomically; returns its manifest. GPTQ runs on ``device``.
 
@@ -60,7 +61,8 @@ def quantize_model(
     continues from its last finished unit or block; the result is the same bytes as an
     uninterrupted run. ``stop()`` is called before each source tensor is read and each refinement
     step, and raises ``KeyboardInterrupt`` when the run should end there. ``stage(name, seconds)``
-    reports the wall time of the quantize and refine stages.
+    reports the wall time of the quantize and refine stages. With ``own_stats`` the caller hands
+    ``stats`` over: each layer's Hessians are freed once the last layer that reads them is written.
     """
     check_output(out, force)
     refining = config.refine is not None and config.refine.tunes  # None: not resolved by for_run, nothing to tune
@@ -75,7 +77,7 @@ def quantize_model(
     try:
         start = time.perf_counter()
         with progress("quantizing layers") as update:
-            _write_units(plan, config, writer, update, stats, device, fingerprint, stop)
+            _write_units(plan, config, writer, update, stats, device, fingerprint, stop, release=own_stats)
         stage("quantize", time.perf_counter() - start)
         if refining and TUNED_E2E not in writer.units_done:
             start = time.perf_counter()
@@ -152,27 +154,37 @@ def _open_writer(out: Path, force: bool, fingerprint: str, resume: bool, log) ->
 
 
 def _write_units(
-    plan: Plan, config: QuantConfig, writer: ArtifactWriter, update, stats, device, fingerprint: str, stop
-) -> None:
-    """Each unit's tensors, quantized or cast, as shard ``SHARD_PATTERN.format(unit index)``."""
+    plan: Plan, config: QuantConfig, writer: ArtifactWriter, update, stats, device, fingerprint: str, stop,
+    release: bool = False,
+) -> None:  # fmt: skip
+    """Each unit's tensors, quantized or cast, as shard ``SHARD_PATTERN.format(unit index)``; with
+    ``release``, the Hessians no later unit reads are freed after each unit."""
     sources = {plan.matrices[name].param if plan.matrices[name].expert is None else name: name for name in plan.linears}
     by_unit: dict[str, list[str]] = {u: [] for u in plan.units}
     for key in [*plan.dense, *sources]:
         by_unit[plan.unit(key)].append(key)
+    linears = [[sources[key] for key in by_unit[unit] if key in sources] for unit in plan.units]
+    finished = _last_readers(linears, stats.meta["aliases"]) if release and stats is not None else None
     for index, unit in enumerate(plan.units):
-        if unit in writer.units_done:
-            update(index + 1, len(plan.units))
-            continue
-        tensors: dict[str, torch.Tensor] = {}
-        for key in sorted(by_unit[unit]):
-            stop()
-            if key in sources:
-                tensors.update(_quantized(plan, sources[key], config, stats, device))
-            else:
-                tensors[key] = _dense(plan, key)
-        writer.write_shard(index, tensors)
-        writer.checkpoint(fingerprint, unit)
+        if unit not in writer.units_done:
+            tensors: dict[str, torch.Tensor] = {}
+            for key in sorted(by_unit[unit]):
+                stop()
+                if key in sources:
+                    tensors.update(_quantized(plan, sources[key], config, stats, device))
+                else:
+                    tensors[key] = _dense(plan, key)
+            writer.write_shard(index, tensors)
+            writer.checkpoint(fingerprint, unit)
+        if finished is not None:
+            stats.drop_hessians(finished[index])
         update(index + 1, len(plan.units))
+
+
+def _last_readers(linears: list[list[str]], aliases: dict[str, str]) -> list[list[str]]:
+    """For each unit (its Linears in ``linears``), the Linears whose input Hessian no later unit reads."""
+    last = {aliases.get(name, name): index for index, names in enumerate(linears) for name in names}
+    return [[name for name in names if last[aliases.get(name, name)] == index] for index, names in enumerate(linears)]
 
 
 REFINED = "refined:"  # the checkpoint's name of a refined block: this prefix and its unit

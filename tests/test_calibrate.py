@@ -142,3 +142,39 @@ def test_selection_hessian_needs_calibration(cli, tiny_model, tmp_path):
     result = cli("quantize", str(tiny_model), "-o", str(tmp_path / "x.llmq"), "--no-calib", "--selection", "hessian")
     assert result.code == 2 and "--calib" in result.stderr
     assert not (tmp_path / "x.llmq").exists()
+
+
+def test_quantize_frees_the_hessians_it_owns_and_keeps_a_callers(tiny_model, stats_file, tmp_path, monkeypatch):
+    import inspect
+
+    import llmq
+    from llmq.quant import pipeline, statsfile
+    from llmq.runtime.sources.checkpoint import model_fingerprint
+
+    handed = []
+    real = pipeline.quantize_model
+
+    def spy(*args, **kwargs):
+        handed.append(inspect.signature(real).bind(*args, **kwargs).arguments["stats"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "quantize_model", spy)
+    config = llmq.QuantConfig(g4=16, refine="none")
+    llmq.quantize(tiny_model, tmp_path / "owned.llmq", config, calib=stats_file)  # read here: quantize owns them
+    assert not [name for name in handed[0].tensors if name.endswith(".hessian")]
+
+    callers = statsfile.read_stats(stats_file, model_fingerprint(tiny_model))
+    hessians = sorted(name for name in callers.tensors if name.endswith(".hessian"))
+    llmq.quantize(tiny_model, tmp_path / "kept.llmq", config, calib=callers)
+    assert hessians and sorted(name for name in callers.tensors if name.endswith(".hessian")) == hessians
+    for shard in sorted(p.name for p in (tmp_path / "owned.llmq").glob("shard-*")):  # freeing changes nothing
+        a, b = load_file(tmp_path / "owned.llmq" / shard), load_file(tmp_path / "kept.llmq" / shard)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_hessian_is_freed_only_after_the_last_unit_that_reads_it():
+    from llmq.quant.pipeline import _last_readers
+
+    aliases = {"l0.q": "l0.q", "l0.k": "l0.q", "l1.up": "l1.up", "shared.a": "x", "shared.b": "x"}
+    units = [["l0.q", "shared.a"], ["l0.k", "l1.up"], ["shared.b"]]
+    assert _last_readers(units, aliases) == [[], ["l0.k", "l1.up"], ["shared.b"]]
