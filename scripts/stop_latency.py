@@ -38,8 +38,12 @@ COMMANDS = {
         "STDOUT",
     ),  # fmt: skip
     "profile": (["profile", "demo", "--reps", "100000", "--breakdown-steps", "0"], "timing model"),
+    "profile, mid-rounds": (["profile", "demo", "--reps", "100000", "--breakdown-steps", "0"], "timing model"),
     "verify": (["verify", "OUT/a.llmq"], "DECODING"),  # prints nothing before its result
 }
+# Seconds to wait after the marker: "profile" is signalled as its timed rounds begin, this one
+# while they run, so it shows how long the round under way takes to reach its next check.
+DELAY = {"profile, mid-rounds": 3.0}
 
 
 def _busy() -> None:
@@ -86,6 +90,8 @@ def measure(name: str, scratch: Path, sig: int) -> dict:
     proc = _child(args, scratch)
     try:
         _wait_until_running(proc, marker, scratch)
+        time.sleep(DELAY.get(name, 0.0))
+        assert proc.poll() is None, proc.communicate()
         sent = time.perf_counter()
         proc.send_signal(sig)
         _, stderr = proc.communicate()
