@@ -23,7 +23,9 @@ eval ppl OUT` on the first 16,384 tokens of *Persuasion*. Families:
   default since it was measured);
 - gptq-outliers: the default preset (act-order on) plus `--outliers`;
 - refined: act-order GPTQ then block-wise refinement (`--refine block`, its default settings);
-- refined-budget: the same with `--target-bits` (predicted KL) at the uniform refined points' bits.
+- refined-budget: the same with `--target-bits` (predicted KL) at the uniform refined points' bits;
+- refined-longer: a refined-budget point with four times the default refinement steps (200, as
+  many as AutoRound's iterations), to see what steps buy where AutoRound leads.
 
 Calibration and refinement became defaults after most families were measured: the rtn family
 passes `--no-calib` and every other family but refined passes `--refine none`, so each command
@@ -82,6 +84,7 @@ BUDGET_KL = {"budget 2.582": ["--target-bits", "2.582"], "budget 2.825": ["--tar
              "budget 2.936": ["--target-bits", "2.936"], "budget 2.5625": ["--target-bits", "2.5625"],
              "budget 3.1608": ["--target-bits", "3.1608"],
              "budget 2.2812 g64": ["--g1", "64", "--target-bits", "2.2812"]}  # fmt: skip
+LONGER = {"budget 3.1608, 200 steps": ["--target-bits", "3.1608", "--refine-steps", "200"]}
 OUTLIERS = {
     "default + 0.25% outliers": ["--outliers", "0.0025"],
     "default + 0.5% outliers": ["--outliers", "0.005"],
@@ -115,6 +118,7 @@ def plan(stats: Path) -> dict[str, tuple[str, list[str]]]:
     points.update({f"refined {n}": ("refined", [*refined, *UNIFORM, *CONFIGS[n]]) for n in REFINED})
     points.update({f"act-order {n}": ("budget-kl", [*budget, *options]) for n, options in BUDGET_KL.items()})
     points.update({f"refined {n}": ("refined-budget", [*refined, *options]) for n, options in BUDGET_KL.items()})
+    points.update({f"refined {n}": ("refined-longer", [*refined, *options]) for n, options in LONGER.items()})
     return points
 
 

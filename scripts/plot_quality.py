@@ -27,6 +27,7 @@ STYLES = {
     "gptq-outliers": ("v", "tab:purple", "llmq + GPTQ + outliers"),
     "refined": ("*", "tab:red", "llmq + GPTQ, act-order, --refine block"),
     "refined-budget": ("*", "tab:pink", "llmq, --refine block, --target-bits (predicted KL)"),
+    "refined-longer": ("*", "darkred", "llmq, as above, --refine-steps 200"),
     "rtn": ("s", "tab:gray", "llmq, round-to-nearest"),
     "hqq": ("x", "tab:brown", "HQQ 0.2.8 (no calibration)"),
     "plain-gptq": ("+", "black", "plain GPTQ, uniform bits (no stripes)"),
