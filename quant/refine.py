@@ -94,13 +94,17 @@ class TrainableLinear(nn.Module):
             values["scale4"] = _fp16((self.scale4_init * self.scale4.exp()).clamp(min=torch.finfo(torch.float16).tiny))
         return values
 
+    def group_scales2(self, v: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The 2-bit part's effective scale of each g1 group [N, groups2], from the stored numbers ``v``."""
+        block = torch.arange(self.layout.groups2, device=self.codes2.device) // self.layout.g2
+        return v["scale2"][:, block] * (v["scale_code"] + self.szero2[:, block])
+
     def weight(self) -> torch.Tensor:
         """The decoded weight [N, K] in the original column order, fp32, differentiable."""
         lay, v = self.layout, self._stored()
         parts = []
         if lay.k2:
-            block = torch.arange(lay.groups2, device=self.codes2.device) // lay.g2
-            scale = v["scale2"][:, block] * (v["scale_code"] + self.szero2[:, block])
+            scale = self.group_scales2(v)
             codes = v["codes2"].reshape(lay.out_features, lay.groups2, lay.g1)
             w2 = (scale.unsqueeze(-1) * (codes - self.zero2.unsqueeze(-1))).reshape(lay.out_features, lay.k2_padded)
             if lay.n_outliers:

@@ -42,9 +42,8 @@ def lean_start(t, w):
     lay, v = t.layout, t._stored()
     wp = w[:, t.fixed["perm"].long()]
     if lay.k2:
-        block = torch.arange(lay.groups2, device=w.device) // lay.g2
-        scale = v["scale2"][:, block] * (v["scale_code"] + t.szero2[:, block])  # [N, groups2]
-        w2 = torch.zeros(lay.out_features, lay.k2_padded)
+        scale = t.group_scales2(v)  # [N, groups2]
+        w2 = wp.new_zeros(lay.out_features, lay.k2_padded)
         w2[:, : lay.k2] = wp[:, : lay.k2]
         cont = w2.reshape(lay.out_features, lay.groups2, lay.g1) / scale.unsqueeze(-1) + t.zero2.unsqueeze(-1)
         cont = cont.reshape(lay.out_features, lay.k2_padded).clamp(-0.49, L.INT2_MAX + 0.49)
@@ -86,10 +85,15 @@ def refine_block(block, trainables, inputs, targets, call, settings, stop=lambda
     return F.TuneResult(gptq, gptq, False)
 
 
-R._quantized_layer, R.refine_block = quantized_layer, refine_block
-from llmq.cli.app import app  # noqa: E402
+def main() -> None:
+    from llmq.cli.app import app
 
-try:
-    app(sys.argv[1:], standalone_mode=False)
-finally:
-    print(f"lean: {STATS['kept']} of {STATS['blocks']} blocks kept their tuned numbers", file=sys.stderr)
+    R._quantized_layer, R.refine_block = quantized_layer, refine_block
+    try:
+        app(sys.argv[1:], standalone_mode=False)
+    finally:
+        print(f"lean: {STATS['kept']} of {STATS['blocks']} blocks kept their tuned numbers", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
