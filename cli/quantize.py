@@ -18,6 +18,7 @@ from llmq.quant.config import (
     PRESETS,
     Allocation,
     Refine,
+    RefineCodes,
     RefineInputs,
     Rounding,
     Selection,
@@ -118,8 +119,17 @@ def quantize(
     ] = None,
     refine_steps: Annotated[int | None, typer.Option("--refine-steps", help="Optimiser steps per block.")] = None,
     refine_batch: Annotated[int | None, typer.Option("--refine-batch", help="Calibration windows per step.")] = None,
+    refine_codes: Annotated[
+        RefineCodes | None,
+        typer.Option(
+            "--refine-codes",
+            help="Where refinement starts the codes: GPTQ's, or lean (the fp32 weights' unrounded positions, "
+            "kept only where they beat GPTQ's).",
+        ),
+    ] = None,
     refine_lr: Annotated[
-        float | None, typer.Option("--refine-lr", help="Signed step of the codes per step, in code units.")
+        float | None,
+        typer.Option("--refine-lr", help="Codes' signed step per step, in code units (default: by --refine-codes)."),
     ] = None,
     refine_scale_lr: Annotated[
         float | None, typer.Option("--refine-scale-lr", help="Adam's rate on the fp16 scales.")
@@ -152,8 +162,8 @@ def quantize(
         outlier_fraction=outliers, rounding=rounding, selection=selection, gptq_damp=damp, gptq_block=gptq_block,
         act_order=act_order, include=tuple(include) if include else None, exclude=tuple(exclude) if exclude else None,
         target_bits=target_bits, allocation=allocation, refine=refine, refine_settings=refine_settings(
-            steps=refine_steps, batch=refine_batch, lr=refine_lr, scale_lr=refine_scale_lr, inputs=refine_inputs,
-            e2e_steps=e2e_steps, e2e_batch=e2e_batch, e2e_lr=e2e_lr),
+            steps=refine_steps, batch=refine_batch, codes=refine_codes, lr=refine_lr, scale_lr=refine_scale_lr,
+            inputs=refine_inputs, e2e_steps=e2e_steps, e2e_batch=e2e_batch, e2e_lr=e2e_lr),
     )  # fmt: skip
     if no_calib and (calib is not None or calib_data is not None):
         raise UsageError("--no-calib turns calibration off; drop --calib/--calib-data, or drop --no-calib")

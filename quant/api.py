@@ -263,7 +263,8 @@ def quantize(
 
 def _settings(config: QuantConfig) -> str:
     r = config.refine_settings
-    text = f"{r.steps} steps of {r.batch} windows, lr {r.lr:g}, scale lr {r.scale_lr:g}, {r.inputs.value} inputs"
+    text = (f"{r.steps} steps of {r.batch} windows, codes from {r.codes.value}, lr {r.code_lr:g}, "
+            f"scale lr {r.scale_lr:g}, {r.inputs.value} inputs")  # fmt: skip
     if config.refine == Refine.e2e:
         text += f"; then end to end: {r.e2e_steps} steps of {r.e2e_batch} windows, lr {r.e2e_lr:g}"
     return text

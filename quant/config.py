@@ -60,14 +60,31 @@ class RefineInputs(str, enum.Enum):
     fp = "fp"  # the fp32 blocks' outputs: the same inputs as its targets'
 
 
+class RefineCodes(str, enum.Enum):
+    """Where block refinement starts the 2-bit and 4-bit codes."""
+
+    gptq = "gptq"  # GPTQ's codes, which move only with --refine-lr above 0 (the default before 2026-12-01)
+    # each code at the fp32 weight's unrounded position under GPTQ's scales, moved by signed steps
+    # (AutoRound's start); a block keeps the result only if it beats GPTQ's codes, else GPTQ's refine
+    lean = "lean"
+
+
+# The codes' signed step per optimiser step when none is given: from GPTQ's codes, flips made
+# blocks worse (docs/method.md); from the leaning start, 0.02 x 50 decaying steps lets a code drift
+# about half a unit, as AutoRound bounds its offsets.
+DEFAULT_CODE_LR = {RefineCodes.gptq: 0.0, RefineCodes.lean: 0.02}
+
+
 @dataclass(frozen=True)
 class RefineSettings:
     """Block-wise reconstruction (:mod:`llmq.quant.refine`).
 
     steps      optimiser steps per block
     batch      calibration windows per step
+    codes      see :class:`RefineCodes`
     lr         signed-gradient step of the integers (codes, scale codes, 4-bit zeros), in code units,
-               decayed linearly to 0; an integer moves once its steps add up to half a unit
+               decayed linearly to 0; an integer moves once its steps add up to half a unit.
+               None: ``DEFAULT_CODE_LR[codes]`` (a run resolves it, so manifests carry the number)
     scale_lr   Adam's rate on the fp16 scales' log-multipliers
     inputs     see :class:`RefineInputs`
     e2e_steps, e2e_batch, e2e_lr   ``--refine e2e``'s stage after the blocks (:mod:`llmq.quant.e2e`):
@@ -76,28 +93,38 @@ class RefineSettings:
 
     steps: int = 50
     batch: int = 4
-    lr: float = 0.0  # measured: from GPTQ's codes, flips by signed steps make blocks worse (docs/method.md)
+    codes: RefineCodes = RefineCodes.lean  # measured better on every point and both texts (docs/benchmarks.md)
+    lr: float | None = None
     scale_lr: float = 0.01
     inputs: RefineInputs = RefineInputs.quantized
     e2e_steps: int = 32
     e2e_batch: int = 2
     e2e_lr: float = 0.001
 
-    def __post_init__(self) -> None:
-        try:
-            object.__setattr__(self, "inputs", RefineInputs(self.inputs))
-        except ValueError:
-            raise UsageError(
-                f"--refine-inputs {self.inputs!r} must be one of {', '.join(k.value for k in RefineInputs)}"
-            ) from None
+    def __post_init__(self) -> None:  # the enums' strings, as a script or a manifest writes them
+        for name, kind in (("inputs", RefineInputs), ("codes", RefineCodes)):
+            value = getattr(self, name)
+            try:
+                object.__setattr__(self, name, kind(value))
+            except ValueError:
+                raise UsageError(
+                    f"--refine-{name} {value!r} must be one of {', '.join(k.value for k in kind)}"
+                ) from None
+
+    @property
+    def code_lr(self) -> float:
+        """The integers' signed step: ``lr``, or the default for where the codes start."""
+        return DEFAULT_CODE_LR[self.codes] if self.lr is None else self.lr
 
     def check(self) -> None:
         if self.steps < 1:
             raise UsageError(f"--refine-steps {self.steps} must be at least 1")
         if self.batch < 1:
             raise UsageError(f"--refine-batch {self.batch} must be at least 1")
-        if not 0.0 <= self.lr <= 0.5:
+        if not 0.0 <= self.code_lr <= 0.5:
             raise UsageError(f"--refine-lr {self.lr} must be between 0 and 0.5 (code units per step)")
+        if self.codes == RefineCodes.lean and self.code_lr == 0.0:
+            raise UsageError("--refine-codes lean moves the codes from the fp32 weights; give --refine-lr above 0")
         if not 0.0 <= self.scale_lr <= 0.1:
             raise UsageError(f"--refine-scale-lr {self.scale_lr} must be between 0 and 0.1")
         if self.e2e_steps < 1 or self.e2e_batch < 1:
@@ -209,7 +236,9 @@ class QuantConfig:
             raise UsageError("--refine-* settings tune --refine block, which this run does not do; drop them")
         if refine != Refine.e2e and self.refine_settings != self.refine_settings.block_only():
             raise UsageError("--e2e-* settings tune --refine e2e, which this run does not do; drop them")
-        return replace(self, act_order=calibrated if self.act_order is None else self.act_order, refine=refine)
+        settings = replace(self.refine_settings, lr=self.refine_settings.code_lr)  # manifests carry the number
+        act_order = calibrated if self.act_order is None else self.act_order
+        return replace(self, act_order=act_order, refine=refine, refine_settings=settings)
 
     def selects(self, module_name: str, layers: str) -> bool:
         """Whether the matrix ``module_name`` is quantized. The pattern ``*.layers.*`` (the default
@@ -233,6 +262,7 @@ class QuantConfig:
         del data["allocation"]  # a run resolves it into target_bits
         data["refine"] = None if self.refine is None else self.refine.value
         data["refine_settings"]["inputs"] = self.refine_settings.inputs.value
+        data["refine_settings"]["codes"] = self.refine_settings.codes.value
         if self.refine == Refine.none:  # as manifests before refinement existed
             del data["refine"], data["refine_settings"]
         elif self.refine != Refine.e2e:  # as block refinement's manifests before the end-to-end stage existed
@@ -253,8 +283,8 @@ class QuantConfig:
             values["selection"] = Selection(values["selection"])
         refine = values.get("refine", Refine.none.value)  # absent: written before refinement existed
         values["refine"] = None if refine is None else Refine(refine)
-        if "refine_settings" in values:
-            values["refine_settings"] = RefineSettings(**values["refine_settings"])
+        if "refine_settings" in values:  # without "codes": written before the leaning start, from GPTQ's
+            values["refine_settings"] = RefineSettings(**{"codes": RefineCodes.gptq.value} | values["refine_settings"])
         for key in ("include", "exclude"):
             if key in values:
                 values[key] = tuple(values[key])

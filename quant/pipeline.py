@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from llmq import __version__
 from llmq.errors import InterruptedRun, ModelSourceError, NonFiniteWeightError, ResumeError, UsageError
 from llmq.quant import reconstruct
-from llmq.quant.config import QuantConfig, Refine, Selection
+from llmq.quant.config import QuantConfig, Refine, RefineCodes, Selection
 from llmq.quant.linear import quantize_weight
 from llmq.quant.plan import Plan
 from llmq.quant.plan import hessian as plan_hessian
@@ -237,7 +237,9 @@ def _refine_units(source, plan: Plan, config: QuantConfig, writer: ArtifactWrite
     if results:
         before = sum(r.before for r in results) / len(results)
         after = sum(r.after if r.kept else r.before for r in results) / len(results)
-        log(f"refine: {sum(r.kept for r in results)} of {len(results)} blocks kept their tuned numbers; "
+        lean = config.refine_settings.codes == RefineCodes.lean
+        lean = f" ({sum(r.lean for r in results)} with codes from the leaning start)" if lean else ""
+        log(f"refine: {sum(r.kept for r in results)} of {len(results)} blocks kept their tuned numbers{lean}; "
             f"held-aside error {before:.4g} -> {after:.4g} (mean over blocks)")  # fmt: skip
     return stream, stack
 

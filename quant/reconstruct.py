@@ -8,9 +8,10 @@ targets; the quantized layer learns to give them from its inputs, which are eith
 hidden states or the outputs of the already-refined layers before it (``refine_inputs``: the
 second is what the model sees at inference, errors compounded). The block's norm weights are
 tuned with its scales (they scale the same activations; the artifact stores them 16-bit like
-every dense tensor). The tuned numbers replace the shard, and the run checkpoints the block, so
-an interrupted run resumes at a block boundary by replaying the finished blocks (forward passes
-only) to rebuild their outputs.
+every dense tensor). With ``--refine-codes lean`` the block also gets its matrices' fp32 weights,
+read from the checkpoint as GPTQ read them, to start its codes from. The tuned numbers replace the
+shard, and the run checkpoints the block, so an interrupted run resumes at a block boundary by
+replaying the finished blocks (forward passes only) to rebuild their outputs.
 
 Memory: three activation sets of ``[windows, tokens, hidden]`` float32 (fp32 inputs, quantized
 inputs, targets) and one layer twice, never the whole model.
@@ -27,7 +28,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from llmq.quant.config import RefineSettings
+from llmq.quant.config import RefineCodes, RefineSettings
 from llmq.quant.plan import Plan
 from llmq.quant.refine import TrainableLinear, TuneResult, refine_block
 from llmq.quant.stream import LayerStream
@@ -101,8 +102,10 @@ def refine_blocks(
         result = None
         if not shards.done(unit) and trainables:
             inputs = x_fp if settings.inputs == "fp" else x_q
+            lean = settings.codes == RefineCodes.lean
+            fp_weights = {name: plan.weight(name) for name in trainables} if lean else None
             result = refine_block(q_layer, trainables, inputs, y_fp, partial(stream.call, index), settings, stop,
-                                  list(norms.values()))  # fmt: skip
+                                  list(norms.values()), fp_weights)  # fmt: skip
             shards.write(plan.units.index(unit), tensors | stored_tensors(trainables, norms))
             shards.finish(unit)
         if settings.inputs != "fp":

@@ -10,6 +10,10 @@ Every number the format stores is a parameter here, initialised from GPTQ's solu
   GPTQ values, trained with Adam and rounded to fp16 on the forward pass (straight through);
 * the 4-bit zeros: integers like the codes.
 
+With ``--refine-codes lean`` the codes start instead where the fp32 weights fall under GPTQ's
+scales, unrounded (:meth:`TrainableLinear.lean_start`, AutoRound's start), and move by signed steps
+of ``--refine-lr``; the block keeps them only where they beat GPTQ's numbers.
+
 The 2-bit zeros, the second-order zeros, the permutation and any outliers stay as GPTQ chose them.
 :class:`TrainableLinear` decodes with exactly the formula of :func:`llmq.runtime.format.layout.dequantize`,
 so :meth:`TrainableLinear.pack` writes the very weight the optimisation saw.
@@ -24,7 +28,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from llmq.quant.config import RefineSettings
+from llmq.quant.config import RefineCodes, RefineSettings
 from llmq.runtime.format import layout as L
 
 
@@ -37,6 +41,11 @@ def _round(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
 def _fp16(x: torch.Tensor) -> torch.Tensor:
     """Round to fp16 as the artifact stores it, with the gradient of the identity."""
     return x + (x.half().float() - x).detach()
+
+
+def _within(position: torch.Tensor, current: torch.Tensor, high: int) -> torch.Tensor:
+    """``position`` clamped to where it rounds into [0, high]; ``current`` where it is not finite."""
+    return torch.where(torch.isfinite(position), position.clamp(-0.49, high + 0.49), current)
 
 
 class TrainableLinear(nn.Module):
@@ -99,6 +108,36 @@ class TrainableLinear(nn.Module):
         block = torch.arange(self.layout.groups2, device=self.codes2.device) // self.layout.g2
         return v["scale2"][:, block] * (v["scale_code"] + self.szero2[:, block])
 
+    def _outliers(self) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The sparse fp16 corrections of the 2-bit part: ((rows, columns) in its permuted order, values)."""
+        rowptr = self.fixed["outlier_rowptr"].long()
+        rows = torch.repeat_interleave(torch.arange(self.layout.out_features, device=rowptr.device), rowptr.diff())
+        return (rows, self.fixed["outlier_col"].long()), self.fixed["outlier_val"].float()
+
+    @torch.no_grad()
+    def lean_start(self, weight: torch.Tensor) -> None:
+        """Set every 2-bit and 4-bit code to where ``weight`` [N, K] (the fp32 matrix, original column
+        order) falls under the current scales and zeros, unrounded: the start of AutoRound's rounding,
+        from which signed steps let the block's outputs decide each code instead of GPTQ's sequential
+        error feedback. A start stays within 0.49 of the code range, so it rounds into it; padding
+        columns and groups with a zero scale keep their codes."""
+        lay, v = self.layout, self._stored()
+        w = weight.to(self.inverse.device, torch.float32)[:, self.fixed["perm"].long()]
+        if lay.k2:
+            w2 = w.new_zeros(lay.out_features, lay.k2_padded)
+            w2[:, : lay.k2] = w[:, : lay.k2]
+            if lay.n_outliers:  # the codes carry what the corrections do not
+                index, values = self._outliers()
+                w2 = w2.index_put(index, -values, accumulate=True)
+            position = w2.reshape(lay.out_features, lay.groups2, lay.g1) / self.group_scales2(v).unsqueeze(-1)
+            position = (position + self.zero2.unsqueeze(-1)).reshape(lay.out_features, lay.k2_padded)
+            position[:, lay.k2 :] = torch.nan
+            self.codes2.copy_(_within(position, self.codes2, L.INT2_MAX))
+        if lay.k4:
+            position = w[:, lay.k2 :].reshape(lay.out_features, lay.groups4, lay.g4) / v["scale4"].unsqueeze(-1)
+            position = (position + v["zero4"].unsqueeze(-1)).reshape(lay.out_features, lay.k4)
+            self.codes4.copy_(_within(position, self.codes4, L.INT4_MAX))
+
     def weight(self) -> torch.Tensor:
         """The decoded weight [N, K] in the original column order, fp32, differentiable."""
         lay, v = self.layout, self._stored()
@@ -108,10 +147,7 @@ class TrainableLinear(nn.Module):
             codes = v["codes2"].reshape(lay.out_features, lay.groups2, lay.g1)
             w2 = (scale.unsqueeze(-1) * (codes - self.zero2.unsqueeze(-1))).reshape(lay.out_features, lay.k2_padded)
             if lay.n_outliers:
-                rowptr = self.fixed["outlier_rowptr"].long()
-                rows = torch.repeat_interleave(torch.arange(lay.out_features, device=rowptr.device), rowptr.diff())
-                columns, values = self.fixed["outlier_col"].long(), self.fixed["outlier_val"].float()
-                w2 = w2.index_put((rows, columns), values, accumulate=True)
+                w2 = w2.index_put(*self._outliers(), accumulate=True)
             parts.append(w2[:, : lay.k2])
         if lay.k4:
             codes = v["codes4"].reshape(lay.out_features, lay.groups4, lay.g4)
@@ -143,6 +179,7 @@ class TuneResult:
     before: float  # held-aside loss with the numbers tuning started from
     after: float  # with the tuned ones
     kept: bool  # whether the tuned numbers were kept (only when after < before)
+    lean: bool = False  # whether the kept codes are tuned from the leaning start (--refine-codes lean)
 
 
 def tune_if_better(
@@ -185,6 +222,7 @@ def refine_block(
     settings: RefineSettings,
     stop: Callable[[], None] = lambda: None,
     dense: list[tuple[nn.Parameter, torch.dtype]] = (),
+    fp_weights: dict[str, torch.Tensor] | None = None,
 ) -> TuneResult:
     """Tune ``trainables`` (installed in ``block``) so ``call(block, inputs[i:j])`` matches ``targets[i:j]``.
 
@@ -193,35 +231,59 @@ def refine_block(
     stop             called before each step; raises ``KeyboardInterrupt`` to end the run there
     dense            float32 parameters of ``block`` to tune as well (the norms), with the dtype the
                      artifact stores them in: trained like the scales, rounded to it before judging
+    fp_weights       with ``settings.codes`` lean: each trainable's fp32 weight [N, K], by name
 
     The last ``settings.held_out(windows)`` windows judge the result; if it is not better than GPTQ's, every
-    parameter goes back to its GPTQ value.
+    parameter goes back to its GPTQ value. With lean codes, the codes tuned from the leaning start are
+    kept only if they beat GPTQ's numbers; otherwise the block is tuned from GPTQ's codes, scales only.
     """
-    train = len(inputs) - settings.held_out(len(inputs))
-    held = slice(train, len(inputs))
-    integers = [p for t in trainables.values() for p in t.integer_parameters()] if settings.lr > 0 else []
+    integers = [p for t in trainables.values() for p in t.integer_parameters()]
     continuous = [p for t in trainables.values() for p in t.scale_parameters()] + [p for p, _ in dense]
-
-    def steps() -> None:
-        adam = torch.optim.Adam(continuous, lr=settings.scale_lr)
-        gen = torch.Generator().manual_seed(0)
-        for step in range(settings.steps):
-            stop()
-            picks = torch.randperm(train, generator=gen)[: settings.batch]
-            loss = torch.nn.functional.mse_loss(call(block, inputs[picks]), targets[picks])
-            adam.zero_grad(set_to_none=True)
-            for p in integers:
-                p.grad = None
-            loss.backward()
-            with torch.no_grad():
-                rate = settings.lr * (1 - step / settings.steps)
-                for p in integers:
-                    if p.grad is not None:
-                        p.sub_(rate * p.grad.sign())
-            adam.step()
-
+    held = slice(len(inputs) - settings.held_out(len(inputs)), len(inputs))
     held_error = partial(_error, block, inputs[held], targets[held], call, settings.batch)
-    return tune_if_better(integers + continuous, list(dense), held_error, steps)
+
+    def tune(moving: list[nn.Parameter]) -> TuneResult:
+        train = partial(_steps, block, inputs, targets, call, settings, stop, moving, continuous)
+        return tune_if_better(moving + continuous, list(dense), held_error, train)
+
+    if settings.codes != RefineCodes.lean:
+        return tune(integers if settings.code_lr > 0 else [])
+    if fp_weights is None or set(fp_weights) != set(trainables):
+        raise ValueError("--refine-codes lean needs the fp32 weight of every trainable matrix")
+    start = [p.detach().clone() for p in integers + continuous]
+    gptq = held_error()
+    for name, trainable in trainables.items():
+        trainable.lean_start(fp_weights[name])
+    lean = tune(integers)
+    error = lean.after if lean.kept else lean.before
+    if error < gptq:
+        return TuneResult(gptq, error, True, lean=True)
+    with torch.no_grad():
+        for p, value in zip(integers + continuous, start, strict=True):
+            p.copy_(value)
+    return tune([])
+
+
+def _steps(block, inputs, targets, call, settings: RefineSettings, stop, integers, continuous) -> None:
+    """``settings.steps`` steps on random batches of the training windows (all but the held-aside):
+    signed steps on ``integers`` at a linearly decaying rate, Adam on ``continuous``."""
+    train = len(inputs) - settings.held_out(len(inputs))
+    adam = torch.optim.Adam(continuous, lr=settings.scale_lr)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(settings.steps):
+        stop()
+        picks = torch.randperm(train, generator=gen)[: settings.batch]
+        loss = torch.nn.functional.mse_loss(call(block, inputs[picks]), targets[picks])
+        adam.zero_grad(set_to_none=True)
+        for p in integers:
+            p.grad = None
+        loss.backward()
+        with torch.no_grad():
+            rate = settings.code_lr * (1 - step / settings.steps)
+            for p in integers:
+                if p.grad is not None:
+                    p.sub_(rate * p.grad.sign())
+        adam.step()
 
 
 @torch.no_grad()

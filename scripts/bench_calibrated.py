@@ -25,11 +25,15 @@ eval ppl OUT` on the first 16,384 tokens of *Persuasion*. Families:
 - refined: act-order GPTQ then block-wise refinement (`--refine block`, its default settings);
 - refined-budget: the same with `--target-bits` (predicted KL) at the uniform refined points' bits;
 - refined-longer: a refined-budget point with four times the default refinement steps (200, as
-  many as AutoRound's iterations), to see what steps buy where AutoRound leads.
+  many as AutoRound's iterations), to see what steps buy where AutoRound leads;
+- refined-lean: refined-budget with `--refine-codes lean` (codes tuned from the fp32 weights'
+  unrounded positions, each block kept only where they beat GPTQ's).
 
 Calibration and refinement became defaults after most families were measured: the rtn family
 passes `--no-calib` and every other family but refined passes `--refine none`, so each command
-still means what it meant when measured.
+still means what it meant when measured. Likewise the refined families measured before
+`--refine-codes lean` became the default pass `--refine-codes gptq`, which is what `--refine
+block` did then (their recorded commands were given the flag when the default changed).
 """
 
 from __future__ import annotations
@@ -114,11 +118,13 @@ def plan(stats: Path) -> dict[str, tuple[str, list[str]]]:
     )
     points.update({f"act-order {n}": ("gptq-act-order", [*calib, *CONFIGS[n], "--act-order"]) for n in ACT_ORDER})
     points.update({f"gptq {name}": ("gptq-outliers", [*calib, *options]) for name, options in OUTLIERS.items()})
-    refined = ["--calib", str(stats), "--refine", "block"]
+    refined = ["--calib", str(stats), "--refine", "block", "--refine-codes", "gptq"]
     points.update({f"refined {n}": ("refined", [*refined, *UNIFORM, *CONFIGS[n]]) for n in REFINED})
     points.update({f"act-order {n}": ("budget-kl", [*budget, *options]) for n, options in BUDGET_KL.items()})
     points.update({f"refined {n}": ("refined-budget", [*refined, *options]) for n, options in BUDGET_KL.items()})
     points.update({f"refined {n}": ("refined-longer", [*refined, *options]) for n, options in LONGER.items()})
+    lean = ["--calib", str(stats), "--refine", "block", "--refine-codes", "lean"]
+    points.update({f"refined lean {n}": ("refined-lean", [*lean, *options]) for n, options in BUDGET_KL.items()})
     return points
 
 

@@ -50,16 +50,78 @@ def _toy(seed: int = 0):
     return TrainableLinear(layout, tensors, None), inputs, inputs @ weight.T
 
 
+def _call(block, x):
+    return block(x)
+
+
 def test_tuning_lowers_the_held_aside_error_of_a_block():
     trainable, inputs, targets = _toy()
-    result = refine_block(trainable, {"x": trainable}, inputs, targets, lambda b, x: b(x), RefineSettings(steps=60))
+    result = refine_block(trainable, {"x": trainable}, inputs, targets, _call, RefineSettings(steps=60, codes="gptq"))
     assert result.kept and result.after < 0.9 * result.before
 
 
 def test_a_block_that_got_worse_goes_back_to_its_gptq_numbers():
     trainable, inputs, targets = _toy()
     original = trainable.pack()
-    ruinous = RefineSettings(steps=20, lr=2.0, scale_lr=1.0)  # steps far too large: every code jumps
-    result = refine_block(trainable, {"x": trainable}, inputs, targets, lambda b, x: b(x), ruinous)
+    ruinous = RefineSettings(steps=20, codes="gptq", lr=2.0, scale_lr=1.0)  # steps far too large: every code jumps
+    result = refine_block(trainable, {"x": trainable}, inputs, targets, _call, ruinous)
     assert not result.kept and result.after > result.before
     assert all(torch.equal(trainable.pack()[k], original[k]) for k in original)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_the_leaning_start_of_the_decoded_weight_is_its_own_codes(case):
+    """Every code's position under the stored scales, zeros, permutation and outliers: decoding then
+    leaning must give back the codes, so the start sits where rounding to nearest would be."""
+    layout, tensors, decoded = packed_layer(case)
+    trainable = TrainableLinear(layout, tensors, None)
+    real = {"codes2": layout.k2, "codes4": layout.k4}  # columns that hold weights, not padding
+    codes = {name: getattr(trainable, name)[:, :k].clone() for name, k in real.items() if k}
+    with torch.no_grad():  # move every code so the start has to put it back
+        for name in codes:
+            getattr(trainable, name).add_(0.3)
+    trainable.lean_start(decoded)
+    for name, before in codes.items():
+        torch.testing.assert_close(getattr(trainable, name)[:, : real[name]], before, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_the_leaning_start_of_the_fp32_weight_stays_in_range_and_packs_exactly(case):
+    layout, tensors, _ = packed_layer(case)
+    fp32 = torch.randn(case.out_features, case.in_features, generator=torch.Generator().manual_seed(0)) * 0.05
+    trainable = TrainableLinear(layout, tensors, None)
+    padding = trainable.codes2[:, layout.k2 :].clone() if layout.k2 else None
+    trainable.lean_start(fp32 * 3)  # past the groups' ranges, so the clamp matters
+    if layout.k2:
+        assert -0.49 <= trainable.codes2.min() and trainable.codes2.max() <= L.INT2_MAX + 0.49
+        assert torch.equal(trainable.codes2[:, layout.k2 :], padding)
+        assert (trainable.codes2[:, : layout.k2] != trainable.codes2[:, : layout.k2].round()).any()  # unrounded
+    if layout.k4:
+        assert -0.49 <= trainable.codes4.min() and trainable.codes4.max() <= L.INT4_MAX + 0.49
+    assert torch.equal(L.dequantize(trainable.pack(), layout), trainable.weight().detach())
+
+
+def test_lean_codes_are_kept_where_they_beat_gptqs_numbers():
+    trainable, inputs, targets = _toy()
+    fp32 = torch.randn(70, 200, generator=torch.Generator().manual_seed(0)) * 0.05  # _toy's weight
+    with torch.no_grad():  # GPTQ's codes made poor: the fp32 weights know better
+        trainable.codes2.copy_(torch.randint(0, L.INT2_MAX + 1, trainable.codes2.shape).float())
+    settings = RefineSettings(steps=30, codes="lean")
+    result = refine_block(trainable, {"x": trainable}, inputs, targets, _call, settings, fp_weights={"x": fp32})
+    assert result.kept and result.lean and result.after < 0.5 * result.before
+
+
+def test_lean_codes_that_lose_fall_back_to_tuning_gptqs_scales():
+    trainable, inputs, targets = _toy()
+    mirrored = -torch.randn(70, 200, generator=torch.Generator().manual_seed(0)) * 0.05  # _toy's weight, negated
+    gptq_codes = {k: trainable.pack()[k] for k in ("qweight2", "qweight4", "zero4")}
+    settings = RefineSettings(steps=20, codes="lean")  # 20 steps of 0.02 cannot walk a code back across its range
+    result = refine_block(trainable, {"x": trainable}, inputs, targets, _call, settings, fp_weights={"x": mirrored})
+    assert not result.lean and result.kept and result.after < result.before  # the scales alone still help
+    assert all(torch.equal(trainable.pack()[k], v) for k, v in gptq_codes.items())
+
+
+def test_lean_codes_need_every_fp32_weight():
+    trainable, inputs, targets = _toy()
+    with pytest.raises(ValueError, match="fp32 weight of every trainable"):
+        refine_block(trainable, {"x": trainable}, inputs, targets, _call, RefineSettings(codes="lean"))

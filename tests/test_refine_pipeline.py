@@ -105,6 +105,10 @@ def test_refinement_needs_calibration_and_its_settings_need_refinement(cli, tiny
         llmq.QuantConfig(refine_settings=RefineSettings(batch=0)).check()
     with pytest.raises(UsageError, match="--refine-inputs 'mixed' must be one of quantized, fp"):
         RefineSettings(inputs="mixed")
+    with pytest.raises(UsageError, match="--refine-codes 'nearest' must be one of gptq, lean"):
+        RefineSettings(codes="nearest")
+    with pytest.raises(UsageError, match="--refine-codes lean moves the codes .* give --refine-lr above 0"):
+        llmq.QuantConfig(refine_settings=RefineSettings(codes="lean", lr=0.0)).check()
     assert not any(tmp_path.iterdir())
 
 
@@ -115,15 +119,42 @@ def test_a_plain_quantize_calibrates_on_the_builtin_mix_and_refines(cli, tiny_mo
     report = json.loads(result.stdout)
     assert report["calibration"]["dataset"] == "mix:prose+technical+code" and report["calibration"]["samples"] == 64
     assert report["config"]["refine"] == "block"
-    assert report["config"]["refine_settings"] == {"steps": 50, "batch": 4, "lr": 0.0, "scale_lr": 0.01,
-                                                   "inputs": "quantized"}  # fmt: skip
+    assert report["config"]["refine_settings"] == {"steps": 50, "batch": 4, "codes": "lean", "lr": 0.02,
+                                                   "scale_lr": 0.01, "inputs": "quantized"}  # fmt: skip
     assert set(report["stages"]) == {"calibrate", "quantize", "refine"} and report["peak_rss_bytes"] > 0
-    assert re.search(r"refine: \d of 2 blocks kept their tuned numbers; held-aside error \S+ -> \S+", result.stderr)
+    kept = r"refine: \d of 2 blocks kept their tuned numbers \(\d with codes from the leaning start\); held-aside error"
+    assert re.search(kept + r" \S+ -> \S+", result.stderr)
     rounded = tmp_path / "rtn.llmq"
     report = json.loads(
         cli("quantize", str(tiny_model), "-o", str(rounded), "--g4", "16", "--no-calib", "--json").stdout
     )
     assert "calibration" not in report and "refine" not in report["config"] and set(report["stages"]) == {"quantize"}
+
+
+def test_lean_codes_start_from_the_fp32_weights_and_say_how_many_blocks_kept_them(cli, tiny_model, tmp_path):
+    lean, gptq = tmp_path / "lean.llmq", tmp_path / "gptq.llmq"
+    result = cli("quantize", str(tiny_model), "-o", str(lean), "--g4", "16", *CALIB, *REFINE)
+    assert result.code == 0, result.stderr
+    assert llmq.verify(lean).ok
+    settings = json.loads((lean / "manifest.json").read_text())["quantization"]["refine_settings"]
+    assert settings["codes"] == "lean" and settings["lr"] == 0.02  # the defaults, resolved into the manifest
+    found = re.search(r"refine: \d of 2 blocks kept their tuned numbers \((\d) with codes from the leaning start\)",
+                      result.stderr)  # fmt: skip
+    assert found, result.stderr
+    _quantize(tiny_model, gptq, *REFINE, "--refine-codes", "gptq")
+    differing = 0  # blocks whose codes are not GPTQ's: those that kept lean ones
+    for shard in ("shard-00000.safetensors", "shard-00001.safetensors"):
+        a, b = load_file(str(lean / shard)), load_file(str(gptq / shard))
+        differing += any(not a[k].equal(b[k]) for k in a if k.endswith((".qweight2", ".qweight4")))
+    assert differing == int(found.group(1))
+
+
+def test_manifests_from_before_the_leaning_start_read_as_gptq_codes():
+    from llmq.quant.config import QuantConfig, RefineCodes
+
+    old = QuantConfig(refine="block", refine_settings=RefineSettings(lr=0.0)).to_json()
+    del old["refine_settings"]["codes"]
+    assert QuantConfig.from_json(old).refine_settings.codes == RefineCodes.gptq
 
 
 def test_end_to_end_tuning_moves_only_the_scales_and_norms_of_the_refined_blocks(tuned, refined):
