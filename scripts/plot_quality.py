@@ -28,7 +28,7 @@ STYLES = {
     "refined": ("*", "tab:red", "llmq + GPTQ, act-order, --refine block"),
     "refined-budget": ("*", "tab:pink", "llmq, --refine block, --target-bits (predicted KL)"),
     "refined-longer": ("*", "darkred", "llmq, as above, --refine-steps 200"),
-    "refined-lean": ("P", "black", "llmq, --refine block --target-bits, --refine-codes lean"),
+    "refined-lean": ("P", "navy", "llmq, --refine block --target-bits, --refine-codes lean"),
     "rtn": ("s", "tab:gray", "llmq, round-to-nearest"),
     "hqq": ("x", "tab:brown", "HQQ 0.2.8 (no calibration)"),
     "plain-gptq": ("+", "black", "plain GPTQ, uniform bits (no stripes)"),
