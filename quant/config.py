@@ -60,6 +60,14 @@ class RefineInputs(str, enum.Enum):
     fp = "fp"  # the fp32 blocks' outputs: the same inputs as its targets'
 
 
+def _as_enum(kind: type[enum.Enum], value, option: str):
+    """``value`` (a member or its string) as a member of ``kind``; a :class:`UsageError` naming ``option`` if none."""
+    try:
+        return kind(value)
+    except ValueError:
+        raise UsageError(f"{option} {value!r} must be one of {', '.join(k.value for k in kind)}") from None
+
+
 class RefineCodes(str, enum.Enum):
     """Where block refinement starts the 2-bit and 4-bit codes."""
 
@@ -103,13 +111,7 @@ class RefineSettings:
 
     def __post_init__(self) -> None:  # the enums' strings, as a script or a manifest writes them
         for name, kind in (("inputs", RefineInputs), ("codes", RefineCodes)):
-            value = getattr(self, name)
-            try:
-                object.__setattr__(self, name, kind(value))
-            except ValueError:
-                raise UsageError(
-                    f"--refine-{name} {value!r} must be one of {', '.join(k.value for k in kind)}"
-                ) from None
+            object.__setattr__(self, name, _as_enum(kind, getattr(self, name), f"--refine-{name}"))
 
     @property
     def code_lr(self) -> float:
@@ -184,10 +186,7 @@ class QuantConfig:
             value = getattr(self, name)
             if value is None and name in ("refine", "allocation"):
                 continue
-            try:
-                object.__setattr__(self, name, kind(value))
-            except ValueError:
-                raise UsageError(f"--{name} {value!r} must be one of {', '.join(k.value for k in kind)}") from None
+            object.__setattr__(self, name, _as_enum(kind, value, f"--{name}"))
         for name in ("include", "exclude"):
             value = getattr(self, name)
             object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))

@@ -237,8 +237,9 @@ def _refine_units(source, plan: Plan, config: QuantConfig, writer: ArtifactWrite
     if results:
         before = sum(r.before for r in results) / len(results)
         after = sum(r.after if r.kept else r.before for r in results) / len(results)
-        lean = config.refine_settings.codes == RefineCodes.lean
-        lean = f" ({sum(r.lean for r in results)} with codes from the leaning start)" if lean else ""
+        lean = ""
+        if config.refine_settings.codes == RefineCodes.lean:
+            lean = f" ({sum(r.lean for r in results)} with codes from the leaning start)"
         log(f"refine: {sum(r.kept for r in results)} of {len(results)} blocks kept their tuned numbers{lean}; "
             f"held-aside error {before:.4g} -> {after:.4g} (mean over blocks)")  # fmt: skip
     return stream, stack

@@ -187,15 +187,17 @@ def tune_if_better(
     dense: list[tuple[nn.Parameter, torch.dtype]],
     held_loss: Callable[[], float],
     train: Callable[[], None],
+    before: float | None = None,
 ) -> TuneResult:
     """Run ``train`` on ``params`` (gradients on while it runs) and keep the result only if
     ``held_loss()`` went down; else every parameter goes back to where it started.
 
-    dense  those of ``params`` the artifact stores as 16-bit dense tensors (the norms), with that
-           dtype: rounded to it before the result is judged, so the judge sees what is stored
+    dense   those of ``params`` the artifact stores as 16-bit dense tensors (the norms), with that
+            dtype: rounded to it before the result is judged, so the judge sees what is stored
+    before  ``held_loss()`` of the starting values, when the caller has measured it already
     """
     start = [p.detach().clone() for p in params]
-    before = held_loss()
+    before = held_loss() if before is None else before
     for p in params:
         p.requires_grad_(True)
     train()
@@ -242,9 +244,9 @@ def refine_block(
     held = slice(len(inputs) - settings.held_out(len(inputs)), len(inputs))
     held_error = partial(_error, block, inputs[held], targets[held], call, settings.batch)
 
-    def tune(moving: list[nn.Parameter]) -> TuneResult:
+    def tune(moving: list[nn.Parameter], before: float | None = None) -> TuneResult:
         train = partial(_steps, block, inputs, targets, call, settings, stop, moving, continuous)
-        return tune_if_better(moving + continuous, list(dense), held_error, train)
+        return tune_if_better(moving + continuous, list(dense), held_error, train, before)
 
     if settings.codes != RefineCodes.lean:
         return tune(integers if settings.code_lr > 0 else [])
@@ -261,7 +263,7 @@ def refine_block(
     with torch.no_grad():
         for p, value in zip(integers + continuous, start, strict=True):
             p.copy_(value)
-    return tune([])
+    return tune([], before=gptq)  # GPTQ's numbers are back: their held-aside error is known
 
 
 def _steps(block, inputs, targets, call, settings: RefineSettings, stop, integers, continuous) -> None:

@@ -118,12 +118,13 @@ def plan(stats: Path) -> dict[str, tuple[str, list[str]]]:
     )
     points.update({f"act-order {n}": ("gptq-act-order", [*calib, *CONFIGS[n], "--act-order"]) for n in ACT_ORDER})
     points.update({f"gptq {name}": ("gptq-outliers", [*calib, *options]) for name, options in OUTLIERS.items()})
-    refined = ["--calib", str(stats), "--refine", "block", "--refine-codes", "gptq"]
+    block = ["--calib", str(stats), "--refine", "block"]
+    refined = [*block, "--refine-codes", "gptq"]
     points.update({f"refined {n}": ("refined", [*refined, *UNIFORM, *CONFIGS[n]]) for n in REFINED})
     points.update({f"act-order {n}": ("budget-kl", [*budget, *options]) for n, options in BUDGET_KL.items()})
     points.update({f"refined {n}": ("refined-budget", [*refined, *options]) for n, options in BUDGET_KL.items()})
     points.update({f"refined {n}": ("refined-longer", [*refined, *options]) for n, options in LONGER.items()})
-    lean = ["--calib", str(stats), "--refine", "block", "--refine-codes", "lean"]
+    lean = [*block, "--refine-codes", "lean"]
     points.update({f"refined lean {n}": ("refined-lean", [*lean, *options]) for n, options in BUDGET_KL.items()})
     return points
 
