@@ -4,7 +4,8 @@
     python scripts/bench_refine.py --out docs/data/refine.json     # ~40 min on 2 cores
 
 On the demo model, default preset, each combination of calibration text (``austen``: *Pride and
-Prejudice*; ``mix``: the built-in set) and refinement (``none``, ``block``, and ``block`` with
+Prejudice*; ``mix``: the built-in set; ``first mix``: the built-in set until 2026-12-01, a third
+prose, passed as a file of its exact text) and refinement (``none``, ``block``, and ``block`` with
 fp32 inputs; with ``--only``, ``e2e``, the mix with twice the windows, and the default preset's
 bits spread by ``--target-bits``, which is what a calibrated run now does by default, and that with
 the codes tuned from the fp32 weights' unrounded positions, ``--refine-codes lean``; the other
@@ -35,17 +36,38 @@ PROTOCOL = ["--seq-len", "2048", "--max-tokens", "16384"]
 SAMPLES, SEQ_LEN, SEED = 64, 512, 0
 
 
+FIRST_MIX = "first mix"
+
+
+def calibration_text(calib: str) -> str:
+    from llmq.runtime.sources import text
+
+    if calib == FIRST_MIX:  # stats files that name it still load it, so its label does
+        return text.from_source("mix:prose+technical+code").text
+    return text.load(calib, text.Split.calib, None).text
+
+
+def calib_data(calib: str, tmp: Path) -> str:
+    """What ``--calib-data`` gets for ``calib``: its name, or for the first mix a file of its text
+    (the same text gives the same tokens, windows and artifact)."""
+    if calib != FIRST_MIX:
+        return calib
+    path = tmp / "first-mix.txt"
+    path.write_text(calibration_text(calib), encoding="utf-8")
+    return str(path)
+
+
 def forward_seconds(calib: str, samples: int) -> float:
     """One plain fp32 forward pass of the demo model over ``samples`` calibration windows of ``calib``."""
     import torch
 
     from llmq.quant.calibrate import calibration_windows
     from llmq.runtime.loader import load_model
-    from llmq.runtime.sources import models, text
+    from llmq.runtime.sources import models
 
     source = models.resolve_model("demo", progress=False)
     model = load_model(source, models.load_config(source), torch.device("cpu"), torch.float32)
-    windows = calibration_windows(source, text.load(calib, text.Split.calib, None).text, samples, SEQ_LEN, SEED)
+    windows = calibration_windows(source, calibration_text(calib), samples, SEQ_LEN, SEED)
     start = time.perf_counter()
     with torch.inference_mode():
         for window in windows:
@@ -69,13 +91,14 @@ VARIANTS = {
     "austen, none": ("austen", SAMPLES, [*UNIFORM, "--refine", "none"]),
     "austen, block": ("austen", SAMPLES, [*UNIFORM, *BLOCK]),
     "austen, block, fp32 inputs": ("austen", SAMPLES, [*UNIFORM, *BLOCK, "--refine-inputs", "fp"]),
-    "mix, none": ("mix", SAMPLES, [*UNIFORM, "--refine", "none"]),
-    "mix, block": ("mix", SAMPLES, [*UNIFORM, *BLOCK]),
+    "first mix, none": (FIRST_MIX, SAMPLES, [*UNIFORM, "--refine", "none"]),
+    "first mix, block": (FIRST_MIX, SAMPLES, [*UNIFORM, *BLOCK]),
     "austen, e2e": ("austen", SAMPLES, [*UNIFORM, "--refine", "e2e", "--refine-codes", "gptq"]),
-    "mix x2 windows, block": ("mix", 2 * SAMPLES, [*UNIFORM, *BLOCK]),
+    "first mix x2 windows, block": (FIRST_MIX, 2 * SAMPLES, [*UNIFORM, *BLOCK]),
     "austen, block, target-bits 2.825": ("austen", SAMPLES, [*BLOCK, *BUDGET]),
-    "mix, block, target-bits 2.825": ("mix", SAMPLES, [*BLOCK, *BUDGET]),
+    "first mix, block, target-bits 2.825": (FIRST_MIX, SAMPLES, [*BLOCK, *BUDGET]),
     "austen, block lean, target-bits 2.825": ("austen", SAMPLES, [*LEAN, *BUDGET]),
+    "first mix, block lean, target-bits 2.825": (FIRST_MIX, SAMPLES, [*LEAN, *BUDGET]),
     "mix, block lean, target-bits 2.825": ("mix", SAMPLES, [*LEAN, *BUDGET]),
 }
 DEFAULT_VARIANTS = list(VARIANTS)[:5]  # the others are measured with --only
@@ -84,12 +107,13 @@ DEFAULT_VARIANTS = list(VARIANTS)[:5]  # the others are measured with --only
 def point(name: str, forward: dict, tmp: Path) -> dict:
     calib, samples, refine = VARIANTS[name]
     out = tmp / "a.llmq"
-    options = ["--calib-data", calib, *(["--samples", str(samples)] if samples != SAMPLES else []), *refine]
+    options = [*(["--samples", str(samples)] if samples != SAMPLES else []), *refine]
     forward_s = forward[f"{calib} x {samples}"]
-    quant = llmq("quantize", "demo", "-o", str(out), "--force", *options)
+    quant = llmq("quantize", "demo", "-o", str(out), "--force", "--calib-data", calib_data(calib, tmp), *options)
+    shown = "FIRST_MIX_FILE" if calib == FIRST_MIX else calib
     return {
         "name": name,
-        "command": f"llmq quantize demo -o OUT {' '.join(options)}",
+        "command": f"llmq quantize demo -o OUT --calib-data {shown} {' '.join(options)}",
         "calibration": calib,
         "windows": samples,
         "bits_per_weight": quant["accounting"]["bits_per_weight"],

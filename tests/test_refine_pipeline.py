@@ -117,7 +117,8 @@ def test_a_plain_quantize_calibrates_on_the_builtin_mix_and_refines(cli, tiny_mo
     result = cli("quantize", str(tiny_model), "-o", str(out), "--g4", "16", "--json")
     assert result.code == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["calibration"]["dataset"] == "mix:prose+technical+code" and report["calibration"]["samples"] == 64
+    assert report["calibration"]["dataset"] == "mix:prose-two-thirds+technical+code"
+    assert report["calibration"]["samples"] == 64
     assert report["config"]["refine"] == "block"
     assert report["config"]["refine_settings"] == {"steps": 50, "batch": 4, "codes": "lean", "lr": 0.02,
                                                    "scale_lr": 0.01, "inputs": "quantized"}  # fmt: skip

@@ -102,14 +102,27 @@ def test_a_source_label_loads_the_same_text_again(tmp_path, monkeypatch):
 def test_the_builtin_mix_joins_prose_technical_text_and_code():
     mix = load_text(Dataset.mix, None, Split.calib)
     prose = load_text(Dataset.austen, None, Split.calib).text
-    registers = mix.text.split("\n\n\n")
-    assert mix.source == "mix:prose+technical+code" and text.from_source(mix.source) == mix
+    assert mix.source == "mix:prose-two-thirds+technical+code" and text.from_source(mix.source) == mix
     assert mix.text.startswith(prose[:10_000]) and "Persuasion" not in mix.text
     assert "def " in mix.text and "class " in mix.text and "expression" in mix.text
-    assert 600_000 < len(mix.text) < 900_000  # three registers of about 250,000 characters
-    assert len(registers) >= 3 and len(prose) > len(registers[0])  # the novel is cut to one register's size
+    assert 700_000 < len(mix.text) < 800_000  # 500,000 characters of prose, then two of about 125,000
+    technical = mix.text.index(text._embedded("mix-technical.txt", "mix.json")[:10_000])
+    assert 0.64 < technical / len(mix.text) < 0.69 and prose.startswith(mix.text[: technical - 3])  # two thirds prose
+    assert prose[technical - 3 : technical - 1] == "\n\n"  # the novel is cut at a paragraph's end
+    code = mix.text.index(text._embedded("mix-code.txt", "mix.json")[:10_000])
+    assert 0.15 < (code - technical) / len(mix.text) < 0.18 and 0.15 < 1 - code / len(mix.text) < 0.18
     with pytest.raises(TextSourceError, match="the built-in mix is calibration text only"):
         load_text(Dataset.mix, None, Split.eval)
+
+
+def test_the_first_mix_a_third_prose_still_loads_for_the_stats_files_that_name_it():
+    first = text.from_source("mix:prose+technical+code")
+    now = load_text(Dataset.mix, None, Split.calib)
+    technical, code = (text._embedded(name, "mix.json") for name in ("mix-technical.txt", "mix-code.txt"))
+    cut = first.text.index(technical)
+    assert first.source == "mix:prose+technical+code" and 0.3 < cut / len(first.text) < 0.36  # a third prose
+    assert first.text[cut:] == f"{technical}\n\n\n{code}"  # the whole technical text and code
+    assert now.text.startswith(first.text[: cut - 3])  # the same novel, cut sooner
 
 
 def test_an_embedded_text_that_fails_its_checksum_is_refused(tmp_path, monkeypatch):
