@@ -1,5 +1,5 @@
 """``python -m llmq.cli``: the same as the ``llmq`` console script."""
 
-from llmq.cli.app import main
+from llmq.cli import main
 
 main()

@@ -5,7 +5,7 @@ unmapped when freed; blocks below it come from the heap, whose freed middle stay
 By default each freed mapped block raises the threshold to its size, up to 32 MiB, so after the
 first large temporary the tensors of a few MiB that calibration, GPTQ and refinement make by the
 thousand come from the heap, and what they leave behind stays resident. A fixed threshold stops
-the raising. Measured on the demo model's quantize run: peak RSS 2,067 MB against 2,395 MB, the
+the raising. Measured on the demo model's quantize run: peak RSS 2,037 MB against 2,395 MB, the
 same artifact bytes, the same time (docs/benchmarks.md); 128 KiB saved more (1,792 MB) but made the
 run 75% slower, as every mid-sized temporary then pays for a fresh mapping.
 """
@@ -18,17 +18,20 @@ import sys
 
 MMAP_THRESHOLD = 4 * 2**20  # bytes
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number, from glibc's <malloc.h>
-_ENV = "MALLOC_MMAP_THRESHOLD_"  # glibc's own setting: when the user gave one, it stands
+# glibc's own settings of it: when the user gave one, it stands
+_ENV = "MALLOC_MMAP_THRESHOLD_"
+_TUNABLE = "glibc.malloc.mmap_threshold"
 
 
 def return_large_blocks() -> bool:
     """Fix glibc's mmap threshold at :data:`MMAP_THRESHOLD` for this process; whether it was set.
 
-    Only the command line does this, for its own process: the Python API leaves the allocator
-    of the program that imports llmq alone. Off Linux, under another C library, or with the user's
-    ``MALLOC_MMAP_THRESHOLD_`` in the environment, nothing changes.
+    Only the ``llmq`` process does this (:func:`llmq.cli.main`): the Python API leaves the
+    allocator of the program that imports llmq alone. Off Linux, under another C library, or with
+    the user's own threshold in the environment (``MALLOC_MMAP_THRESHOLD_``, or
+    ``glibc.malloc.mmap_threshold`` in ``GLIBC_TUNABLES``), nothing changes.
     """
-    if not sys.platform.startswith("linux") or _ENV in os.environ:
+    if not sys.platform.startswith("linux") or _ENV in os.environ or _TUNABLE in os.environ.get("GLIBC_TUNABLES", ""):
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the C library the interpreter itself runs on

@@ -10,7 +10,6 @@ import typer
 
 from llmq import __version__
 from llmq.cli import calibrate, eval_kld, eval_ppl, eval_tasks, generate, inspect_cmd, profile, quantize, verify
-from llmq.cli.allocator import return_large_blocks
 from llmq.cli.common import handled_signals
 from llmq.errors import InterruptedRun, LlmqError
 
@@ -100,7 +99,6 @@ def _root(
 def main() -> None:
     """Console entry point: run the app, mapping llmq's errors to one line and an exit code."""
     debug = bool(os.environ.get(DEBUG_ENV))
-    return_large_blocks()
     try:
         with handled_signals():
             app(prog_name="llmq")

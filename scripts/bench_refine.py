@@ -3,15 +3,16 @@
 
     python scripts/bench_refine.py --out docs/data/refine.json     # ~40 min on 2 cores
 
-On the demo model, default preset, each combination of calibration text (``austen``: *Pride and
-Prejudice*; ``mix``: the built-in set; ``first mix``: the built-in set until 2026-12-01, a third
-prose, passed as a file of its exact text) and refinement (``none``, ``block``, and ``block`` with
-fp32 inputs; with ``--only``, ``e2e``, the mix with twice the windows, and the default preset's
-bits spread by ``--target-bits``, which is what a calibrated run now does by default, and that with
-the codes tuned from the fp32 weights' unrounded positions, ``--refine-codes lean``; the other
-variants keep every Linear's stripe fraction with ``--allocation uniform``) is quantized through
-the real CLI and scored on two texts: *Persuasion* (first 16,384 tokens, 2048-token windows) and
-the legal text unlike any calibration source, ``docs/data/eval-licenses.txt`` (same protocol).
+On the demo model, default preset, calibration texts (``austen``: *Pride and Prejudice*; ``first
+mix``: the built-in set until 2026-12-01, a third prose, passed as a file of its exact text, so
+the windows and weights are the same; ``mix``: the built-in set now, only with ``--only``) and
+refinement (``none``, ``block``, and ``block`` with fp32 inputs; with ``--only``, ``e2e``, the
+first mix with twice the windows, and the default preset's bits spread by ``--target-bits``,
+which is what a calibrated run now does by default, and that with the codes tuned from the fp32
+weights' unrounded positions, ``--refine-codes lean``; the other variants keep every Linear's
+stripe fraction with ``--allocation uniform``) are quantized through the real CLI and scored on
+two texts: *Persuasion* (first 16,384 tokens, 2048-token windows) and the legal text unlike any
+calibration source, ``docs/data/eval-licenses.txt`` (same protocol).
 Every stage's wall time is given as a ratio to one plain fp32 forward pass over the same
 calibration tokens, measured in this run, with each quantize process's peak RSS.
 """
@@ -49,7 +50,7 @@ def calibration_text(calib: str) -> str:
 
 def calib_data(calib: str, tmp: Path) -> str:
     """What ``--calib-data`` gets for ``calib``: its name, or for the first mix a file of its text
-    (the same text gives the same tokens, windows and artifact)."""
+    (the same text gives the same tokens, windows and weights; the manifest names the file)."""
     if calib != FIRST_MIX:
         return calib
     path = tmp / "first-mix.txt"
@@ -145,7 +146,7 @@ def main() -> None:
     if args.only and args.out.is_file():  # merge: keep the other variants' points and forward times
         earlier = json.loads(args.out.read_text())
         record["points"] = [p for p in earlier["points"] if p["name"] not in names]
-        record["fp32_forward_seconds"] = record["fp32_forward_seconds"] | earlier["fp32_forward_seconds"]
+        record["fp32_forward_seconds"] = earlier["fp32_forward_seconds"] | record["fp32_forward_seconds"]  # new wins
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             record["points"].append(point(name, forward, Path(tmp)))

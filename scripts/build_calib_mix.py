@@ -1,6 +1,8 @@
 """Build the texts of llmq's built-in calibration mix, and the legal-text evaluation file, offline.
 
-The mix (``llmq.runtime.sources.text``, dataset ``mix``) is three registers of about equal size:
+The mix (``llmq.runtime.sources.text``, dataset ``mix``) is three registers; the loader takes two
+thirds of it from the prose and a sixth from each file written here (the first mix, which stats
+files may still name, took a third of each):
 
 * narrative and dialogue prose: the start of *Pride and Prejudice*, already embedded for ``austen``;
 * expository, technical text: the Python Language Reference's topics as shipped in CPython's
