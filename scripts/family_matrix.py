@@ -32,11 +32,12 @@ are multiples of no group size llmq uses) and goes through:
    (`--calib-data austen`: Hessian-ranked stripes and GPTQ) and at `--preset 4bit`;
 2. `llmq verify` of all three artifacts;
 3. `llmq eval ppl` (Austen, 4 windows of 64 tokens) and `llmq generate` (8 tokens) with the calibrated one;
-4. logits: the 2-bit artifacts run by llmq equal, to the last bit, the source model run by
-   transformers with every tensor replaced by the artifact's (quantized ones decoded by the exact
-   reference); the 4-bit artifact's logits differ from the source model's by at most 1.5 times
-   what independent noise of 4-bit rounding size does (relative RMS 0.068 per matrix; the column
-   gives the measured ratio).
+4. logits: the 2-bit artifacts run by llmq equal the source model run by transformers with every
+   tensor replaced by the artifact's (quantized ones decoded by the exact reference), to float32
+   rounding of the two runtimes' operation order (at most 1e-5; bit-equal on an Intel Xeon, up to
+   1.2e-6 apart on an AMD EPYC for Falcon's and the MoE families' modules); the 4-bit artifact's
+   logits differ from the source model's by at most 1.5 times what independent noise of 4-bit
+   rounding size does (relative RMS 0.068 per matrix; the column gives the measured ratio).
 
 The architecture table (`runtime/sources/families.py`) says where each family keeps its decoder
 layers, how its checkpoint names tensors and how its experts are stored; bits per weight count

@@ -209,7 +209,7 @@ def check_family(label: str, work: Path, tokenizer, cli) -> dict:
         quantized = {name: llmq.load(work / f"{name}.llmq")(ids).logits for name in ("rtn", "gptq", "4bit")}
     exact = max(float((quantized[n] - reference_logits(folder, work / f"{n}.llmq", ids)).abs().max())
                 for n in ("rtn", "gptq"))  # fmt: skip
-    assert exact == 0.0 and all(torch.isfinite(q).all() for q in quantized.values()), f"not exact: {exact}"
+    assert exact <= ORDER_ROUNDING and all(torch.isfinite(q).all() for q in quantized.values()), f"off by {exact}"
     assert max(source_errors(folder, work / "4bit.llmq").values()) < SOURCE_ERROR_4BIT
     error4 = float((quantized["4bit"] - source).norm() / source.norm())
     noise = float((noisy_logits(folder, work / "4bit.llmq", ids, FOUR_BIT_ERROR) - source).norm() / source.norm())
@@ -227,6 +227,12 @@ def check_family(label: str, work: Path, tokenizer, cli) -> dict:
         "logits_4bit_vs_noise": round(error4 / noise, 2),
     }
 
+
+# llmq's runtime and transformers' own modules may order the same float32 sums differently
+# (Falcon's Linear adds its bias after the product where F.linear fuses it; experts are dispatched
+# apart), and some CPUs' BLAS then round differently: logits were bit-equal on an Intel Xeon and
+# up to 1.2e-6 apart on an AMD EPYC. A wrong decode moves them by orders of magnitude more.
+ORDER_ROUNDING = 1e-5  # the largest |logit difference| allowed, for logits of order 1
 
 # Each 4-bit matrix decodes to its source matrix within this relative RMS error: 0.068 expected
 # (FOUR_BIT_ERROR), while the wrong matrix (a gate/up swap, a missing transpose, another expert)
