@@ -3,8 +3,8 @@
 glibc serves a block of at least its mmap threshold (128 KiB to start) with a mapping of its own,
 unmapped when freed; blocks below it come from the heap, whose freed middle stays in the process.
 By default each freed mapped block raises the threshold to its size, up to 32 MiB, so after the
-first large temporary the tensors of a few MiB that calibration, GPTQ and refinement make by the
-thousand come from the heap, and what they leave behind stays resident. A fixed threshold stops
+first large temporary the many tensors of a few MiB that calibration, GPTQ and refinement make
+come from the heap, and what they leave behind stays resident. A fixed threshold stops
 the raising. Measured on the demo model's quantize run: peak RSS 2,037 MB against 2,395 MB, the
 same artifact bytes, the same time (docs/benchmarks.md); 128 KiB saved more (1,792 MB) but made the
 run 75% slower, as every mid-sized temporary then pays for a fresh mapping.
