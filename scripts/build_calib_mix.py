@@ -27,6 +27,8 @@ import json
 import sys
 from pathlib import Path
 
+from llmq.runtime.sources.text import cut_at_paragraph
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "runtime" / "sources" / "data"
 BUDGET = 250_000  # characters per register
@@ -39,18 +41,10 @@ CODE_MODULES = (
 LICENSES = ("Apache-2.0", "GPL-3", "MPL-2.0", "LGPL-2.1", "GFDL-1.3", "Artistic")
 
 
-def _cut(text: str, budget: int) -> str:
-    """``text`` up to ``budget`` characters, ending at a blank line."""
-    if len(text) <= budget:
-        return text
-    end = text.rfind("\n\n", 0, budget)
-    return text[: end if end > 0 else budget]
-
-
 def technical() -> str:
     from pydoc_data import topics
 
-    return _cut("\n\n".join(topics.topics[key].strip() for key in sorted(topics.topics)), BUDGET)
+    return cut_at_paragraph("\n\n".join(topics.topics[key].strip() for key in sorted(topics.topics)), BUDGET)
 
 
 def code() -> str:
@@ -59,7 +53,7 @@ def code() -> str:
         spec = importlib.util.find_spec(name)
         source = Path(spec.origin).read_text(encoding="utf-8")
         parts.append(f"# {name.replace('.', '/')}.py\n{source.strip()}")
-    return _cut("\n\n\n".join(parts), BUDGET)
+    return cut_at_paragraph("\n\n\n".join(parts), BUDGET)
 
 
 def licenses() -> str:
