@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from llmq.errors import UsageError
 from llmq.runtime.backend import Backend
 from llmq.runtime.decode.modes import DecodeMode
-from llmq.runtime.options import LoadOptions
+from llmq.runtime.options import LoadOptions, Weights
 from llmq.runtime.sources.device import DType
 from llmq.runtime.sources.feedback import Feedback
 from llmq.runtime.sources.text import Dataset
@@ -38,6 +38,14 @@ BackendOpt = Annotated[
         "--backend",
         help="Quantized matmuls of an artifact: cuda (CuPy kernels, opt-in until verified on a GPU), "
         "torch (exact reference), auto (torch with a notice until the kernels are verified).",
+    ),
+]
+WeightsOpt = Annotated[
+    Weights,
+    typer.Option(
+        "--weights",
+        help="How the torch backend holds an artifact's quantized weights: dense (decoded once at load), packed "
+        "(decoded as each Linear runs: about the artifact's size in memory, slower), auto (dense where it fits).",
     ),
 ]
 DeviceMapOpt = Annotated[
@@ -199,6 +207,7 @@ _LOAD_OPTIONS = (
     ("max_memory", MaxMemory, None),
     ("dtype", DTypeOpt, DType.auto),
     ("backend", BackendOpt, Backend.auto),
+    ("weights", WeightsOpt, Weights.auto),
     ("seed", Seed, 0),
     ("revision", Revision, None),
     ("trust_remote_code", TrustRemoteCode, False),

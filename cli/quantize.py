@@ -152,7 +152,7 @@ def quantize(
 ) -> None:
     """Quantize MODEL to range-aware mixed 2/4-bit weights and write a self-contained artifact."""
     from llmq.quant import api
-    from llmq.quant.resources import peak_rss_bytes
+    from llmq.runtime.sources.memory import peak_rss_bytes
     from llmq.runtime.sources.text import request
 
     start = time.perf_counter()

@@ -8,11 +8,12 @@ re-exports them (``llmq.quantize``, ``llmq.calibrate``, ``llmq.estimate``).
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from llmq.errors import ArtifactWriteError, OutputExistsError, UsageError
+from llmq.errors import ArtifactWriteError, OutputError, OutputExistsError, UsageError
 from llmq.quant import pipeline, resources, statsfile, writer
 from llmq.quant.calibrate import calibrate_model, calibration_windows
 from llmq.quant.config import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, Allocation, QuantConfig, Refine
@@ -69,14 +70,26 @@ def calibrate(
     out = None if out is None else Path(out)
     if out is not None and out.exists() and not force:
         raise OutputExistsError(f"{out} already exists; pass --force to replace it")
+    if out is not None and not out.parent.is_dir():
+        raise OutputError(f"the output's folder {out.parent} does not exist")
+    if out is not None:
+        for path in writer.remove_stale_staging(out):
+            feedback.info(f"removed {path.name}, left by an earlier run that did not finish")
     stats = _collect(model, text, samples, seq_len, seed, config or QuantConfig(), device, revision,
-                     trust_remote_code, feedback)  # fmt: skip
-    return stats if out is None else statsfile.write_stats(out, stats)
+                     trust_remote_code, feedback, near=out)  # fmt: skip
+    if out is None:
+        return stats
+    try:
+        return statsfile.write_stats(out, stats)
+    finally:
+        stats.close()
 
 
 def _collect(model, text, samples, seq_len, seed, config, device, revision, trust_remote_code, feedback,
-             source: ModelSource | None = None, model_config=None) -> CalibStats:  # fmt: skip
-    """Calibration on ``model`` (already resolved when ``source`` is given)."""
+             source: ModelSource | None = None, model_config=None, near: Path | None = None) -> CalibStats:  # fmt: skip
+    """Calibration on ``model`` (already resolved when ``source`` is given). Its per-layer files go
+    to a hidden folder next to ``near`` (the output), or to the system's temporary folder; the
+    returned statistics own that folder (:meth:`CalibStats.close` removes it)."""
     torch_device = resolve_device(device)
     early = None
     if source is None:
@@ -86,13 +99,20 @@ def _collect(model, text, samples, seq_len, seed, config, device, revision, trus
     loaded = early or T.load(text, T.Split.calib, T.Dataset.mix)
     feedback.info(f"calibration: {loaded.source}, {samples} samples x {seq_len} tokens, seed {seed}, on {torch_device}")
     start = time.perf_counter()
-    with feedback.steps("calibrating layers (forward, then back)") as step, feedback.stoppable() as check:
-        calibration, meta, windows = calibrate_model(
-            source, model_config, config, loaded.source, loaded.text, samples, seq_len, seed,
-            on_layer=step, device=torch_device, log=feedback.info, stop=check,
-        )  # fmt: skip
+    folder = None
+    try:
+        folder = statsfile.spill_folder(near)
+        with feedback.steps("calibrating layers (forward, then back)") as step, feedback.stoppable() as check:
+            calibration, meta, windows = calibrate_model(
+                source, model_config, config, loaded.source, loaded.text, samples, seq_len, seed,
+                on_layer=step, device=torch_device, log=feedback.info, stop=check, spill=folder,
+            )  # fmt: skip
+    except BaseException:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
     feedback.stage("calibrate", time.perf_counter() - start)
-    return statsfile.in_memory(calibration, meta, source, windows)
+    return statsfile.collected(calibration, meta, source, windows, folder)
 
 
 @dataclass(frozen=True)
@@ -147,7 +167,7 @@ def _prepare(model, out: Path, config, calib, calib_data, dense_dtype, device, f
     if calib_data is not None and not dry_run:
         d = calib_data
         stats = _collect(model, d.text, d.samples, d.seq_len, d.seed, run_config, device, revision,
-                         trust_remote_code, feedback, source, model_config)  # fmt: skip
+                         trust_remote_code, feedback, source, model_config, near=out)  # fmt: skip
     if stats is None and not dry_run:
         feedback.info(
             "no calibration (--no-calib): rounding to nearest, which loses far more accuracy at 2-3 bits than GPTQ "
@@ -253,12 +273,17 @@ def quantize(
         refinement = pipeline.Refinement(windows, p.model_config)
         where = f"{len(windows)} windows of {meta['dataset']}"
         feedback.info(f"refinement: {p.config.refine.value}, {where}, {_settings(p.config)}")
-    with feedback.stoppable() as stop:
-        return pipeline.quantize_model(
-            p.source, out, p.config, p.plan, force, feedback.progress, p.stats, resolve_device(device),
-            resume=resume, log=feedback.info, stop=stop, refinement=refinement, stage=feedback.stage,
-            own_stats=not isinstance(calib, CalibStats),  # collected or read here: no one else holds them
-        )  # fmt: skip
+    own_stats = p.stats is not None and not isinstance(calib, CalibStats)  # collected or read here
+    try:
+        with feedback.stoppable() as stop:
+            return pipeline.quantize_model(
+                p.source, out, p.config, p.plan, force, feedback.progress, p.stats, resolve_device(device),
+                resume=resume, log=feedback.info, stop=stop, refinement=refinement, stage=feedback.stage,
+                own_stats=own_stats,
+            )  # fmt: skip
+    finally:
+        if own_stats:
+            p.stats.close()  # calibration's files next to the output
 
 
 def _settings(config: QuantConfig) -> str:

@@ -13,6 +13,11 @@ Then the first ``FISHER_WINDOWS`` windows go back through the layers, last to fi
 (:mod:`llmq.quant.sensitivity`): each matrix's output Fisher diagonal, which tells the bit budget
 what an error in that output costs the whole model. Their layer inputs are kept from the forward
 pass for it: ``layers x FISHER_WINDOWS x seq_len x hidden`` float32.
+
+Memory does not grow with the depth when a ``spill`` folder is given (every caller in llmq gives
+one): each layer's finished statistics and its Fisher-window inputs go to files there as the
+layer finishes, and the backward pass reads each layer's inputs back once. What stays in memory
+is one layer, its running sums, and the windows' hidden states.
 """
 
 from __future__ import annotations
@@ -20,13 +25,16 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from llmq.errors import TextSourceError, UsageError
 from llmq.quant.config import QuantConfig
 from llmq.quant.sensitivity import fill_unreached, output_fisher
 from llmq.quant.stream import LayerStream
+from llmq.quant.writer import writing
 from llmq.runtime.sources import families as F
 from llmq.runtime.sources.checkpoint import model_fingerprint
 from llmq.runtime.sources.models import ModelSource, load_tokenizer
@@ -76,13 +84,61 @@ class Calibration:
     tokens: int = 0
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)  # matrix name -> [N] output Fisher diagonal
     out_features: dict[str, int] = field(default_factory=dict)  # every hooked matrix name -> its N
+    spill: Path | None = None  # where finished statistics go, a file per layer; None: they stay in memory
+    files: dict[str, Path] = field(default_factory=dict)  # "<name>.hessian"/".sq_mean" -> the file holding it
 
-    def finish(self, prefix: str) -> None:
+    def finish(self, prefix: str, label: str = "rest") -> None:
         """Finish the statistics of every matrix whose name starts with ``prefix`` (a layer's, or all):
-        one layer's float64 sums are in memory at a time, not the whole model's."""
-        for name, stats in self.stats.items():
-            if name.startswith(prefix):
-                stats.finish()
+        one layer's float64 sums are in memory at a time, not the whole model's. With ``spill`` they
+        are written to the file ``inputs-<label>.safetensors`` there and leave memory."""
+        finished = {}
+        for name in [n for n in self.stats if n.startswith(prefix)]:
+            stats = self.stats[name]
+            stats.finish()
+            if self.spill is not None:
+                finished[f"{name}.hessian"], finished[f"{name}.sq_mean"] = (t.contiguous() for t in stats.finished)
+                del self.stats[name]
+        if finished:
+            path = self.spill / f"inputs-{label}.safetensors"
+            _spill(finished, path)
+            self.files.update(dict.fromkeys(finished, path))
+
+
+def _spill(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """One of calibration's files; a full disk is a clear error (the caller removes the folder)."""
+    with writing(path.parent, "calibration's per-layer statistics", untouched=False):
+        save_file(tensors, str(path))
+
+
+class LayerInputs:
+    """Each decoder layer's inputs on the Fisher windows, kept from the forward pass for the backward
+    pass, which takes them back last layer first. They are ``layers x windows x seq_len x hidden``
+    float32 in all: with ``folder`` each layer's go to a file there and only one layer's are read
+    back at a time; without, they stay in memory."""
+
+    def __init__(self, folder: Path | None, device: torch.device) -> None:
+        self.folder, self.device = folder, device
+        self.held: list[list[torch.Tensor]] = []
+        self.count = 0
+
+    def append(self, hidden: list[torch.Tensor]) -> None:
+        if self.folder is None:
+            self.held.append([h.clone() for h in hidden])  # clone: out of inference mode, for autograd
+        else:
+            _spill({str(i): h.contiguous() for i, h in enumerate(hidden)}, self._path(self.count))
+        self.count += 1
+
+    def pop(self) -> list[torch.Tensor]:
+        self.count -= 1
+        if self.folder is None:
+            return self.held.pop()
+        path = self._path(self.count)
+        loaded = load_file(str(path), device=str(self.device))
+        path.unlink()
+        return [loaded[str(i)] for i in range(len(loaded))]
+
+    def _path(self, index: int) -> Path:
+        return self.folder / f"fisher-inputs-{index}.safetensors"
 
 
 def sample_windows(ids: torch.Tensor, samples: int, seq_len: int, seed: int) -> torch.Tensor:
@@ -115,26 +171,30 @@ def collect(
     log: Callable[[str], None] = lambda message: None,
     seed: int = 0,
     stop: Callable[[], None] = lambda: None,
+    spill: Path | None = None,
 ) -> Calibration:
     """Run ``windows`` ([S, L] token ids) through the model layer by layer, collecting Linear input stats,
     then back through the first ``FISHER_WINDOWS`` for the output Fisher (labels drawn with ``seed``).
-    ``stop`` is called before each window of each layer; it raises ``KeyboardInterrupt`` to end there.
+    ``stop`` is called before each window of each layer, forward and back; it raises
+    ``KeyboardInterrupt`` to end there. ``spill``: an empty folder for the per-layer files that keep
+    memory independent of the depth (module docstring); the caller removes it.
 
     Layers and activations live on ``device`` (default: the CPU); the statistics come back on the CPU.
     """
-    stream = LayerStream(source, model_config, windows, device or torch.device("cpu"))
+    device = device or torch.device("cpu")
+    stream = LayerStream(source, model_config, windows, device)
     family = stream.family
-    calibration = Calibration(tokens=windows.numel())
+    calibration = Calibration(tokens=windows.numel(), spill=spill)
     starved = Starved(family)
     hidden = stream.hidden
     kept = min(len(windows), FISHER_WINDOWS)
-    layer_inputs = []  # per layer, its inputs on the windows the Fisher pass uses
+    layer_inputs = LayerInputs(spill, device)  # per layer, its inputs on the windows the Fisher pass uses
     total = 2 * len(stream)  # the forward pass, then the backward pass of sensitivity.output_fisher
     for index in range(len(stream)):
         prefix = f"{family.layers}.{index}"
         layer = stream.layer(index)
         hooks = _attach_hooks(layer, prefix, family, config, calibration)
-        layer_inputs.append([h.clone() for h in hidden[:kept]])  # clone: out of inference mode, for autograd
+        layer_inputs.append(hidden[:kept])
         with torch.inference_mode():
             outputs = []
             for h in hidden:
@@ -144,14 +204,15 @@ def collect(
         for hook in hooks:
             hook.remove()
         starved.fill(calibration, layer, prefix)
-        calibration.finish(prefix + ".")  # the fp64 sums of this layer become fp32 statistics on the CPU
+        calibration.finish(prefix + ".", str(index))  # this layer's fp64 sums become fp32 statistics
         if index < len(stream) - 1:  # the last one is the backward pass's first
             stream.drop(index)
         if on_layer is not None:
             on_layer(index + 1, total)
     starved.report(log)
     model = stream.model
-    if any(F.linear_shape(m) is not None and config.quantizes(n, family) for n, m in model.named_modules()):
+    after = [n for n, m in model.named_modules() if family.layer_of(n) is None and F.linear_shape(m) is not None]
+    if any(config.quantizes(name, family) for name in after):  # an output head to quantize: its inputs too
         hooks = _attach_hooks(model, "", family, config, calibration)
         stream.after_layers(hidden)
         for hook in hooks:
@@ -160,7 +221,7 @@ def collect(
     final = [h.clone() for h in hidden[:kept]]
     del hidden
     backward = None if on_layer is None else lambda done, layers: on_layer(layers + done, total)
-    calibration.fisher = output_fisher(stream, layer_inputs, final, config, seed, backward)
+    calibration.fisher = output_fisher(stream, layer_inputs, final, config, seed, backward, stop)
     filled = fill_unreached(calibration.fisher, calibration.out_features)
     if filled:
         log(
@@ -253,12 +314,13 @@ def calibrate_model(
     device: torch.device | None = None,
     log: Callable[[str], None] = lambda message: None,
     stop: Callable[[], None] = lambda: None,
+    spill: Path | None = None,
 ) -> tuple[Calibration, dict, torch.Tensor]:
     """Tokenize ``text``, sample windows, collect stats; returns them, the stats-file manifest and the
-    windows ``[samples, seq_len]`` (token ids). ``stop``: see :func:`collect`."""
+    windows ``[samples, seq_len]`` (token ids). ``stop``, ``spill``: see :func:`collect`."""
     windows = calibration_windows(source, text, samples, seq_len, seed)
     stop()
-    calibration = collect(source, model_config, config, windows, on_layer, device, log, seed, stop)
+    calibration = collect(source, model_config, config, windows, on_layer, device, log, seed, stop, spill)
     meta = {
         "model": source.label,
         "model_fingerprint": model_fingerprint(source.path),

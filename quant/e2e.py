@@ -43,8 +43,8 @@ class _Teacher:
 @torch.no_grad()
 def _teacher(stream: LayerStream, final_fp: torch.Tensor) -> _Teacher:
     tokens, log_probs = [], []
-    for window, hidden in zip(stream.windows, final_fp, strict=True):
-        top = torch.log_softmax(stream.logits(hidden[None], window)[0].float(), -1).topk(TOP_K, dim=-1)
+    for hidden in final_fp:
+        top = torch.log_softmax(stream.logits(hidden[None])[0].float(), -1).topk(TOP_K, dim=-1)
         tokens.append(top.indices)
         log_probs.append(top.values)
     return _Teacher(torch.stack(tokens), torch.stack(log_probs))
@@ -55,7 +55,7 @@ def _student_loss(stream: LayerStream, stack: Stack, index: int, teacher: _Teach
     hidden = stream.hidden[index].to(stream.device)
     for position, layer in enumerate(stack.layers):
         hidden = checkpoint(stream.call, position, layer, hidden, use_reentrant=False)
-    log_q = torch.log_softmax(stream.logits(hidden, stream.windows[index])[0].float(), -1)
+    log_q = torch.log_softmax(stream.logits(hidden)[0].float(), -1)
     picked = log_q.gather(-1, teacher.tokens[index].to(log_q.device))
     log_p = teacher.log_probs[index].to(log_q.device)
     return (log_p.exp() * (log_p - picked)).sum(-1).mean()

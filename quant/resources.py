@@ -6,7 +6,7 @@ tensors) at a time, so the peak is about
 
     this process before the run (torch, transformers, the plan)      measured, not guessed
   + COMPUTE_OVERHEAD (what the first computations add to the process)
-  + calibration statistics held in memory (Hessians), if any
+  + calibration statistics in memory: the output Fisher, and one Hessian read from its file at a time
   + the largest unit's output (packed tensors and dense tensors, kept until its shard is written)
   + the working set of that unit's largest Linear: WORK_COPIES fp32 copies of its weight
 
@@ -18,16 +18,14 @@ the disk is refused before any work is done.
 from __future__ import annotations
 
 import math
-import os
-import resource
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from llmq.quant.pipeline import hf_files
 from llmq.quant.plan import Plan
 from llmq.quant.statsfile import CalibStats
+from llmq.runtime.sources.memory import available_memory_bytes, current_rss_bytes
 
 WORK_COPIES = 12  # fp32 copies of a weight alive while it is quantized (weight, permuted, scale search, decodes)
 COMPUTE_OVERHEAD = 200 << 20  # torch's thread pools and kernel caches, set up by the first real computations
@@ -46,33 +44,6 @@ class Estimate:
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
-
-
-def current_rss_bytes() -> int:
-    """This process's resident set now (Linux /proc), or its peak so far elsewhere."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return peak_rss_bytes()
-
-
-def peak_rss_bytes() -> int:
-    """The most this process has held resident so far (ru_maxrss, in bytes on every platform)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-def available_memory_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo, or None where that is not known."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        return None
-    return None
 
 
 def free_disk_bytes(folder: Path) -> int | None:
@@ -98,7 +69,7 @@ def estimate_plan(plan: Plan, model_folder: Path, stats: CalibStats | None, out:
         work[unit] = max(work.get(unit, 0), DENSE_WORK * math.prod(shape))
     per_unit = max((output[u] + work.get(u, 0) for u in output), default=0)
     base = current_rss_bytes()
-    stats_bytes = sum(t.numel() * t.element_size() for t in stats.tensors.values()) if stats is not None else 0
+    stats_bytes = stats.resident_bytes() if stats is not None else 0
     return Estimate(
         artifact_bytes=sum(output.values()) + sum(f.stat().st_size for f in hf_files(model_folder)),
         peak_rss_bytes=base + COMPUTE_OVERHEAD + stats_bytes + per_unit,

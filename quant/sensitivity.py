@@ -14,11 +14,11 @@ pure 2-bit with GPTQ: that prediction ranks the measured KLs with Spearman 0.79;
 errors ``tr(E H Eᵀ)`` rank them at 0.20. docs/method.md, "A model-wide bit budget".)
 
 The pass streams like calibration: the caller's forward pass keeps every layer's input for the
-windows used here, then one backward pass walks the layers from last to first, loading each
-again and freeing its inputs as it goes. One label is drawn per position; the positions of all
-the windows supply the averaging. The mean is over all positions, so a routed expert's weight
-counts the positions that did not reach it as zero, as its Hessian's tokens are only the routed
-ones: their product is the expert's share of the model's loss.
+windows used here (on disk, a file per layer), then one backward pass walks the layers from last
+to first, loading each again and reading back, then freeing, its inputs as it goes. One label is
+drawn per position; the positions of all the windows supply the averaging. The mean is over all
+positions, so a routed expert's weight counts the positions that did not reach it as zero, as its
+Hessian's tokens are only the routed ones: their product is the expert's share of the model's loss.
 """
 
 from __future__ import annotations
@@ -39,30 +39,37 @@ def output_fisher(
     config: QuantConfig,
     seed: int,
     on_layer: Callable[[int, int], None] | None = None,
+    stop: Callable[[], None] = lambda: None,
 ) -> dict[str, torch.Tensor]:
     """Per selected Linear that the loss reaches, ``fisher[o]`` float32 ``[N]`` on the CPU: the mean
     over positions of the squared gradient of a sampled label's log-probability at output ``o``.
 
     stream        the model, its layers already walked forward (each dropped or still loaded)
     layer_inputs  per decoder layer, the hidden states [1, L, H] entering it, one per window used
-                  (the first ``len(final)`` of ``stream.windows``); emptied as the pass goes
+                  (the first ``len(final)`` of ``stream.windows``); ``pop()`` gives the last layer's,
+                  and the pass empties it (a list, or :class:`~llmq.quant.calibrate.LayerInputs`)
     final         per window used, the last decoder layer's output [1, L, H]
     seed          of the label draws
+    stop          called before each window's pass through a layer; raises ``KeyboardInterrupt`` to end
     """
     family = stream.family
     fisher: dict[str, torch.Tensor] = {}
     tokens = sum(h.shape[1] for h in final)
     stream.load_rest()
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    windows = stream.windows[: len(final)]
-    grads = [_head_grad(stream, h, w, config, fisher, generator) for h, w in zip(final, windows, strict=True)]
+    grads = []
+    for h in final:
+        stop()  # the output head over a large vocabulary takes seconds per window
+        grads.append(_head_grad(stream, h, config, fisher, generator))
     for index in reversed(range(len(stream))):
         prefix = f"{family.layers}.{index}"
         layer = stream.layer(index)
         layer.requires_grad_(False)
         inputs = layer_inputs.pop()
-        grads = [_layer_grad(stream, index, layer, prefix, x, g, config, fisher) for x, g in
-                 zip(inputs, grads, strict=True)]  # fmt: skip
+        for window, x in enumerate(inputs):
+            stop()
+            grads[window] = _layer_grad(stream, index, layer, prefix, x, grads[window], config, fisher)
+        assert len(inputs) == len(grads)
         del inputs
         stream.drop(index)
         if on_layer is not None:
@@ -85,13 +92,20 @@ def fill_unreached(fisher: dict[str, torch.Tensor], linears: dict[str, int]) -> 
     return filled
 
 
-def _head_grad(stream: LayerStream, final, window, config, fisher, generator) -> torch.Tensor:
+def _head_grad(stream: LayerStream, final, config, fisher, generator) -> torch.Tensor:
     """The gradient at the last layer's output of ``log p(y)`` summed over positions, ``y`` drawn
-    from the model's own distribution; selected Linears after the layers (an output head) add theirs."""
+    from the model's own distribution; selected Linears after the layers (an output head) add theirs.
+    The positions go through the head a slice at a time (:attr:`LayerStream.head_chunk`): each
+    position's logits and gradient are its own, and the labels are drawn in the same order."""
+    return torch.cat([_head_grad_slice(stream, final[:, start : start + stream.head_chunk], config, fisher, generator)
+                      for start in range(0, final.shape[1], stream.head_chunk)], dim=1)  # fmt: skip
+
+
+def _head_grad_slice(stream: LayerStream, final, config, fisher, generator) -> torch.Tensor:
     final = final.detach().requires_grad_(True)
     outputs, hooks = _capture_outputs(stream.model, "", stream.family, config, skip=stream.family.layers + ".")
     try:
-        logits = stream.logits(final, window)[0].float()
+        logits = stream.logits(final)[0].float()
     finally:
         for hook in hooks:
             hook.remove()

@@ -20,6 +20,9 @@ from llmq.runtime.sources.checkpoint import Checkpoint
 from llmq.runtime.sources.experts import RoutedExperts
 from llmq.runtime.sources.models import ModelSource
 
+# Logits computed at once, in floats: bounds the memory of a pass through the output head.
+HEAD_CHUNK_ELEMENTS = 1 << 24
+
 
 class _Captured(Exception):
     pass
@@ -46,6 +49,8 @@ class LayerStream:
         self._load(before)
         self._load_layer(0)
         self.hidden, self.inputs, self.returns_tuple = _layer_inputs(self.model, self.layers, windows.to(device))
+        self._freed: set[str] = set()  # parameters dropped for good, never loaded again
+        self._free_input_embeddings()
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -76,34 +81,31 @@ class LayerStream:
         the last layer, which stands in for the whole stack; hooks on those modules see their inputs.
         The layers are as they were afterwards (a backward pass may load them again)."""
         self.load_rest()
-        layers, returns_tuple, saved = self.layers, self.returns_tuple, list(self.layers)
-        outputs = iter(final)
-
-        class Replay(torch.nn.Module):
-            def forward(self, *args, **kw):
-                hidden = next(outputs) if self is layers[0] else args[0]
-                return (hidden,) if returns_tuple else hidden
-
-        try:
-            for index in range(len(layers)):
-                layers[index] = Replay()
-            with torch.inference_mode():
-                for window in self.windows:
-                    self.model(window[None].to(self.device), use_cache=False)
-        finally:
-            for index, layer in enumerate(saved):
-                layers[index] = layer
+        with torch.inference_mode():
+            for hidden in final:
+                for start in range(0, hidden.shape[1], self.head_chunk):
+                    self.logits(hidden[:, start : start + self.head_chunk])
 
     def load_rest(self) -> None:
         """Load what comes after the decoder layers (final norm, output head), fp32 and frozen."""
         self.model.tie_weights()  # a tied head is the embedding loaded before the layers, not a checkpoint tensor
-        self._load([n for n, p in self.model.named_parameters() if p.device.type == "meta"])
+        self._load([n for n, p in self.model.named_parameters() if p.device.type == "meta" and n not in self._freed])
         self.model.requires_grad_(False)
 
-    def logits(self, final: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
-        """The model's logits [1, L, V] for ``window`` ([L] token ids) when its last decoder layer gives
-        ``final`` [1, L, H]: the rest of the model (final norm, head, any soft-capping) as its own
-        forward runs it, differentiable in ``final``. Needs :meth:`load_rest` first."""
+    @property
+    def head_chunk(self) -> int:
+        """Positions whose logits are computed at once: about HEAD_CHUNK_ELEMENTS floats (64 MB) of
+        them, where a whole window over a 152k-token vocabulary would be 311 MB, times a few."""
+        return max(1, HEAD_CHUNK_ELEMENTS // self.model.config.get_text_config().vocab_size)
+
+    def logits(self, final: torch.Tensor) -> torch.Tensor:
+        """The model's logits [1, L, V] where its last decoder layer gives ``final`` [1, L, H]: the
+        rest of the model (final norm, head, any soft-capping) as its own forward runs it,
+        differentiable in ``final``. Each position's logits depend on its own ``final`` only, so a
+        caller may pass a window's positions a slice at a time. Needs :meth:`load_rest` first.
+
+        The forward gets zero ``inputs_embeds`` in place of token ids: what the embedding would give
+        is replaced by ``final`` anyway, so the embedding need not be in memory."""
         layers, returns_tuple, saved = self.layers, self.returns_tuple, list(self.layers)
 
         class Replay(torch.nn.Module):
@@ -114,10 +116,23 @@ class LayerStream:
         try:
             for index in range(len(layers)):
                 layers[index] = Replay()
-            return self.model(window[None].to(self.device), use_cache=False).logits
+            return self.model(inputs_embeds=torch.zeros_like(final), use_cache=False).logits
         finally:
             for index, layer in enumerate(saved):
                 layers[index] = layer
+
+    def _free_input_embeddings(self) -> None:
+        """Drop the token embeddings once the first layer's inputs are known, unless the output head
+        is the same matrix: nothing reads them after that (:meth:`logits` does not)."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        self.model.tie_weights()  # a skeleton on meta is tied only when asked
+        embeddings, head = self.model.get_input_embeddings(), self.model.get_output_embeddings()
+        if head is not None and head.weight is embeddings.weight:
+            return
+        name = _module_name(self.model, embeddings) + ".weight"
+        set_module_tensor_to_device(self.model, name, "meta")
+        self._freed.add(name)
 
     def _load_layer(self, index: int) -> torch.nn.Module:
         layer = self.layers[index]

@@ -28,10 +28,11 @@ from llmq.runtime.format.manifest import FORMAT_NAME, MANIFEST, SHARD_PATTERN, F
 
 
 @contextmanager
-def writing(target: Path, what: str):
+def writing(target: Path, what: str, untouched: bool = True):
     """Turn an I/O failure while writing ``what`` of ``target`` into one clear error.
 
-    The caller removes its temporary files; the message says that ``target`` was left as it was.
+    The caller removes its temporary files; with ``untouched`` the message says that ``target`` was
+    left as it was (a run's own temporary folder is not, and says nothing).
     """
     from safetensors import SafetensorError
 
@@ -41,9 +42,8 @@ def writing(target: Path, what: str):
         text = os.strerror(err.errno) if isinstance(err, OSError) and err.errno else str(err)
         full = (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)) or "os error 28" in text
         hint = "; free some space or write elsewhere with -o" if full else ""
-        raise ArtifactWriteError(
-            f"writing {what} of {target} failed: {text}{hint}; {target} was left as it was"
-        ) from err
+        left = f"; {target} was left as it was" if untouched else ""
+        raise ArtifactWriteError(f"writing {what} of {target} failed: {text}{hint}{left}") from err
 
 
 def _staging_prefix(out: Path) -> str:

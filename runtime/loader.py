@@ -13,15 +13,17 @@ from typing import Any
 
 import torch
 
-from llmq.errors import ArtifactError, ModelSourceError
+from llmq.errors import ArtifactError, ModelSourceError, UsageError
 from llmq.runtime.backend import Backend, backend_for
 from llmq.runtime.format import artifact as A
+from llmq.runtime.format import dtypes
 from llmq.runtime.format.manifest import Manifest
-from llmq.runtime.options import LoadOptions, Placement, free_memory
+from llmq.runtime.options import LoadOptions, Placement, Weights, free_memory
 from llmq.runtime.placement import device_of, plan_device_map
 from llmq.runtime.qlinear import QuantLinear, parent_module, unfuse_quantized_experts
 from llmq.runtime.sources.families import family_of, linear_shape
 from llmq.runtime.sources.feedback import LOGGED, Feedback
+from llmq.runtime.sources.memory import available_memory_bytes
 from llmq.runtime.sources.models import ModelSource, ModelSpec, SourceKind, load_tokenizer, open_model
 
 
@@ -34,6 +36,7 @@ class OpenedModel:
     placement: Placement
     backend: Backend | None  # for an artifact's quantized Linears; None for a plain HF model
     options: LoadOptions
+    packed: bool = False  # the torch backend keeps the quantized weights packed (decoded per call)
 
     @property
     def device(self) -> torch.device:
@@ -56,8 +59,9 @@ class OpenedModel:
             limits = free_memory()
         chosen = backend or self.backend or Backend.torch
         return load_model(
-            self.source, self.config, self.device, self.dtype, self.options.trust_remote_code, chosen, limits
-        )
+            self.source, self.config, self.device, self.dtype, self.options.trust_remote_code, chosen, limits,
+            self.packed,
+        )  # fmt: skip
 
 
 def open_for_run(
@@ -75,7 +79,49 @@ def open_for_run(
     backend, notice = backend_for(source, options.backend, placement.device, placement.dtype)
     if notice:
         feedback.info(notice)
-    return OpenedModel(source, config, placement, backend, options)
+    packed, notice = resolve_weights(options.weights, source, backend, placement)
+    if notice:
+        feedback.info(notice)
+    return OpenedModel(source, config, placement, backend, options, packed)
+
+
+# Dense weights are chosen by ``--weights auto`` only while they take at most this share of the free
+# memory: the rest is for activations, the KV cache and the runtime itself.
+DENSE_SHARE_OF_FREE = 0.8
+
+
+def resolve_weights(
+    requested: Weights, source: ModelSource, backend: Backend | None, placement: Placement
+) -> tuple[bool, str | None]:
+    """(whether the torch backend keeps ``source``'s quantized weights packed, a notice when ``auto``
+    chose packed). Packed applies to an artifact's Linears on the torch backend only."""
+    if source.kind != SourceKind.artifact or backend == Backend.cuda:
+        if requested == Weights.packed:
+            what = "the CUDA kernels, which always keep them packed" if backend else f"a {source.kind.value} model"
+            raise UsageError(f"--weights packed applies to an artifact on the torch backend, not to {what}")
+        return False, None
+    if requested != Weights.auto:
+        return requested == Weights.packed, None
+    manifest = A.read_manifest(source.path)
+    itemsize = placement.dtype.itemsize
+    dense = sum(e.layout.out_features * e.layout.in_features for e in manifest.linears.values()) * itemsize
+    free = free_bytes(placement.device)
+    if free is None or dense <= DENSE_SHARE_OF_FREE * free:
+        return False, None
+    return True, (
+        f"weights: packed, each quantized Linear decoded as it runs (slower), because their dense form "
+        f"({dense / 1e9:.1f} GB in {dtypes.short(placement.dtype)}) would not fit in the {free / 1e9:.1f} GB free "
+        "on the device; --weights dense decodes them once at load"
+    )
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Memory free on ``device`` now: a GPU's free memory, or the machine's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        return available_memory_bytes()
+    return None
 
 
 def load_model(
@@ -86,10 +132,12 @@ def load_model(
     trust_remote_code: bool = False,
     backend: Backend = Backend.torch,
     max_memory: dict | None = None,
+    packed: bool = False,
 ):
     """Build the causal LM from safetensors (or a quantized artifact) in ``dtype`` on ``device``, in eval mode.
 
-    ``backend`` (``cuda`` or ``torch``, already resolved) applies to an artifact's quantized Linears.
+    ``backend`` (``cuda`` or ``torch``, already resolved) applies to an artifact's quantized Linears,
+    and ``packed`` to those on the torch backend (:meth:`QuantLinear.keep_packed`).
     With ``max_memory`` (``{gpu index or "cpu": size}``) the model is spread over those devices by
     accelerate instead (``--device-map auto``).
     """
@@ -99,7 +147,7 @@ def load_model(
         # The checksums were verified when the source was resolved.
         manifest = A.read_manifest(source.path)
         device_map = None if max_memory is None else plan_device_map(manifest, config, dtype, max_memory)
-        return load_quantized_model(manifest, config, device, dtype, backend, device_map)
+        return load_quantized_model(manifest, config, device, dtype, backend, device_map, packed)
     placed = {"device_map": "auto", "max_memory": max_memory} if max_memory is not None else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -118,8 +166,10 @@ def load_quantized_model(
     dtype: torch.dtype,
     backend: Backend = Backend.torch,
     device_map: dict[str, int | str] | None = None,
+    packed: bool = False,
 ):
-    """The artifact as a transformers model; its Linears compute with ``backend`` (``cuda`` or ``torch``).
+    """The artifact as a transformers model; its Linears compute with ``backend`` (``cuda`` or ``torch``),
+    on the torch backend from dense weights decoded once, or with ``packed`` decoded at each call.
 
     With ``device_map`` (from :func:`llmq.runtime.placement.plan_device_map`) each part goes to its
     own device and accelerate moves activations between them; a quantized Linear placed on the
@@ -142,11 +192,13 @@ def load_quantized_model(
         if linear_shape(getattr(parent, child, None)) is None:
             raise ArtifactError(f"{manifest.path}: {name} is not a Linear in the {config.model_type} model")
         target = place(name)
-        packed = {suffix: tensors.pop(f"{name}.{suffix}").to(target) for suffix in entry.layout.tensor_specs()}
+        stored = {suffix: tensors.pop(f"{name}.{suffix}").to(target) for suffix in entry.layout.tensor_specs()}
         bias = tensors.pop(entry.bias).to(target, dtype) if entry.bias else None
-        module = QuantLinear(entry.layout, packed, bias)
+        module = QuantLinear(entry.layout, stored, bias)
         if backend == Backend.cuda and target.type == "cuda":
             module.use_cuda()
+        elif packed:
+            module.keep_packed(dtype)
         else:
             module.materialize(dtype)
         setattr(parent, child, module)

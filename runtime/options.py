@@ -3,6 +3,7 @@ so the CLI can declare them without slowing ``llmq --help``."""
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -12,6 +13,14 @@ from llmq.runtime.sources.device import DType, resolve_device, resolve_dtype
 
 if TYPE_CHECKING:
     import torch
+
+
+class Weights(str, enum.Enum):
+    """How the torch backend holds an artifact's quantized weights."""
+
+    auto = "auto"  # dense, unless the dense weights would not fit in the free memory: then packed, with a notice
+    dense = "dense"  # decoded once at load: the speed of the unquantized model, and its memory
+    packed = "packed"  # kept packed, each Linear decoded as it runs: about the artifact's size, slower
 
 
 @dataclass(frozen=True)
@@ -24,6 +33,8 @@ class LoadOptions:
     dtype              weights and activations; ``auto`` is fp32 on a CPU and fp16 elsewhere
     backend            an artifact's quantized matmuls: ``torch`` (exact reference), ``cuda`` (the kernels),
                        ``auto`` (torch until the kernels are verified on a GPU; see ``runtime/backend.py``)
+    weights            how the torch backend holds them: ``dense`` (decoded once), ``packed`` (decoded per
+                       call, about the artifact's size in memory), ``auto`` (dense where it fits)
     seed               seeds torch before the run (sampling, random prompts)
     revision           hub revision of a hub id
     trust_remote_code  allow a model folder's own Python code to run
@@ -34,12 +45,13 @@ class LoadOptions:
     max_memory: str | None = None
     dtype: DType = DType.auto
     backend: Backend = Backend.auto
+    weights: Weights = Weights.auto
     seed: int = 0
     revision: str | None = None
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:  # strings are accepted for the enums, as on the command line
-        for name, kind in (("dtype", DType), ("backend", Backend)):
+        for name, kind in (("dtype", DType), ("backend", Backend), ("weights", Weights)):
             value = getattr(self, name)
             try:
                 object.__setattr__(self, name, kind(value))

@@ -4,7 +4,9 @@ The packed tensors stay resident as buffers. Two backends compute with them:
 
 * ``torch`` decodes them once, exactly (:func:`llmq.runtime.format.layout.dequantize`), into a dense
   weight in the activation dtype, so evaluation runs at the speed of the unquantized model while
-  computing with precisely the quantized values;
+  computing with precisely the quantized values; or, with packed weights (``--weights packed``, or
+  where the dense ones would not fit), decodes the weight each time the Linear runs and drops it
+  after, so the model takes about the artifact's size plus one Linear's dense weight;
 * ``cuda`` keeps only the packed tensors on the GPU and multiplies with the CuPy kernels
   (:class:`llmq.runtime.cuda_backend.CudaLinear`), so the weights take about the artifact's size.
 """
@@ -32,6 +34,7 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
         self.register_buffer("weight", torch.empty(0), persistent=False)
         self.kernels = None  # a CudaLinear once use_cuda() ran
+        self.decode_dtype: torch.dtype | None = None  # set by keep_packed(): decode at each call, in this dtype
 
     @property
     def backend(self) -> str:
@@ -43,7 +46,13 @@ class QuantLinear(nn.Module):
     def materialize(self, dtype: torch.dtype) -> None:
         """Decode the packed weight once into ``self.weight`` ([N, K], ``dtype``) for the torch backend."""
         self.weight = dequantize(self.packed(), self.layout).to(dtype)
-        self.kernels = None
+        self.kernels = self.decode_dtype = None
+
+    def keep_packed(self, dtype: torch.dtype) -> None:
+        """Compute with the torch backend from the packed tensors alone: each forward decodes the weight
+        ([N, K], ``dtype``), exactly as :meth:`materialize` would, and frees it after."""
+        self.weight = torch.empty(0, device=self.weight.device)
+        self.kernels, self.decode_dtype = None, dtype
 
     def use_cuda(self) -> None:
         """Compute with the CUDA kernels from the packed tensors (already on a GPU); no dense weight."""
@@ -51,17 +60,20 @@ class QuantLinear(nn.Module):
 
         self.kernels = CudaLinear(self.layout, self.packed())
         self.weight = torch.empty(0, device=self.weight.device)
+        self.decode_dtype = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernels is not None:
             return self.kernels(x, self.bias)
+        if self.decode_dtype is not None:
+            return nn.functional.linear(x, dequantize(self.packed(), self.layout).to(self.decode_dtype), self.bias)
         return nn.functional.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         lay = self.layout
         return (
             f"in={lay.in_features}, out={lay.out_features}, k4={lay.k4}, bpw={lay.bits_per_weight():.3f}, "
-            f"backend={self.backend}"
+            f"backend={self.backend}{', packed' if self.decode_dtype is not None else ''}"
         )
 
 

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from llmq.quant.resources import current_rss_bytes
 from llmq.runtime.eval import perplexity
 from llmq.runtime.loader import load_model
 from llmq.runtime.sources import models, text, tokenize
 from llmq.runtime.sources.device import resolve_device
+from llmq.runtime.sources.memory import current_rss_bytes
 
 
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:

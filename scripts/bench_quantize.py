@@ -19,58 +19,11 @@ import json
 import os
 import platform
 import resource
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-
-def run_measured(cmd: list[str]) -> dict:
-    """Run ``cmd`` in a fresh process; its wall time and peak RSS (via wait4)."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - start
-    stdout, stderr = proc.stdout.read(), proc.stderr.read()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{stderr}")
-    return {"seconds": round(seconds, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "stdout": stdout}
-
-
-def make_random_llama(folder: Path) -> int:
-    """Write a TinyLlama-shaped model with random fp16 weights, one shard per decoder layer."""
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(
-        hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-        num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False,
-    )  # fmt: skip
-    config.save_pretrained(folder)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    shards: dict[str, dict[str, tuple[int, ...]]] = {}
-    for name, param in skeleton.named_parameters():
-        unit = name.split(".")[2] if ".layers." in name else "rest"
-        shards.setdefault(unit, {})[name] = tuple(param.shape)
-    index, total = {}, 0
-    gen = torch.Generator().manual_seed(0)
-    for i, params in enumerate(shards.values()):
-        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {}
-        for name, shape in params.items():
-            tensors[name] = (
-                (torch.randn(shape, generator=gen) * 0.02).half()
-                if len(shape) > 1
-                else torch.ones(shape, dtype=torch.float16)
-            )
-            total += tensors[name].numel()
-            index[name] = file
-        save_file(tensors, str(folder / file), metadata={"format": "pt"})
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
-    return total
+from benchlib import run_measured, write_random_llama
 
 
 def main() -> None:
@@ -113,7 +66,7 @@ def main() -> None:
         if not args.skip_1b:
             folder = tmpdir / "random-llama-1.1b"
             folder.mkdir()
-            params = make_random_llama(folder)
+            params = write_random_llama(folder, 2048, 5632, 22, 32, 4, 32000)  # TinyLlama's shapes
             disk = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
             (folder / "tokenizer_config.json").write_text("{}")
             big_run = [*llmq, "quantize", str(folder), "-o", str(tmpdir / "big.llmq"), "--no-calib", "--json", "-q"]

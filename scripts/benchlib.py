@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -112,3 +114,88 @@ def merge(path: Path, new_points: list[dict]) -> None:
     data["points"] = [p for p in data["points"] if p["name"] not in names] + new_points
     data["date"] = datetime.date.today().isoformat()
     path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), which tells two machines of one architecture apart."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def commit() -> str:
+    """The commit of the llmq package that runs (``PYTHONPATH`` may point at another checkout than
+    this script's), with ``+dirty`` when its work tree differs from it."""
+    import llmq
+
+    root = Path(llmq.__file__).resolve().parent
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                           capture_output=True, text=True).stdout.strip()  # fmt: skip
+    return head + ("+dirty" if dirty else "")
+
+
+def provenance(script: str) -> dict:
+    """What every recorded point carries: the command that rebuilds it, commit, CPU, date."""
+    return {
+        "script": script,
+        "commit": commit(),
+        "cpu": f"{cpu_model()}, {os.cpu_count()} cores",
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def run_measured(cmd: list[str]) -> dict:
+    """Run ``cmd`` in a fresh process; its wall time, peak RSS (its own ru_maxrss, via wait4) and stdout.
+    Its output goes to files, so a chatty child cannot fill a pipe while it is waited for."""
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{stderr}")
+    return {"seconds": round(seconds, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "stdout": stdout}
+
+
+def write_random_llama(folder: Path, hidden: int, mlp: int, layers: int, heads: int, kv_heads: int,
+                       vocab: int) -> int:  # fmt: skip
+    """A Llama-architecture model with random fp16 weights, one shard per decoder layer, so it never
+    exists in memory whole; returns its parameter count."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=4096, tie_word_embeddings=False,
+    )  # fmt: skip
+    config.save_pretrained(folder)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    shards: dict[str, dict[str, tuple[int, ...]]] = {}
+    for name, param in skeleton.named_parameters():
+        unit = name.split(".")[2] if ".layers." in name else "rest"
+        shards.setdefault(unit, {})[name] = tuple(param.shape)
+    index, total = {}, 0
+    gen = torch.Generator().manual_seed(0)
+    for i, params in enumerate(shards.values()):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {}
+        for name, shape in params.items():
+            matrix = len(shape) > 1
+            tensors[name] = (torch.randn(shape, generator=gen) * 0.02).half() if matrix else torch.ones(shape).half()
+            total += tensors[name].numel()
+            index[name] = file
+        save_file(tensors, str(folder / file), metadata={"format": "pt"})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+    return total

@@ -178,3 +178,43 @@ def test_a_hessian_is_freed_only_after_the_last_unit_that_reads_it():
     aliases = {"l0.q": "l0.q", "l0.k": "l0.q", "l1.up": "l1.up", "shared.a": "x", "shared.b": "x"}
     units = [["l0.q", "shared.a"], ["l0.k", "l1.up"], ["shared.b"]]
     assert _last_readers(units, aliases) == [[], ["l0.k", "l1.up"], ["shared.b"]]
+
+
+def test_spilled_calibration_equals_the_in_memory_one_and_holds_no_layer(tiny_model, tmp_path):
+    """With a spill folder each layer's statistics and Fisher inputs go to files as it finishes (memory
+    independent of the depth); the numbers are the very same as kept in memory."""
+    from llmq.quant import statsfile
+    from llmq.quant.calibrate import calibration_windows, collect
+    from llmq.quant.config import QuantConfig
+    from llmq.runtime.sources import models, text
+
+    source = models.resolve_model(str(tiny_model), progress=False)
+    windows = calibration_windows(source, text.load_text(text.Dataset.austen, None, text.Split.calib).text[:40_000],
+                                  10, 48, seed=0)  # fmt: skip
+    config = QuantConfig(include=(*QuantConfig().include, "lm_head"))
+    held = collect(source, models.load_config(source), config, windows, seed=0)
+    spilled = collect(source, models.load_config(source), config, windows, seed=0, spill=tmp_path)
+    layer_files = sorted(p.name for p in tmp_path.iterdir())
+    assert layer_files == ["inputs-0.safetensors", "inputs-1.safetensors", "inputs-rest.safetensors"]  # Fisher's gone
+    assert not spilled.stats  # nothing of the layers' statistics is left in memory
+    a, b = statsfile.collected(held, {}), statsfile.collected(spilled, {})
+    assert sorted(a.tensors) == sorted(b.tensors) and any(n.startswith("lm_head") for n in a.tensors)
+    for name in a.tensors:
+        assert torch.equal(a.tensors[name], b.tensors[name]), name
+
+
+def test_calibration_files_are_removed_after_calibrate_and_quantize(cli, tiny_model, tmp_path):
+    assert cli("calibrate", str(tiny_model), "-o", str(tmp_path / "s.stats"), *CALIB, "-q").code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.stats"]
+    inline = ("--calib-data", "austen", "--samples", "4", "--calib-seq-len", "64", "--refine", "none")
+    assert cli("quantize", str(tiny_model), "-o", str(tmp_path / "q.llmq"), *inline, "-q").code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.llmq", "s.stats"]
+
+
+def test_a_killed_calibrations_files_are_removed_by_the_next_run(cli, tiny_model, tmp_path):
+    left = tmp_path / ".s.stats.partial-999999999-calib-abc"  # a process id no process has
+    left.mkdir()
+    (left / "inputs-0.safetensors").write_bytes(b"x")
+    result = cli("calibrate", str(tiny_model), "-o", str(tmp_path / "s.stats"), *CALIB)
+    assert result.code == 0 and "removed .s.stats.partial-999999999-calib-abc" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.stats"]

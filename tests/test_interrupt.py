@@ -103,5 +103,8 @@ def test_killing_calibrate_keeps_the_earlier_stats_file(tmp_path, children, demo
     proc.send_signal(sig)
     proc.communicate()
     assert proc.returncode == (130 if sig == signal.SIGINT else -signal.SIGKILL)
-    assert [p.name for p in tmp_path.iterdir()] == ["demo.stats"]
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name != "demo.stats")
+    # A stop removes calibration's per-layer folder; a kill may leave it, and the next run removes it
+    # (test_calibrate.py::test_a_killed_calibrations_files_are_removed_by_the_next_run).
+    assert left == [] if sig == signal.SIGINT else all(n.startswith(".demo.stats.partial-") for n in left), left
     assert out.read_bytes() == b"an earlier statistics file"

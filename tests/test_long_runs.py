@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmq.quant.resources import current_rss_bytes
 from llmq.runtime.eval import perplexity
 from llmq.runtime.loader import load_model
 from llmq.runtime.sources import demo, models, text, tokenize
+from llmq.runtime.sources.memory import current_rss_bytes
 
 pytestmark = pytest.mark.slow
 

@@ -130,11 +130,30 @@ def test_a_full_disk_during_force_keeps_the_earlier_artifact(cli, tiny_model, co
 
 
 def test_a_full_disk_while_saving_statistics(cli, tiny_model, tmp_path, monkeypatch):
-    monkeypatch.setattr("safetensors.torch.save_file", _full_disk_after(0))
+    real_open = open
+
+    def full_disk_open(path, mode="r", *args, **kwargs):
+        if "w" in mode:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr("llmq.runtime.format.streamed.open", full_disk_open, raising=False)
     out = tmp_path / "s.stats"
     result = cli("calibrate", str(tiny_model), "-o", str(out), *CALIB)
     assert result.code == 1 and "No space left on device" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("files", [0, 2], ids=["first-layer", "fisher-inputs"])
+def test_a_full_disk_while_calibration_spills_its_layers(cli, tiny_model, tmp_path, monkeypatch, files):
+    monkeypatch.setattr("llmq.quant.calibrate.save_file", _full_disk_after(files))
+    inline = ("--calib-data", "austen", "--samples", "4", "--calib-seq-len", "64")
+    for command in (("calibrate", str(tiny_model), "-o", str(tmp_path / "s.stats"), *CALIB),
+                    ("quantize", str(tiny_model), "-o", str(tmp_path / "x.llmq"), "--g4", "16", *inline)):  # fmt: skip
+        result = cli(*command)
+        assert result.code == 1, result.stderr
+        assert "writing calibration's per-layer statistics of" in result.stderr and "No space left" in result.stderr
+        assert list(tmp_path.iterdir()) == []  # the per-layer files are gone with their folder
 
 
 def test_a_real_small_filesystem(cli, tiny_model, tmp_path, monkeypatch):

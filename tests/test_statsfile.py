@@ -23,7 +23,7 @@ def _calibration() -> Calibration:
 
 def _stats():
     meta = {"model": "tiny", "model_fingerprint": FINGERPRINT, "dataset": "austen:test", "tokens": 32}
-    return statsfile.in_memory(_calibration(), meta)
+    return statsfile.collected(_calibration(), meta)
 
 
 def test_statistics_round_trip_through_a_file(tmp_path):
@@ -52,7 +52,8 @@ def test_another_models_statistics_are_refused(tmp_path):
         (lambda path: path.write_bytes(b"not safetensors"), "not a readable safetensors stats file"),
         (lambda path: _rewrite(path, meta=lambda m: m | {"version": 99}), "not an llmq calibration stats file"),
         (lambda path: _rewrite(path, meta=lambda m: {k: v for k, v in m.items() if k != "aliases"}), "alias table"),
-        (lambda path: _rewrite(path, tensor=torch.full((8, 8), float("nan"))), "missing or corrupt"),
+        (lambda path: _rewrite(path, tensor=torch.ones(8, 7)), "missing or corrupt"),
+        (lambda path: _rewrite(path, tensor=torch.ones(8, 8, dtype=torch.int32)), "statistics are float32"),
         (lambda path: _rewrite(path, fisher=torch.tensor([1.0, -2.0])), "output Fisher layer.q.fisher is corrupt"),
         (lambda path: _rewrite(path, fisher=torch.ones(2, 2)), "output Fisher layer.q.fisher is corrupt"),
     ],
@@ -63,6 +64,16 @@ def test_a_damaged_stats_file_is_a_clear_error(tmp_path, damage, message):
     damage(path)
     with pytest.raises(StatsFileError, match=message):
         statsfile.read_stats(path, FINGERPRINT)
+
+
+def test_a_hessians_values_are_checked_when_it_is_read(tmp_path):
+    """A file larger than memory is never read whole to open it: each Hessian is checked as it is read."""
+    path = tmp_path / "s.stats"
+    statsfile.write_stats(path, _stats())
+    _rewrite(path, tensor=torch.full((8, 8), float("nan")))
+    stats = statsfile.read_stats(path, FINGERPRINT)
+    with pytest.raises(StatsFileError, match="the Hessian layer.q.hessian is missing or corrupt"):
+        stats.hessian("layer.k")
 
 
 def _rewrite(path, meta=lambda m: m, tensor=None, fisher=None) -> None:
