@@ -9,9 +9,9 @@ process, its peak RSS from wait4 (memory-mapped file pages it touched included):
 
 1. ``llmq quantize MODEL -o OUT`` with no options: the default path (calibration on the built-in
    mix, 64 x 512 tokens; output Fisher; budget; GPTQ; block refinement);
-2. ``llmq eval ppl`` of the unquantized model and of the artifact on two texts (Persuasion and
-   the licence text), ``--seq-len 1024 --max-tokens 8192``;
-3. ``llmq generate`` of the artifact.
+2. ``llmq eval ppl`` of the unquantized model and of the artifact (``--weights packed``: its own
+   size in memory) on two texts (Persuasion and the licence text), ``--seq-len 1024 --max-tokens 8192``;
+3. ``llmq generate`` of the artifact, ``--weights packed``.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from benchlib import provenance, run_measured
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = {"persuasion": ["--dataset", "austen"], "licences": ["--text-file", str(ROOT / "docs/data/eval-licenses.txt")]}
 EVAL = ["--seq-len", "1024", "--max-tokens", "8192"]
+RUN_ARTIFACT = ["--weights", "packed"]  # the artifact's own size in memory, not its dense weights
 
 
 def llmq(*args: str) -> tuple[dict, dict]:
@@ -56,9 +57,10 @@ def main() -> None:
         record["eval"] = {}
         for name, text in TEXTS.items():
             base, base_run = llmq("eval", "ppl", str(folder), *text, *EVAL)
-            quant, quant_run = llmq("eval", "ppl", str(out), *text, *EVAL)
+            quant, quant_run = llmq("eval", "ppl", str(out), *text, *EVAL, *RUN_ARTIFACT)
             record["eval"][name] = {
-                "command": f"llmq eval ppl {{MODEL|OUT}} {' '.join(text + EVAL)}".replace(str(ROOT) + "/", ""),
+                "command": f"llmq eval ppl MODEL {' '.join(text + EVAL)}".replace(str(ROOT) + "/", ""),
+                "artifact_options": " ".join(RUN_ARTIFACT),
                 "fp32": {"ppl": base["result"]["ppl"], "ppl_stderr": base["result"]["ppl_stderr"], **base_run},
                 "quantized": {"ppl": quant["result"]["ppl"], "ppl_stderr": quant["result"]["ppl_stderr"],
                               **quant_run},
@@ -66,8 +68,9 @@ def main() -> None:
             }  # fmt: skip
             args.out.write_text(json.dumps(record, indent=2) + "\n")
         prompt = "def fibonacci(n):"
-        reply, run = llmq("generate", str(out), "-p", prompt, "-n", "48")
-        record["generate"] = {"command": f"llmq generate OUT -p {prompt!r} -n 48", "text": reply["text"], **run}
+        reply, run = llmq("generate", str(out), "-p", prompt, "-n", "48", *RUN_ARTIFACT)
+        command = f"llmq generate OUT -p {prompt!r} -n 48 {' '.join(RUN_ARTIFACT)}"
+        record["generate"] = {"command": command, "text": reply["text"], **run}
         args.out.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
 
