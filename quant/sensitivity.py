@@ -95,10 +95,10 @@ def fill_unreached(fisher: dict[str, torch.Tensor], linears: dict[str, int]) -> 
 def _head_grad(stream: LayerStream, final, config, fisher, generator) -> torch.Tensor:
     """The gradient at the last layer's output of ``log p(y)`` summed over positions, ``y`` drawn
     from the model's own distribution; selected Linears after the layers (an output head) add theirs.
-    The positions go through the head a slice at a time (:attr:`LayerStream.head_chunk`): each
+    The positions go through the head a slice at a time (:meth:`OutputHead.slices`): each
     position's logits and gradient are its own, and the labels are drawn in the same order."""
-    return torch.cat([_head_grad_slice(stream, final[:, start : start + stream.head_chunk], config, fisher, generator)
-                      for start in range(0, final.shape[1], stream.head_chunk)], dim=1)  # fmt: skip
+    return torch.cat([_head_grad_slice(stream, final[:, start:end], config, fisher, generator)
+                      for start, end in stream.head.slices(0, final.shape[1])], dim=1)  # fmt: skip
 
 
 def _head_grad_slice(stream: LayerStream, final, config, fisher, generator) -> torch.Tensor:

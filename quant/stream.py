@@ -18,10 +18,8 @@ import torch
 from llmq.runtime.sources import families as F
 from llmq.runtime.sources.checkpoint import Checkpoint
 from llmq.runtime.sources.experts import RoutedExperts
+from llmq.runtime.sources.head import OutputHead
 from llmq.runtime.sources.models import ModelSource
-
-# Logits computed at once, in floats: bounds the memory of a pass through the output head.
-HEAD_CHUNK_ELEMENTS = 1 << 24
 
 
 class _Captured(Exception):
@@ -83,8 +81,8 @@ class LayerStream:
         self.load_rest()
         with torch.inference_mode():
             for hidden in final:
-                for start in range(0, hidden.shape[1], self.head_chunk):
-                    self.logits(hidden[:, start : start + self.head_chunk])
+                for start, end in self.head.slices(0, hidden.shape[1]):
+                    self.logits(hidden[:, start:end])
 
     def load_rest(self) -> None:
         """Load what comes after the decoder layers (final norm, output head), fp32 and frozen."""
@@ -93,33 +91,17 @@ class LayerStream:
         self.model.requires_grad_(False)
 
     @property
-    def head_chunk(self) -> int:
-        """Positions whose logits are computed at once: about HEAD_CHUNK_ELEMENTS floats (64 MB) of
-        them, where a whole window over a 152k-token vocabulary would be 311 MB, times a few."""
-        return max(1, HEAD_CHUNK_ELEMENTS // self.model.config.get_text_config().vocab_size)
+    def head(self) -> OutputHead:
+        """What comes after the decoder layers, run on given last-layer outputs (:meth:`logits`)."""
+        return OutputHead(self.model, self.layers, self.returns_tuple)
 
     def logits(self, final: torch.Tensor) -> torch.Tensor:
         """The model's logits [1, L, V] where its last decoder layer gives ``final`` [1, L, H]: the
         rest of the model (final norm, head, any soft-capping) as its own forward runs it,
-        differentiable in ``final``. Each position's logits depend on its own ``final`` only, so a
-        caller may pass a window's positions a slice at a time. Needs :meth:`load_rest` first.
-
-        The forward gets zero ``inputs_embeds`` in place of token ids: what the embedding would give
-        is replaced by ``final`` anyway, so the embedding need not be in memory."""
-        layers, returns_tuple, saved = self.layers, self.returns_tuple, list(self.layers)
-
-        class Replay(torch.nn.Module):
-            def forward(self, *args, **kw):
-                hidden = final if self is layers[0] else args[0]
-                return (hidden,) if returns_tuple else hidden
-
-        try:
-            for index in range(len(layers)):
-                layers[index] = Replay()
-            return self.model(inputs_embeds=torch.zeros_like(final), use_cache=False).logits
-        finally:
-            for index, layer in enumerate(saved):
-                layers[index] = layer
+        differentiable in ``final`` (:class:`~llmq.runtime.sources.head.OutputHead`: the embedding
+        is not used). A caller may pass a window's positions a slice at a time. Needs
+        :meth:`load_rest` first."""
+        return self.head.logits(final)
 
     def _free_input_embeddings(self) -> None:
         """Drop the token embeddings once the first layer's inputs are known, unless the output head

@@ -199,3 +199,19 @@ def write_random_llama(folder: Path, hidden: int, mlp: int, layers: int, heads: 
         save_file(tensors, str(folder / file), metadata={"format": "pt"})
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
     return total
+
+
+def train_tokenizer(text: str, vocab_size: int):
+    """A byte-level BPE tokenizer trained on ``text`` (at most ``vocab_size`` tokens), for random-weight
+    models that need one to calibrate: no download, so it works where no hub can be reached."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=alphabet, show_progress=False)  # fmt: skip
+    bpe.train_from_iterator([text], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>")

@@ -12,16 +12,26 @@
 #      Llama-2-7B shapes at batch 1, 4, 16, 64 (kernels.json);
 #   4. scripts/bench_e2e.py: a random-weight Llama-2-7B-shaped model generated, quantized and
 #      profiled here, decode tokens/s against fp16 (e2e.json); then the same artifact profiled
-#      with the static KV cache and the decode step as a CUDA graph (e2e-graph.json).
+#      with the static KV cache and the decode step as a CUDA graph (e2e-graph.json);
+#   5. scripts/bench_quantize_layer.py: one decoder layer of Llama-2-7B's shape and one of a
+#      70B's quantized on the GPU by the default path (calibration, Fisher, GPTQ, refinement),
+#      timed, with the whole models' times projected (quantize_layers.json).
+#
+#   scripts/gpu_check.sh OUT_DIR STEP...   runs only the named steps (e.g. quantize_layers);
+#                                          environment and install always run
 #
 # Each step's exit code and time go to OUT_DIR/summary.json; a failing step does not stop the
 # later ones, and the script exits non-zero if any step failed. Budget: the step timeouts add
-# up to 9.7 minutes as a hard ceiling; the expected total on an H100 is about 6 minutes (an
-# estimate: this script has not run on a GPU yet). The demo artifact must be present at
+# up to 12.2 minutes as a hard ceiling, above the device tool's 10 minutes a command: with
+# timeout_s 600 the last step may be cut (each shape's record is written as it finishes), or
+# run it alone afterwards. The expected total on an H100 is about 7 minutes (an estimate: this
+# script has not run on a GPU yet). The demo artifact must be present at
 # .llmq-demo/demo.llmq (or $LLMQ_DEMO_ARTIFACT): build it with `bash scripts/demo.sh` on a CPU
 # machine, since the GPU image cannot (no gguf package, no network).
 set -uo pipefail
-OUT=${1:?usage: scripts/gpu_check.sh OUT_DIR}
+OUT=${1:?usage: scripts/gpu_check.sh OUT_DIR [STEP...]}
+shift
+ONLY=" $* "
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -35,6 +45,7 @@ first=1
 step() {  # step NAME TIMEOUT_SECONDS COMMAND...
     local name=$1 limit=$2
     shift 2
+    case "$name" in environment|install) ;; *) [ "$ONLY" = "  " ] || [[ "$ONLY" == *" $name "* ]] || return 0 ;; esac
     echo "[gpu_check $(date -u +%H:%M:%S)] $name: $*" | tee -a "$OUT/gpu_check.log"
     local start rc
     start=$(date +%s)
@@ -65,6 +76,8 @@ step bench_kernels 90 "$PYTHON" scripts/bench_kernels.py --out "$OUT/kernels.jso
 step bench_e2e 210 "$PYTHON" scripts/bench_e2e.py --work "$WORK" --out "$OUT/e2e.json"
 step bench_e2e_graph 80 "$PYTHON" scripts/bench_e2e.py --work "$WORK" --out "$OUT/e2e-graph.json" --reuse --decode graph
 rm -rf "$WORK"
+step quantize_layers 150 "$PYTHON" scripts/bench_quantize_layer.py --work "$WORK-layers" --device cuda \
+    --out "$OUT/quantize_layers.json"
 echo "" >> "$SUMMARY"
 echo "]" >> "$SUMMARY"
 echo "[gpu_check] results in $OUT (summary.json); any step failed: $failed" | tee -a "$OUT/gpu_check.log"

@@ -75,3 +75,28 @@ def test_the_gpu_test_files_import_without_what_the_gpu_image_lacks():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_bench_quantize_layer_quantizes_a_slice_and_projects_the_whole_model(tmp_path):
+    out, work = tmp_path / "layers.json", tmp_path / "work"
+    script = str(ROOT / "scripts" / "bench_quantize_layer.py")
+    run = ["--shapes", "tiny", "--layers", "2", "--samples", "4", "--seq-len", "32", "--refine-steps", "2"]
+    subprocess.run([sys.executable, script, "--work", str(work), "--out", str(out), "--device", "cpu", *run],
+                   check=True, capture_output=True, text=True)  # fmt: skip
+    (point,) = json.loads(out.read_text())["points"]
+    assert point["shape"] == "tiny" and point["layers"] == 2 and point["peak_gpu_allocated_bytes"] is None
+    assert set(point["stages_seconds"]) == {"calibrate", "quantize", "refine"} and point["peak_rss_bytes"] > 0
+    whole = point["estimate_whole_model"]
+    assert whole["what"].startswith("an estimate") and whole["layers"] == 2
+    assert whole["stages_seconds"]["refine"] == round(point["stages_seconds"]["refine"], 1)  # 2 of 2 layers
+    assert not work.exists()  # the fp16 folders and artifacts are removed
+
+
+def test_gpu_check_runs_only_the_steps_named(tmp_path):
+    """``gpu_check.sh OUT STEP...`` (a second device command within the 10-minute limit): the named
+    steps and the two it always needs; commands stubbed by PYTHON=echo, so nothing heavy runs."""
+    subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(tmp_path), "quantize_layers"],
+                   env={"PATH": "/usr/bin:/bin", "PYTHON": "echo"}, capture_output=True, text=True)  # fmt: skip
+    steps = [row["step"] for row in json.loads((tmp_path / "summary.json").read_text())]
+    assert steps == ["environment", "install", "quantize_layers"]
+    assert "bench_quantize_layer.py" in (tmp_path / "quantize_layers.log").read_text()

@@ -132,3 +132,22 @@ def test_cli_text_line_goes_to_stdout(cli, tiny_model, tmp_path):
     assert result.code == 0, result.stderr
     assert result.stdout.startswith("ppl ") and f"file:{path}" in result.stdout
     assert result.stderr == ""
+
+
+@pytest.mark.parametrize("stride", [64, 16])
+def test_logits_made_a_slice_at_a_time_give_the_same_nll_and_never_a_whole_window(tiny_model, monkeypatch, stride):
+    """Over a large vocabulary a window's logits are made a slice of positions at a time (Qwen's
+    152k vocabulary: 1.2 GB for one 2,048-token window otherwise)."""
+    from llmq.runtime.sources import head
+
+    tokenizer, model = _load(tiny_model)
+    ids = _austen_ids(tokenizer, 64 * 3 + 5)
+    whole = perplexity.perplexity(model, ids, seq_len=64, stride=stride)
+    monkeypatch.setattr(head, "HEAD_CHUNK_ELEMENTS", 10 * model.config.vocab_size)  # 10 positions at a time
+    made = []
+    hook = model.lm_head.register_forward_hook(lambda module, args, out: made.append(out.shape[1]))
+    sliced = perplexity.perplexity(model, ids, seq_len=64, stride=stride)
+    hook.remove()
+    assert max(made) <= 10 and sum(made) > 10
+    assert sliced.tokens_scored == whole.tokens_scored  # tiny products may round apart (another BLAS path)
+    assert sliced.mean_nll == pytest.approx(whole.mean_nll, rel=1e-6)

@@ -164,14 +164,14 @@ def test_the_head_taken_a_slice_of_positions_at_a_time_gives_the_same_fisher(tin
     drawn alike and the Fisher agrees to float rounding. (At real shapes, a 49k or 152k vocabulary
     and slices of 110-341 positions, the products were bit-identical here; these tiny ones take
     another BLAS path for 5-row products.)"""
-    from llmq.quant import stream
+    from llmq.runtime.sources import head
 
     source = models.resolve_model(str(tiny_model), progress=False)
     calib = text.load_text(text.Dataset.austen, None, text.Split.calib).text[:50_000]
     windows = calibration_windows(source, calib, 3, 48, seed=0)
     config = QuantConfig(include=(*QuantConfig().include, "lm_head"))
     whole = collect(source, models.load_config(source), config, windows, seed=0).fisher
-    monkeypatch.setattr(stream, "HEAD_CHUNK_ELEMENTS", 5 * models.load_config(source).vocab_size)  # 5 positions
+    monkeypatch.setattr(head, "HEAD_CHUNK_ELEMENTS", 5 * models.load_config(source).vocab_size)  # 5 positions
     sliced = collect(source, models.load_config(source), config, windows, seed=0).fisher
     assert whole.keys() == sliced.keys()
     for name in whole:

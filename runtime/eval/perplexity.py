@@ -104,16 +104,49 @@ def perplexity(
     device = next(model.parameters()).device
     nlls = TokenSeries(sum(w.scored for w in windows))
     window_means = []
+    layers = _sliceable_layers(model, seq_len)
     start = time.perf_counter()
     for i, w in enumerate(windows):
         chunk = used[w.begin : w.end].to(device)
-        logits = model(chunk[None], use_cache=False).logits[0, -w.scored - 1 : -1].float()
-        nll = torch.nn.functional.cross_entropy(logits, chunk[-w.scored :], reduction="none")
+        nll = window_nll(model, chunk, w.scored) if layers is None else _sliced_nll(model, layers, chunk, w.scored)
         window_means.append(float(nlls.add(nll).mean()))
         if on_window is not None:
             on_window(i + 1, len(windows))
     seconds = time.perf_counter() - start
     return _summarize(nlls.values, window_means, len(windows), len(ids), int(windows[-1].end), seconds)
+
+
+def window_nll(model, ids: torch.Tensor, scored: int) -> torch.Tensor:
+    """Negative log-likelihood [scored] of the last ``scored`` tokens of ``ids`` [L], all logits at once."""
+    logits = model(ids[None], use_cache=False).logits[0, -scored - 1 : -1].float()
+    return torch.nn.functional.cross_entropy(logits, ids[-scored:], reduction="none")
+
+
+def _sliceable_layers(model, seq_len: int):
+    """The decoder layers of ``model`` when one window's logits would be larger than the output head's
+    slice (:data:`~llmq.runtime.sources.head.HEAD_CHUNK_ELEMENTS`) and the model is in one piece; else
+    None: the window's logits are made at once."""
+    from llmq.runtime.sources import head
+    from llmq.runtime.sources.families import decoder_layers, family_of
+
+    vocab = model.config.get_text_config().vocab_size
+    if seq_len * vocab <= head.HEAD_CHUNK_ELEMENTS or getattr(model, "hf_device_map", None):
+        return None
+    return decoder_layers(model, family_of(model, model.config))
+
+
+def _sliced_nll(model, layers, ids: torch.Tensor, scored: int) -> torch.Tensor:
+    """:func:`window_nll` with the logits made a slice of positions at a time (the same numbers:
+    each position's logits are its own): the window's memory is one slice's logits, not all of them."""
+    from llmq.runtime.sources.head import OutputHead, last_layer_output
+
+    final, returns_tuple = last_layer_output(model, layers, ids[None])
+    head = OutputHead(model, layers, returns_tuple)
+    parts = []
+    for start, end in head.slices(len(ids) - scored - 1, len(ids) - 1):  # position p predicts ids[p + 1]
+        logits = head.logits(final[:, start:end])[0].float()
+        parts.append(torch.nn.functional.cross_entropy(logits, ids[start + 1 : end + 1], reduction="none"))
+    return torch.cat(parts)
 
 
 class TokenSeries:

@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""Quantize time and memory of real-size decoder layers: Llama-2-7B's and a 70B's, on any device.
+
+    python scripts/bench_quantize_layer.py --work DIR --out layers.json --device cuda     # gpu_check.sh
+    python scripts/bench_quantize_layer.py --work DIR --out layers.json --device cpu --shapes 70b --layers 2 \
+        --samples 4 --seq-len 256 --refine-steps 2                                        # a CPU slice
+
+For each shape a Llama-architecture folder with ``--layers`` decoder layers of random fp16 weights
+(N(0, 0.02²)) and a byte-level BPE tokenizer trained here on the built-in calibration mix is
+written to DIR, then quantized by the default path (calibration on the mix, output Fisher,
+budget, GPTQ, block refinement) with the given windows and steps, in a process of its own. The
+record gives each stage's wall time, the process's peak RSS and, on a GPU, torch's peak
+allocated memory; and, clearly labelled an estimate, the whole model's stage times at its depth
+(32 layers for 7B, 80 for 70B) as per-layer time times layers, which leaves out what does not
+grow with the depth. The fp16 folders are deleted at the end. The GPU image needs no download:
+the tokenizer is trained from the text llmq ships.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+SHAPES = {  # hidden, MLP, heads, KV heads, vocabulary, layers of the whole model
+    "7b": (4096, 11008, 32, 32, 32000, 32),
+    "70b": (8192, 28672, 64, 8, 32000, 80),
+    "tiny": (64, 128, 4, 2, 400, 2),  # the CPU test of this script
+}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, required=True, help="scratch folder for the fp16 folders and artifacts")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--shapes", default="7b,70b")
+    parser.add_argument("--layers", type=int, default=1)
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--refine-steps", type=int, default=10)
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # run one shape in this process (the parent's child)
+    return parser.parse_args(argv)
+
+
+def write_model(folder: Path, shape: str, layers: int) -> int:
+    """The fp16 folder and its tokenizer; returns the parameter count."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from benchlib import train_tokenizer, write_random_llama
+
+    from llmq.runtime.sources.text import Dataset, Split, load_text
+
+    hidden, mlp, heads, kv_heads, vocab, _ = SHAPES[shape]
+    folder.mkdir(parents=True)
+    params = write_random_llama(folder, hidden, mlp, layers, heads, kv_heads, vocab)
+    train_tokenizer(load_text(Dataset.mix, None, Split.calib).text, vocab).save_pretrained(folder)
+    return params
+
+
+def run_one(args) -> dict:
+    """One shape, quantized in this process; what it cost."""
+    import torch
+
+    import llmq
+    from llmq.runtime.sources.feedback import Feedback
+
+    folder = args.work / f"random-{args.one}"
+    started = time.perf_counter()
+    params = write_model(folder, args.one, args.layers)
+    written = time.perf_counter() - started
+    config = llmq.QuantConfig()
+    config = replace(config, refine_settings=replace(config.refine_settings, steps=args.refine_steps))
+    stages: dict[str, float] = {}
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    manifest = llmq.quantize(folder, args.work / f"{args.one}.llmq", config, device=args.device, force=True,
+                             calib_data=llmq.CalibData(samples=args.samples, seq_len=args.seq_len),
+                             feedback=Feedback(stage=stages.__setitem__))  # fmt: skip
+    seconds = time.perf_counter() - started
+    hidden, mlp, heads, kv_heads, vocab, depth = SHAPES[args.one]
+    per_layer = {name: value / args.layers for name, value in stages.items()}
+    return {
+        "shape": args.one, "hidden": hidden, "mlp": mlp, "heads": heads, "kv_heads": kv_heads, "vocab": vocab,
+        "layers": args.layers, "params": params, "device": args.device,
+        "gpu": torch.cuda.get_device_name() if cuda else None,
+        "samples": args.samples, "seq_len": args.seq_len, "refine_steps": args.refine_steps,
+        "write_seconds": round(written, 1), "quantize_seconds": round(seconds, 1), "stages_seconds": stages,
+        "bits_per_weight": manifest.accounting().bits_per_weight,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_gpu_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+        "estimate_whole_model": {
+            "what": f"an estimate: per-layer stage seconds x {depth} layers; fixed costs (embedding, head) left out",
+            "layers": depth, "stages_seconds": {n: round(v * depth, 1) for n, v in per_layer.items()},
+        },
+    }  # fmt: skip
+
+
+def main() -> None:
+    args = parse_args()
+    if args.one:
+        print(json.dumps(run_one(args)))
+        return
+    args.work.mkdir(parents=True, exist_ok=True)
+    record = {"command": "python scripts/bench_quantize_layer.py " + " ".join(sys.argv[1:]), "points": []}
+    try:
+        for shape in args.shapes.split(","):
+            if shape not in SHAPES:
+                raise SystemExit(f"--shapes: {shape!r} is not one of {', '.join(SHAPES)}")
+            child = [sys.executable, __file__, *sys.argv[1:], "--one", shape]
+            done = subprocess.run(child, capture_output=True, text=True)
+            if done.returncode != 0:
+                record["points"].append({"shape": shape, "error": done.stderr.strip().splitlines()[-5:]})
+            else:
+                record["points"].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            args.out.write_text(json.dumps(record, indent=2) + "\n")  # each shape as it finishes
+            shutil.rmtree(args.work / f"random-{shape}", ignore_errors=True)
+    finally:
+        shutil.rmtree(args.work, ignore_errors=True)
+    print(json.dumps(record, indent=2))
+    if any("error" in point for point in record["points"]):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
