@@ -32,8 +32,8 @@ RUN_ARTIFACT = ["--weights", "packed"]  # the artifact's own size in memory, not
 
 
 def llmq(*args: str) -> tuple[dict, dict]:
-    run = run_measured([sys.executable, "-m", "llmq.cli", *args, "--json", "-q"])
-    return json.loads(run["stdout"]), {"seconds": run["seconds"], "peak_rss_mb": run["peak_rss_mb"]}
+    run = run_measured([sys.executable, "-m", "llmq.cli", *args, "--json"])  # not -q: the stage lines
+    return json.loads(run["stdout"]), {key: run[key] for key in ("seconds", "peak_rss_mb", "rss_by_stage")}
 
 
 def main() -> None:

@@ -49,6 +49,7 @@ def point(tmp: Path, hidden: int, mlp: int, layers: int, heads: int, kv_heads: i
         "seconds": run["seconds"],
         "peak_rss_mb": run["peak_rss_mb"],
         "stages_seconds": document.get("stages"),
+        "rss_by_stage": run["rss_by_stage"],
         "bits_per_weight": document["accounting"]["bits_per_weight"],
     }  # fmt: skip
 

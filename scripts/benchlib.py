@@ -150,21 +150,60 @@ def provenance(script: str) -> dict:
 
 
 def run_measured(cmd: list[str]) -> dict:
-    """Run ``cmd`` in a fresh process; its wall time, peak RSS (its own ru_maxrss, via wait4) and stdout.
-    Its output goes to files, so a chatty child cannot fill a pipe while it is waited for."""
+    """Run ``cmd`` in a fresh process; its wall time, peak RSS (its own ru_maxrss, via wait4), stdout,
+    and where its memory went: its resident set sampled every half second, and each stage its log
+    reports (``NAME: SECONDS s``, as ``quantize`` logs calibrate, quantize and refine) with the
+    most it held during that stage. stdout goes to a file and stderr is drained by a thread, so a
+    chatty child cannot fill a pipe while it is waited for."""
+    import re
     import tempfile
+    import threading
 
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+    with tempfile.TemporaryFile("w+") as out:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True)
+        lines: list[tuple[float, str]] = []
+        samples: list[tuple[float, float]] = []
+        reader = threading.Thread(target=lambda: lines.extend((time.perf_counter() - start, line.rstrip())
+                                                              for line in proc.stderr), daemon=True)  # fmt: skip
+        sampler = threading.Thread(target=_sample_rss, args=(proc.pid, start, samples), daemon=True)
+        reader.start()
+        sampler.start()
         _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - start
+        reader.join()
+        sampler.join()
         out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read(), err.read()
+        stdout = out.read()
+    stderr = "\n".join(line for _, line in lines)
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{stderr}")
-    return {"seconds": round(seconds, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "stdout": stdout}
+    stages = {}
+    for at, line in lines:
+        found = re.fullmatch(r"(calibrate|quantize|refine|e2e): ([0-9.]+) s", line.strip())
+        if found:
+            begin = at - float(found.group(2))
+            held = [mb for t, mb in samples if begin <= t <= at]
+            stages[found.group(1)] = {"ended_at_s": round(at, 1), "peak_rss_mb": max(held, default=None)}
+    every = max(1, len(samples) // 200)  # at most about 200 points in the record
+    return {
+        "seconds": round(seconds, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "stdout": stdout,
+        "rss_by_stage": stages, "rss_timeline_mb": [[round(t, 1), mb] for t, mb in samples[::every]],
+    }  # fmt: skip
+
+
+def _sample_rss(pid: int, start: float, samples: list[tuple[float, float]]) -> None:
+    """Append (seconds since ``start``, resident MB) of process ``pid`` every half second while it lives."""
+    while True:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                rss = next((line for line in f if line.startswith("VmRSS:")), None)
+        except OSError:
+            return
+        if rss is None:  # a zombie: it has exited
+            return
+        samples.append((time.perf_counter() - start, round(int(rss.split()[1]) / 1024, 1)))
+        time.sleep(0.5)
 
 
 def write_random_llama(folder: Path, hidden: int, mlp: int, layers: int, heads: int, kv_heads: int,
