@@ -99,17 +99,16 @@ def _collect(model, text, samples, seq_len, seed, config, device, revision, trus
     loaded = early or T.load(text, T.Split.calib, T.Dataset.mix)
     feedback.info(f"calibration: {loaded.source}, {samples} samples x {seq_len} tokens, seed {seed}, on {torch_device}")
     start = time.perf_counter()
-    folder = None
+    folder = statsfile.spill_folder(near)
     try:
-        folder = statsfile.spill_folder(near)
+        folder.mkdir()
         with feedback.steps("calibrating layers (forward, then back)") as step, feedback.stoppable() as check:
             calibration, meta, windows = calibrate_model(
                 source, model_config, config, loaded.source, loaded.text, samples, seq_len, seed,
                 on_layer=step, device=torch_device, log=feedback.info, stop=check, spill=folder,
             )  # fmt: skip
     except BaseException:
-        if folder is not None:
-            shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
         raise
     feedback.stage("calibrate", time.perf_counter() - start)
     return statsfile.collected(calibration, meta, source, windows, folder)

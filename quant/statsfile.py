@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 import weakref
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, replace
@@ -232,12 +233,14 @@ class CalibStats:
 
 
 def spill_folder(near: Path | None) -> Path:
-    """A new folder for calibration's per-layer files: hidden next to ``near`` (an output), named
+    """A fresh name for calibration's per-layer files, not yet created (the caller makes it inside
+    its cleanup, so a stop at any moment leaves nothing): hidden next to ``near`` (an output), named
     like the output's staging folders so a later run removes it if this process dies; else in the
     system's temporary folder."""
+    tag = f"{os.getpid()}-calib-{uuid.uuid4().hex[:8]}"
     if near is None:
-        return Path(tempfile.mkdtemp(prefix="llmq-calib-"))
-    return Path(tempfile.mkdtemp(prefix=f".{near.name}.partial-{os.getpid()}-calib-", dir=near.parent))
+        return Path(tempfile.gettempdir()) / f"llmq-{tag}"
+    return near.parent / f".{near.name}.partial-{tag}"
 
 
 def collected(
