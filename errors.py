@@ -73,6 +73,10 @@ class ArtifactWriteError(LlmqError):
     """Writing the artifact failed (a full disk, a quota, a vanished folder); nothing was committed."""
 
 
+class ResourceError(LlmqError):
+    """A run would need more memory than this machine has available; refused before any work."""
+
+
 class ResumeError(LlmqError):
     """``quantize --resume`` cannot continue: the interrupted run differs, or its checkpoint is damaged."""
 

@@ -61,8 +61,18 @@ def quantize(
         ),
     ] = "auto",
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Print the per-layer bits and size; write nothing.")
+        bool,
+        typer.Option(
+            "--dry-run", help="Print the per-layer bits, size, and each phase's memory and time; write nothing."
+        ),
     ] = False,
+    memory_check: Annotated[
+        bool,
+        typer.Option(
+            "--memory-check/--no-memory-check",
+            help="Refuse, before calibrating, a run whose estimated peak exceeds the available memory.",
+        ),
+    ] = True,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing artifact at OUT.")] = False,
     resume: Annotated[
         bool,
@@ -180,7 +190,15 @@ def quantize(
         document |= plan.to_json()
     else:
         manifest = api.quantize(
-            model, output, config, **run, device=device, force=force, resume=resume, feedback=out.feedback()
+            model,
+            output,
+            config,
+            **run,
+            device=device,
+            force=force,
+            resume=resume,
+            memory_check=memory_check,
+            feedback=out.feedback(),
         )
         document |= {"model": manifest.source.to_json(), "dry_run": False, "config": manifest.quantization,
                      "accounting": manifest.accounting_record}  # fmt: skip
@@ -209,6 +227,21 @@ def _print_estimate(out: Reporter, plan, output: Path) -> None:
     )
     free = f", {needs.free_disk_bytes / 1e6:.0f} MB free there" if needs.free_disk_bytes is not None else ""
     out.result(
-        f"estimated peak memory while quantizing: {needs.peak_rss_bytes / 1e9:.2f} GB "
+        f"estimated peak memory while quantizing: {needs.peak_rss_bytes / 1e9:.2f} GB during {needs.peak_phase} "
         f"(this process now {needs.base_rss_bytes / 1e9:.2f} GB){free}"
+    )
+    phases = ", ".join(f"{name} {_duration(needs.phase_seconds[name])} ({peak / 1e9:.2f} GB)"
+                       for name, peak in needs.phase_rss_bytes.items())  # fmt: skip
+    out.result(f"estimated time on {needs.speed.device}: {_duration(needs.seconds)}: {phases}")
+    if problem := needs.memory_problem():
+        out.result(f"the run would be refused: {problem}")
+
+
+def _duration(seconds: float) -> str:
+    return (
+        f"{seconds:.0f} s"
+        if seconds < 100
+        else f"{seconds / 60:.0f} min"
+        if seconds < 6000
+        else f"{seconds / 3600:.1f} h"
     )

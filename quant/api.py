@@ -13,10 +13,10 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from llmq.errors import ArtifactWriteError, OutputError, OutputExistsError, UsageError
-from llmq.quant import pipeline, resources, statsfile, writer
+from llmq.errors import ArtifactWriteError, OutputError, OutputExistsError, ResourceError, UsageError
+from llmq.quant import forecast, pipeline, resources, statsfile, writer
 from llmq.quant.calibrate import calibrate_model, calibration_windows
-from llmq.quant.config import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, Allocation, QuantConfig, Refine
+from llmq.quant.config import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, Allocation, QuantConfig, Refine, RefineCodes
 from llmq.quant.plan import Plan, make_plan
 from llmq.quant.statsfile import CalibStats
 from llmq.runtime.format import dtypes
@@ -98,19 +98,17 @@ def _collect(model, text, samples, seq_len, seed, config, device, revision, trus
         source, model_config = open_model(model, revision, trust_remote_code, feedback)
     loaded = early or T.load(text, T.Split.calib, T.Dataset.mix)
     feedback.info(f"calibration: {loaded.source}, {samples} samples x {seq_len} tokens, seed {seed}, on {torch_device}")
-    start = time.perf_counter()
     folder = statsfile.spill_folder(near)
     try:
         folder.mkdir()
         with feedback.steps("calibrating layers (forward, then back)") as step, feedback.stoppable() as check:
             calibration, meta, windows = calibrate_model(
                 source, model_config, config, loaded.source, loaded.text, samples, seq_len, seed,
-                on_layer=step, device=torch_device, log=feedback.info, stop=check, spill=folder,
+                on_layer=step, device=torch_device, log=feedback.info, stop=check, spill=folder, stage=feedback.stage,
             )  # fmt: skip
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
-    feedback.stage("calibrate", time.perf_counter() - start)
     return statsfile.collected(calibration, meta, source, windows, folder)
 
 
@@ -144,8 +142,9 @@ class _Prepared:
 
 
 def _prepare(model, out: Path, config, calib, calib_data, dense_dtype, device, force, revision, trust_remote_code,
-             feedback: Feedback, dry_run: bool) -> _Prepared:  # fmt: skip
-    """Every check that needs no weights, then the model resolved, calibration, and the plan."""
+             feedback: Feedback, dry_run: bool, memory_check: bool = True) -> _Prepared:  # fmt: skip
+    """Every check that needs no weights, then the model resolved, the run's disk and memory
+    checked, calibration, and the plan."""
     config = config or QuantConfig()
     config.check()
     resolve_device(device)
@@ -163,6 +162,13 @@ def _prepare(model, out: Path, config, calib, calib_data, dense_dtype, device, f
     if source.kind == SourceKind.artifact:
         raise UsageError(f"{model} is already a quantized llmq artifact; quantize the original model instead")
     stats = _stats(calib, source)
+    dense = None if dense_dtype == "auto" else dtypes.BY_SHORT[dense_dtype].torch()
+    settings = _run_settings(run_config, calib_data, stats)
+    if not dry_run:  # before calibration: the uniform plan has every matrix's shape, read from no weight
+        uniform = make_plan(source, model_config, replace(run_config, target_bits=None, allocation=Allocation.uniform),
+                            dense)  # fmt: skip
+        _check_resources(resources.estimate_plan(uniform, source.path, out, forecast.Shape.of(uniform, model_config),
+                                                 settings), out, memory_check)  # fmt: skip
     if calib_data is not None and not dry_run:
         d = calib_data
         stats = _collect(model, d.text, d.samples, d.seq_len, d.seed, run_config, device, revision,
@@ -178,15 +184,44 @@ def _prepare(model, out: Path, config, calib, calib_data, dense_dtype, device, f
         feedback.info(
             "dry run: stripes placed without calibration data; the real run spreads the same bits by predicted KL"
         )
-    dense = None if dense_dtype == "auto" else dtypes.BY_SHORT[dense_dtype].torch()
+    start = time.perf_counter()
     plan = make_plan(source, model_config, run_config, dense, stats)
+    if not dry_run:
+        feedback.stage("plan", time.perf_counter() - start)
     # as the manifest records it; a dry run that cannot calibrate still reports the bits the real run aims at
     target = plan.linear_bits_per_weight() if provisional and plan.target_bits is None else plan.target_bits
     run_config = replace(run_config, target_bits=target, allocation=None)
     for note in plan.notes():
         feedback.warn(note)
-    needs = resources.estimate_plan(plan, source.path, stats, out)
+    settings = replace(settings, spreads=plan.scores is not None or provisional)
+    speed = forecast.measure_speed(resolve_device(device)) if dry_run else None
+    needs = resources.estimate_plan(plan, source.path, out, forecast.Shape.of(plan, model_config), settings, speed)
     return _Prepared(source, model_config, run_config, plan, stats, needs)
+
+
+def _run_settings(config: QuantConfig, calib_data: CalibData | None, stats: CalibStats | None) -> forecast.Settings:
+    """What the run's cost depends on: calibration's windows, GPTQ, refinement's steps."""
+    samples, seq_len = (calib_data.samples, calib_data.seq_len) if calib_data is not None else (0, 0)
+    if stats is not None:
+        samples, seq_len = stats.meta["samples"], stats.meta["seq_len"]
+    r = config.refine_settings
+    tunes = config.refine is not None and config.refine.tunes
+    return forecast.Settings(
+        samples=samples, seq_len=seq_len, refine_steps=r.steps if tunes else 0, refine_batch=r.batch,
+        lean=r.codes == RefineCodes.lean, e2e_steps=r.e2e_steps if config.refine == Refine.e2e else 0,
+        e2e_batch=r.e2e_batch, calibrates=calib_data is not None, spreads=True,
+        gptq=calib_data is not None or stats is not None,
+    )  # fmt: skip
+
+
+def _check_resources(needs: resources.Estimate, out: Path, memory_check: bool) -> None:
+    """Refuse a run that cannot fit on the disk, or in memory unless ``memory_check`` is off."""
+    problem = resources.disk_problem(needs, out)
+    if problem:
+        raise ArtifactWriteError(problem)
+    problem = needs.memory_problem()
+    if problem and memory_check:
+        raise ResourceError(problem)
 
 
 def _stats(calib: CalibStats | str | os.PathLike | None, source: ModelSource) -> CalibStats | None:
@@ -213,8 +248,9 @@ def estimate(
     trust_remote_code: bool = False,
     feedback: Feedback = LOGGED,
 ) -> QuantizeEstimate:
-    """Per-layer bits per weight, artifact size, disk and peak memory of :func:`quantize` with the
-    same arguments (``device`` is checked, not used). Writes nothing; reads weights only to rank
+    """Per-layer bits per weight, artifact size, disk, and each phase's peak memory and wall time of
+    :func:`quantize` with the same arguments (times from ``device``'s rates, measured in about a
+    second, and :mod:`llmq.quant.forecast`'s counts). Writes nothing; reads weights only to rank
     stripes by sensitivity and to check a stats file's model fingerprint. ``calib_data`` is not
     collected: the per-layer stripes are placed without it (by weight error with ``target_bits``,
     uniformly otherwise) and are provisional; ``config.target_bits`` is what the real run aims at."""
@@ -237,6 +273,7 @@ def quantize(
     resume: bool = False,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    memory_check: bool = True,
     feedback: Feedback = LOGGED,
 ) -> Manifest:
     """Quantize ``model`` to range-aware mixed 2/4-bit weights and write the artifact ``out``.
@@ -250,18 +287,18 @@ def quantize(
     dense_dtype  unquantized tensors: ``auto`` (16-bit, the source's if 16-bit), ``fp16``, ``bf16``, ``fp32``
     device       where calibration, the scale search, rounding and GPTQ run
     force        replace an existing artifact; ``resume`` continues an interrupted run of the same call
+    memory_check refuse (:class:`~llmq.errors.ResourceError`), before calibrating, a run whose
+                 estimated peak exceeds the memory available (:func:`estimate` shows the estimate)
 
     The model is streamed one decoder layer at a time; the artifact appears atomically, complete
     and checksummed. Returns its manifest (``manifest.path`` is ``out``).
     """
     out = Path(out)
     p = _prepare(model, out, config, calib, calib_data, dense_dtype, device, force, revision, trust_remote_code,
-                 feedback, dry_run=False)  # fmt: skip
-    problem = resources.disk_problem(p.needs, out)
+                 feedback, dry_run=False, memory_check=memory_check)  # fmt: skip
+    problem = resources.disk_problem(p.needs, out)  # with the plan's exact bits this time
     if problem:
         raise ArtifactWriteError(problem)
-    if warning := resources.memory_warning(p.needs):
-        feedback.warn(warning)
     refinement = None
     if p.config.refine.tunes:
         meta = p.stats.meta

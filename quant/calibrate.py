@@ -23,6 +23,7 @@ is one layer, its running sums, and the windows' hidden states.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,6 +173,7 @@ def collect(
     seed: int = 0,
     stop: Callable[[], None] = lambda: None,
     spill: Path | None = None,
+    stage: Callable[[str, float], None] = lambda name, seconds: None,
 ) -> Calibration:
     """Run ``windows`` ([S, L] token ids) through the model layer by layer, collecting Linear input stats,
     then back through the first ``FISHER_WINDOWS`` for the output Fisher (labels drawn with ``seed``).
@@ -182,6 +184,7 @@ def collect(
     Layers and activations live on ``device`` (default: the CPU); the statistics come back on the CPU.
     """
     device = device or torch.device("cpu")
+    start = time.perf_counter()
     stream = LayerStream(source, model_config, windows, device)
     family = stream.family
     calibration = Calibration(tokens=windows.numel(), spill=spill)
@@ -220,6 +223,8 @@ def collect(
         calibration.finish("")
     final = [h.clone() for h in hidden[:kept]]
     del hidden
+    stage("calibrate", time.perf_counter() - start)
+    start = time.perf_counter()
     backward = None if on_layer is None else lambda done, layers: on_layer(layers + done, total)
     calibration.fisher = output_fisher(stream, layer_inputs, final, config, seed, backward, stop)
     filled = fill_unreached(calibration.fisher, calibration.out_features)
@@ -228,6 +233,7 @@ def collect(
             f"calibration: {filled} matrices got no gradient in the {kept} Fisher windows (routed experts no token "
             "reached there, or outputs that do not reach the loss); the bit budget uses their experts' mean or zero"
         )
+    stage("fisher", time.perf_counter() - start)
     return calibration
 
 
@@ -315,12 +321,13 @@ def calibrate_model(
     log: Callable[[str], None] = lambda message: None,
     stop: Callable[[], None] = lambda: None,
     spill: Path | None = None,
+    stage: Callable[[str, float], None] = lambda name, seconds: None,
 ) -> tuple[Calibration, dict, torch.Tensor]:
     """Tokenize ``text``, sample windows, collect stats; returns them, the stats-file manifest and the
-    windows ``[samples, seq_len]`` (token ids). ``stop``, ``spill``: see :func:`collect`."""
+    windows ``[samples, seq_len]`` (token ids). ``stop``, ``spill``, ``stage``: see :func:`collect`."""
     windows = calibration_windows(source, text, samples, seq_len, seed)
     stop()
-    calibration = collect(source, model_config, config, windows, on_layer, device, log, seed, stop, spill)
+    calibration = collect(source, model_config, config, windows, on_layer, device, log, seed, stop, spill, stage)
     meta = {
         "model": source.label,
         "model_fingerprint": model_fingerprint(source.path),

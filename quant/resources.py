@@ -1,18 +1,16 @@
-"""Will a quantize run fit? Disk and memory, estimated before it starts.
+"""Will a quantize run fit, and how long will it take? Disk, memory and time, before it starts.
 
 Disk: the artifact's tensor bytes are known exactly from the plan (the accounting), plus the
-copied HF files. Memory: quantizing streams one unit (a decoder layer, or the remaining
-tensors) at a time, so the peak is about
+copied HF files. Memory: every phase holds one decoder layer's worth at a time, so the peak is
 
     this process before the run (torch, transformers, the plan)      measured, not guessed
   + COMPUTE_OVERHEAD (what the first computations add to the process)
-  + calibration statistics in memory: the output Fisher, and one Hessian read from its file at a time
-  + the largest unit's output (packed tensors and dense tensors, kept until its shard is written)
-  + the working set of that unit's largest Linear: WORK_COPIES fp32 copies of its weight
+  + the most any phase holds at once (:func:`llmq.quant.forecast.phase_bytes`): for quantizing,
+    the largest unit's output and its largest Linear's working set, WORK_COPIES fp32 copies
 
-WORK_COPIES is set from measured peaks (docs/reliability.md gives the comparison); the estimate
-is a guide, so a run that looks too big for memory gets a warning, while one that cannot fit on
-the disk is refused before any work is done.
+Time: each phase's counted work at the device's measured rates (:mod:`llmq.quant.forecast`), in
+a dry run only, where the second the measurement takes is worth it. A run whose peak exceeds the
+memory this machine has available is refused before any work, unless told to go ahead anyway.
 """
 
 from __future__ import annotations
@@ -22,9 +20,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmq.quant import forecast
 from llmq.quant.pipeline import hf_files
 from llmq.quant.plan import Plan
-from llmq.quant.statsfile import CalibStats
 from llmq.runtime.sources.memory import available_memory_bytes, current_rss_bytes
 
 WORK_COPIES = 12  # fp32 copies of a weight alive while it is quantized (weight, permuted, scale search, decodes)
@@ -33,17 +31,63 @@ DENSE_WORK = 9  # bytes per dense parameter in flight: source read (up to fp32),
 DISK_MARGIN = 16 << 20  # manifest, filesystem slack
 
 
+# What lowers each phase's peak, as the CLI spells it.
+LEVERS = {
+    "calibrate": "fewer --samples or a shorter --calib-seq-len (every window's activations are held)",
+    "fisher": "a shorter --calib-seq-len (the output head's logits and gradients of one window are held)",
+    "plan": "a machine with more memory (one matrix and its Hessian are held)",
+    "quantize": "--device cuda, or a machine with more memory (the largest matrix's working set is held)",
+    "refine": "fewer --samples, a smaller --refine-batch, or --refine none (four sets of activations are held)",
+    "e2e": "--refine block (the end-to-end stage holds every refined layer)",
+}
+
+
 @dataclass(frozen=True)
 class Estimate:
     artifact_bytes: int
-    peak_rss_bytes: int
+    peak_rss_bytes: int  # the largest of the phases'
     base_rss_bytes: int
-    stats_bytes: int
     free_disk_bytes: int | None
     available_memory_bytes: int | None
+    phase_rss_bytes: dict[str, int]  # each phase's peak resident set, the process's whole
+    phase_seconds: dict[str, float] | None = None  # each phase's wall time (dry runs)
+    speed: forecast.Speed | None = None  # the device rates phase_seconds come from
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phase_rss_bytes, key=self.phase_rss_bytes.__getitem__)
+
+    @property
+    def seconds(self) -> float | None:
+        return None if self.phase_seconds is None else sum(self.phase_seconds.values())
+
+    def memory_problem(self) -> str | None:
+        """A message if the run's peak needs more memory than this machine has available (beyond what
+        this process holds already)."""
+        if self.available_memory_bytes is None:
+            return None
+        needed = self.peak_rss_bytes - self.base_rss_bytes
+        if needed <= self.available_memory_bytes:
+            return None
+        phase = self.peak_phase
+        return (
+            f"this run needs about {self.peak_rss_bytes / 1e9:.1f} GB at its peak (during {phase}), "
+            f"{needed / 1e9:.1f} GB more than this process holds, and {self.available_memory_bytes / 1e9:.1f} GB are "
+            f"available; lower it with {LEVERS[phase]}, or pass --no-memory-check to run it anyway"
+        )
 
     def to_json(self) -> dict:
-        return dict(self.__dict__)
+        document = {k: v for k, v in self.__dict__.items() if k not in ("phase_rss_bytes", "phase_seconds", "speed")}
+        document["peak_phase"] = self.peak_phase
+        document["phases"] = {
+            name: {"peak_rss_bytes": peak} | ({} if self.phase_seconds is None else
+                                              {"seconds": round(self.phase_seconds[name], 1)})
+            for name, peak in self.phase_rss_bytes.items()
+        }  # fmt: skip
+        if self.phase_seconds is not None:
+            document["seconds"] = round(self.seconds, 1)
+            document["speed"] = self.speed.to_json()
+        return document
 
 
 def free_disk_bytes(folder: Path) -> int | None:
@@ -53,9 +97,10 @@ def free_disk_bytes(folder: Path) -> int | None:
         return None
 
 
-def estimate_plan(plan: Plan, model_folder: Path, stats: CalibStats | None, out: Path) -> Estimate:
-    """The disk and memory a run of ``plan`` (the model in ``model_folder``, written to ``out``)
-    needs, with what this machine has."""
+def estimate_plan(plan: Plan, model_folder: Path, out: Path, shape: forecast.Shape, settings: forecast.Settings,
+                  speed: forecast.Speed | None = None) -> Estimate:  # fmt: skip
+    """The disk and memory a run of ``plan`` (the model in ``model_folder``, written to ``out``, with
+    ``settings``) needs, with what this machine has; with ``speed``, each phase's wall time too."""
     output: dict[str, int] = {}
     work: dict[str, int] = {}
     for name, layout in plan.linears.items():
@@ -63,20 +108,24 @@ def estimate_plan(plan: Plan, model_folder: Path, stats: CalibStats | None, out:
         output[unit] = output.get(unit, 0) + layout.stored_bits() // 8
         working = WORK_COPIES * 4 * layout.out_features * layout.in_features
         work[unit] = max(work.get(unit, 0), working)
-    for name, (dtype, shape) in plan.dense.items():
+    for name, (dtype, dims) in plan.dense.items():
         unit = plan.unit(name)
-        output[unit] = output.get(unit, 0) + math.prod(shape) * dtype.itemsize
-        work[unit] = max(work.get(unit, 0), DENSE_WORK * math.prod(shape))
+        output[unit] = output.get(unit, 0) + math.prod(dims) * dtype.itemsize
+        work[unit] = max(work.get(unit, 0), DENSE_WORK * math.prod(dims))
     per_unit = max((output[u] + work.get(u, 0) for u in output), default=0)
     base = current_rss_bytes()
-    stats_bytes = stats.resident_bytes() if stats is not None else 0
+    held = forecast.phase_bytes(shape, settings, per_unit)
+    phases = {name: base + COMPUTE_OVERHEAD + bytes_ for name, bytes_ in held.items()}
+    seconds = None if speed is None else forecast.phase_seconds(shape, settings, speed)
     return Estimate(
         artifact_bytes=sum(output.values()) + sum(f.stat().st_size for f in hf_files(model_folder)),
-        peak_rss_bytes=base + COMPUTE_OVERHEAD + stats_bytes + per_unit,
+        peak_rss_bytes=max(phases.values()),
         base_rss_bytes=base,
-        stats_bytes=stats_bytes,
         free_disk_bytes=free_disk_bytes(out.expanduser().resolve().parent),
         available_memory_bytes=available_memory_bytes(),
+        phase_rss_bytes=phases,
+        phase_seconds=seconds,
+        speed=speed,
     )
 
 
@@ -86,14 +135,5 @@ def disk_problem(e: Estimate, out: Path) -> str | None:
         return (
             f"{out} needs about {(e.artifact_bytes + DISK_MARGIN) / 1e6:.0f} MB and only "
             f"{e.free_disk_bytes / 1e6:.0f} MB are free in {out.parent}; free some space or write elsewhere with -o"
-        )
-    return None
-
-
-def memory_warning(e: Estimate) -> str | None:
-    if e.available_memory_bytes is not None and e.available_memory_bytes < e.peak_rss_bytes:
-        return (
-            f"this run may need about {e.peak_rss_bytes / 1e9:.1f} GB of memory at its peak and "
-            f"{e.available_memory_bytes / 1e9:.1f} GB are available; it may be killed"
         )
     return None

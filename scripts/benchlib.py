@@ -152,7 +152,7 @@ def provenance(script: str) -> dict:
 def run_measured(cmd: list[str]) -> dict:
     """Run ``cmd`` in a fresh process; its wall time, peak RSS (its own ru_maxrss, via wait4), stdout,
     and where its memory went: its resident set sampled every half second, and each stage its log
-    reports (``NAME: SECONDS s``, as ``quantize`` logs calibrate, quantize and refine) with the
+    reports (``NAME: SECONDS s``, as ``quantize`` logs calibrate, fisher, plan, quantize, refine and e2e) with the
     most it held during that stage. stdout goes to a file and stderr is drained by a thread, so a
     chatty child cannot fill a pipe while it is waited for."""
     import re
@@ -180,7 +180,7 @@ def run_measured(cmd: list[str]) -> dict:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{stderr}")
     stages = {}
     for at, line in lines:
-        found = re.fullmatch(r"(calibrate|quantize|refine|e2e): ([0-9.]+) s", line.strip())
+        found = re.fullmatch(r"(calibrate|fisher|plan|quantize|refine|e2e): ([0-9.]+) s", line.strip())
         if found:
             begin = at - float(found.group(2))
             held = [mb for t, mb in samples if begin <= t <= at]

@@ -85,7 +85,10 @@ def test_bench_quantize_layer_quantizes_a_slice_and_projects_the_whole_model(tmp
                    check=True, capture_output=True, text=True)  # fmt: skip
     (point,) = json.loads(out.read_text())["points"]
     assert point["shape"] == "tiny" and point["layers"] == 2 and point["peak_gpu_allocated_bytes"] is None
-    assert set(point["stages_seconds"]) == {"calibrate", "quantize", "refine"} and point["peak_rss_bytes"] > 0
+    assert (
+        set(point["stages_seconds"]) == {"calibrate", "fisher", "plan", "quantize", "refine"}
+        and point["peak_rss_bytes"] > 0
+    )
     whole = point["estimate_whole_model"]
     assert whole["what"].startswith("an estimate") and whole["layers"] == 2
     assert whole["stages_seconds"]["refine"] == round(point["stages_seconds"]["refine"], 1)  # 2 of 2 layers

@@ -122,14 +122,20 @@ def test_a_plain_quantize_calibrates_on_the_builtin_mix_and_refines(cli, tiny_mo
     assert report["config"]["refine"] == "block"
     assert report["config"]["refine_settings"] == {"steps": 50, "batch": 4, "codes": "lean", "lr": 0.02,
                                                    "scale_lr": 0.01, "inputs": "quantized"}  # fmt: skip
-    assert set(report["stages"]) == {"calibrate", "quantize", "refine"} and report["peak_rss_bytes"] > 0
+    assert (
+        set(report["stages"]) == {"calibrate", "fisher", "plan", "quantize", "refine"} and report["peak_rss_bytes"] > 0
+    )
     kept = r"refine: \d of 2 blocks kept their tuned numbers \(\d with codes from the leaning start\); held-aside error"
     assert re.search(kept + r" \S+ -> \S+", result.stderr)
     rounded = tmp_path / "rtn.llmq"
     report = json.loads(
         cli("quantize", str(tiny_model), "-o", str(rounded), "--g4", "16", "--no-calib", "--json").stdout
     )
-    assert "calibration" not in report and "refine" not in report["config"] and set(report["stages"]) == {"quantize"}
+    assert (
+        "calibration" not in report
+        and "refine" not in report["config"]
+        and set(report["stages"]) == {"plan", "quantize"}
+    )
 
 
 def test_lean_codes_start_from_the_fp32_weights_and_say_how_many_blocks_kept_them(cli, tiny_model, tmp_path):

@@ -1,0 +1,299 @@
+"""How long each phase of a quantize run will take and how much memory it will hold, before it starts.
+
+A run's phases (calibrate, fisher, plan, quantize, refine, e2e) are counted from the plan and the
+settings in three kinds of work, each of which a device does at its own rate:
+
+  flops      fp32 matrix products (layer forwards and backwards, Hessian sums, GPTQ's block updates)
+  flops64    fp64 factorisations (GPTQ's inverse Hessian)
+  elements   elementwise passes over large tensors (the scale search, rounding, GPTQ's column updates)
+  ops        small tensor calls whose fixed cost dominates (GPTQ's column loop; a kernel launch on a GPU)
+
+:func:`measure_speed` times the four rates on the run's device in about a second. The counts
+follow the code's loops but not every temporary, so each phase's seconds carry one factor,
+``EFFICIENCY``, fitted from measured runs on one CPU (docs/data/forecast.json says which runs,
+and how far the forecast is from runs it was not fitted on). On another device the rates are
+measured there and the factors carried over: a GPU forecast is an estimate until it is compared
+with a run there.
+
+Memory per phase is the process before the run (measured) plus what the phase holds at once: one
+decoder layer in fp32, the calibration activations, the largest matrix's working set, the output
+head's slice of logits. It never grows with the number of layers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from llmq.quant.plan import REST, Plan
+from llmq.runtime.sources.head import HEAD_CHUNK_ELEMENTS
+
+FISHER_WINDOWS = 8  # the calibration module's; repeated here so a dry run imports no model code
+GPTQ_BLOCK = 128
+SEARCH_PASSES = 500  # elementwise passes per weight of the 2/4-bit scale search (shrinks x zeros x error)
+SCORE_PASSES = 200  # per weight of the plan's channel scoring (min/max fits of both grids)
+DECODE_PASSES = 40  # per weight per refinement step: decode, straight-through rounding, their gradients
+COLUMN_OPS = 14  # tensor calls per column of GPTQ's loop
+LAYER_CALL_OPS = 120  # tensor calls of one decoder layer on one batch, forward
+# Seconds as counted x this = seconds measured; fitted on the runs of docs/data/forecast.json.
+EFFICIENCY = {"calibrate": 1.0, "fisher": 1.0, "plan": 1.0, "quantize": 1.0, "refine": 1.0, "e2e": 1.0}
+
+
+@dataclass(frozen=True)
+class Speed:
+    """What a device does per second, measured (:func:`measure_speed`)."""
+
+    device: str
+    flops: float  # fp32 matrix-product flop/s
+    flops64: float  # fp64 Cholesky flop/s
+    elements: float  # elementwise element-passes/s over tensors of millions of elements
+    op_seconds: float  # one small tensor call
+
+    def to_json(self) -> dict:
+        return {"device": self.device, "gflops": round(self.flops / 1e9, 2), "gflops64": round(self.flops64 / 1e9, 2),
+                "gelements": round(self.elements / 1e9, 3), "op_us": round(self.op_seconds * 1e6, 2)}  # fmt: skip
+
+
+@dataclass
+class Work:
+    flops: float = 0.0
+    flops64: float = 0.0
+    elements: float = 0.0
+    ops: float = 0.0
+
+    def __iadd__(self, other: Work) -> Work:
+        self.flops += other.flops
+        self.flops64 += other.flops64
+        self.elements += other.elements
+        self.ops += other.ops
+        return self
+
+    def seconds(self, speed: Speed) -> float:
+        return (self.flops / speed.flops + self.flops64 / speed.flops64 + self.elements / speed.elements
+                + self.ops * speed.op_seconds)  # fmt: skip
+
+
+def _timed(call: Callable[[], object], device: torch.device, minimum: float = 0.15) -> float:
+    """Seconds per call of ``call``, repeated for at least ``minimum`` seconds after a warm-up."""
+    call()
+    _sync(device)
+    runs, start = 0, time.perf_counter()
+    while True:
+        call()
+        runs += 1
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        if elapsed >= minimum:
+            return elapsed / runs
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_speed(device: torch.device) -> Speed:
+    """The four rates of :class:`Speed` on ``device``, at sizes like a small model's (about a second)."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(1024, 1024, generator=g).to(device)
+    matmul = _timed(lambda: a @ a, device)
+    spd = (a @ a.T).double() / 1024 + torch.eye(1024, dtype=torch.float64, device=device)
+    cholesky = _timed(lambda: torch.linalg.cholesky(spd), device)
+    big = torch.rand(1 << 22, generator=g).to(device)
+    passes = _timed(lambda: torch.clamp(torch.round(big / 0.3 + 1.0), 0, 3), device)  # 4 passes
+    small = torch.rand(64, generator=g).to(device)
+    op = _timed(lambda: [small.mul(2.0) for _ in range(100)], device) / 100
+    return Speed(str(device), 2 * 1024**3 / matmul, 1024**3 / 3 / cholesky, 4 * (1 << 22) / passes, op)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a quantize run's cost depends on, from the plan and the model's config."""
+
+    layers: list[list[tuple[int, int]]]  # per decoder layer, its quantized matrices' (out, in)
+    inputs: list[list[int]]  # per decoder layer, the width of each distinct input (one Hessian each)
+    outliers: bool  # GPTQ runs twice per 2-bit matrix (once more with the outliers exact)
+    hidden: int
+    heads: int
+    attention: int  # heads x head dim
+    vocab: int
+    rest: list[tuple[int, int]] = field(default_factory=list)  # quantized matrices outside the layers
+
+    @classmethod
+    def of(cls, plan: Plan, model_config) -> Shape:
+        text = model_config.get_text_config()
+        heads = getattr(text, "num_attention_heads", 1)
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        by_unit: dict[str, list[tuple[str, int, int]]] = {}
+        for name, lay in plan.linears.items():
+            by_unit.setdefault(plan.unit(name), []).append((name, lay.out_features, lay.in_features))
+        layers = [[(n, k) for _, n, k in by_unit.get(u, [])] for u in plan.units if u != REST]
+        # Matrices of one module reading the same width share an input (q/k/v, gate/up): one Hessian.
+        inputs = [sorted({(name.rsplit(".", 1)[0], k) for name, _, k in by_unit.get(u, [])}) for u in plan.units
+                  if u != REST]  # fmt: skip
+        return cls(
+            layers=layers,
+            inputs=[[k for _, k in unit] for unit in inputs],
+            outliers=any(lay.n_outliers for lay in plan.linears.values()),
+            hidden=text.hidden_size,
+            heads=heads,
+            attention=heads * head_dim,
+            vocab=text.vocab_size,
+            rest=[(n, k) for _, n, k in by_unit.get(REST, [])],
+        )
+
+    def params(self, index: int) -> int:
+        return sum(n * k for n, k in self.layers[index])
+
+    def token_flops(self, index: int, seq_len: int) -> float:
+        """One token through decoder layer ``index``, forward: its matrices and its attention."""
+        return 2 * self.params(index) + 4 * seq_len * self.attention
+
+    def token_elements(self, seq_len: int) -> float:
+        """Elementwise work of one token through a layer: norms, rotary, activations, softmax."""
+        widest = max((n for unit in self.layers for n, _ in unit), default=self.hidden)
+        return 30 * self.hidden + 6 * widest + 5 * seq_len * self.heads
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The parts of a run's settings its cost depends on."""
+
+    samples: int  # calibration windows (0: no calibration in this run)
+    seq_len: int
+    refine_steps: int = 0  # 0: no refinement
+    refine_batch: int = 4
+    lean: bool = True  # lean codes: each block tunes once from the leaning start and may tune again from GPTQ's
+    e2e_steps: int = 0
+    e2e_batch: int = 2
+    calibrates: bool = True  # False: the statistics come from a file
+    spreads: bool = True  # the plan scores channels for a bit budget
+    gptq: bool = True  # calibrated: GPTQ; else round to nearest
+
+
+def phase_work(shape: Shape, s: Settings) -> dict[str, Work]:
+    """Each phase the run goes through, as counted work (:class:`Work`)."""
+    phases: dict[str, Work] = {}
+    tokens = s.samples * s.seq_len
+    layers = range(len(shape.layers))
+    if s.calibrates:
+        phases["calibrate"] = _calibrate(shape, s, layers, tokens)
+        phases["fisher"] = _fisher(shape, s, layers)
+    if s.spreads:
+        weights = sum(shape.params(i) for i in layers) + sum(n * k for n, k in shape.rest)
+        phases["plan"] = Work(elements=SCORE_PASSES * weights, ops=300 * sum(map(len, shape.layers)))
+    phases["quantize"] = Work()
+    for n, k in [m for i in layers for m in shape.layers[i]] + shape.rest:
+        phases["quantize"] += _quantize(n, k, s.gptq, shape.outliers)
+    if s.refine_steps:
+        phases["refine"] = _refine(shape, s, layers)
+    if s.e2e_steps:
+        phases["e2e"] = _e2e(shape, s, layers)
+    return phases
+
+
+def _calibrate(shape: Shape, s: Settings, layers: range, tokens: int) -> Work:
+    work = Work()
+    for i in layers:
+        hessians = sum(2 * k * k for k in shape.inputs[i])
+        work += Work(flops=tokens * (shape.token_flops(i, s.seq_len) + hessians),
+                     elements=tokens * shape.token_elements(s.seq_len) + s.samples * 1.5 * hessians,
+                     ops=s.samples * LAYER_CALL_OPS)  # fmt: skip
+    return work
+
+
+def _fisher(shape: Shape, s: Settings, layers: range) -> Work:
+    windows = min(s.samples, FISHER_WINDOWS)
+    tokens = windows * s.seq_len
+    # Each window goes through a layer forward again, then back for the input's gradient (2x forward).
+    work = Work(flops=4 * tokens * shape.vocab * shape.hidden, elements=12 * tokens * shape.vocab)
+    for i in layers:
+        work += Work(flops=3 * tokens * shape.token_flops(i, s.seq_len),
+                     elements=3 * tokens * shape.token_elements(s.seq_len),
+                     ops=3 * windows * LAYER_CALL_OPS)  # fmt: skip
+    return work
+
+
+def _quantize(n: int, k: int, gptq: bool, outliers: bool) -> Work:
+    """One matrix: the scale search, then GPTQ (twice with outliers: once more with them exact)."""
+    work = Work(elements=SEARCH_PASSES * n * k, ops=300)
+    if gptq:
+        passes = 2 if outliers else 1
+        work += Work(flops=passes * 2 * n * k * k / 2, flops64=passes * 1.7 * k**3,
+                     elements=passes * n * k * GPTQ_BLOCK, ops=passes * COLUMN_OPS * k)  # fmt: skip
+    return work
+
+
+def _refine(shape: Shape, s: Settings, layers: range) -> Work:
+    tunes = 1.5 if s.lean else 1.0  # lean: a second tune from GPTQ's codes where the first lost
+    held = max(1, s.samples // 8)
+    # window passes, forward-equivalent: targets and next inputs (2 S), held-aside checks, training (fwd + bwd)
+    windows = 2 * s.samples + (2 + tunes) * held + tunes * s.refine_steps * s.refine_batch * 3
+    work = Work()
+    for i in layers:
+        work += Work(flops=windows * s.seq_len * shape.token_flops(i, s.seq_len),
+                     elements=windows * s.seq_len * shape.token_elements(s.seq_len)
+                     + tunes * s.refine_steps * DECODE_PASSES * shape.params(i),
+                     ops=tunes * s.refine_steps * 4 * LAYER_CALL_OPS)  # fmt: skip
+    return work
+
+
+def _e2e(shape: Shape, s: Settings, layers: range) -> Work:
+    tokens = s.e2e_steps * s.e2e_batch * s.seq_len
+    work = Work(flops=6 * tokens * shape.vocab * shape.hidden, elements=12 * tokens * shape.vocab)
+    for i in layers:
+        work += Work(flops=3 * tokens * shape.token_flops(i, s.seq_len),
+                     elements=3 * tokens * shape.token_elements(s.seq_len)
+                     + s.e2e_steps * DECODE_PASSES * shape.params(i), ops=s.e2e_steps * 4 * LAYER_CALL_OPS)  # fmt: skip
+    return work
+
+
+def phase_seconds(shape: Shape, s: Settings, speed: Speed) -> dict[str, float]:
+    """Wall seconds of each phase on the device ``speed`` was measured on."""
+    return {name: EFFICIENCY[name] * work.seconds(speed) for name, work in phase_work(shape, s).items()}
+
+
+def _activations(shape: Shape, windows: int, seq_len: int, backward: bool) -> int:
+    """Bytes of one decoder layer's intermediate tensors over ``windows`` windows (fp32); a backward
+    pass keeps them all until it runs, so about three times the forward's transient peak."""
+    widest = max((n for unit in shape.layers for n, _ in unit), default=shape.hidden)
+    per_token = 8 * shape.hidden + 3 * widest + 2 * seq_len * shape.heads
+    return int((3 if backward else 1) * 4 * windows * seq_len * per_token)
+
+
+def phase_bytes(shape: Shape, s: Settings, unit_bytes: int) -> dict[str, int]:
+    """What each phase holds at its peak beyond the process before the run, in bytes. The largest
+    layer counts, never their number. ``unit_bytes``: the largest work unit's output tensors and
+    its largest matrix's working set while it is quantized."""
+    params = max((shape.params(i) for i in range(len(shape.layers))), default=0)
+    widest_in = max((k for unit in shape.inputs for k in unit), default=shape.hidden)
+    biggest = max((n * k for unit in shape.layers for n, k in unit), default=0)
+    biggest = max([biggest] + [n * k for n, k in shape.rest])
+    activations = 4 * s.samples * s.seq_len * shape.hidden  # every calibration window's hidden state, fp32
+    kept = min(s.samples, FISHER_WINDOWS)
+    head = 4 * shape.vocab * shape.hidden
+    phases: dict[str, int] = {}
+    if s.calibrates:
+        sums = max((sum(12 * k * k for k in unit) for unit in shape.inputs), default=0)  # fp64 sums, fp32 results
+        steady = 4 * params + 2 * activations + sums + 12 * widest_in**2 + _activations(shape, 1, s.seq_len, False)
+        phases["calibrate"] = max(steady, head + 4 * params + 2 * activations) + kept * s.seq_len * shape.hidden * 4
+        logits = 4 * 4 * min(HEAD_CHUNK_ELEMENTS, s.seq_len * shape.vocab)
+        windows = 3 * 4 * kept * s.seq_len * shape.hidden  # last-layer outputs, their gradients, one layer's inputs
+        phases["fisher"] = head + 4 * params + windows + _activations(shape, 1, s.seq_len, True) + logits
+    if s.spreads:
+        phases["plan"] = 36 * biggest + 4 * widest_in**2
+    # the inverse Hessian: three fp64 [K, K] at once while it is factorised, then the fp32 Hessian,
+    # its permuted copy and the factor
+    gptq = 36 * widest_in**2 if s.gptq else 0
+    fisher = 4 * sum(n for unit in shape.layers for n, _ in unit) if s.calibrates or s.gptq else 0  # held to the end
+    phases["quantize"] = fisher + unit_bytes + gptq
+    if s.refine_steps:
+        weights = 4 * params * (5 if s.lean else 4)  # fp32 layer, decoded copy, codes, their gradients (+ fp32 weights)
+        phases["refine"] = 4 * activations + weights + _activations(shape, s.refine_batch, s.seq_len, True)
+    if s.e2e_steps:
+        layers = sum(4 * 4 * shape.params(i) for i in range(len(shape.layers)))  # every refined layer is kept
+        phases["e2e"] = 4 * activations + layers + head + _activations(shape, s.e2e_batch, s.seq_len, True)
+    return phases

@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""`quantize --dry-run`'s forecast against the run it forecasts: each phase's wall time and peak RSS.
+
+    python scripts/bench_forecast.py --out docs/data/forecast.json                 # every point
+    python scripts/bench_forecast.py --out docs/data/forecast.json --only demo-s16  # one point
+    python scripts/bench_forecast.py --out docs/data/forecast.json --fit h512-l4,h1024-l2  # suggest factors
+
+Each point is a dry run (its forecast, and the device rates it measured) followed by the same
+command for real in a fresh process, its resident set sampled every half second and its stages
+read from the log (benchlib.run_measured). Random-weight points are Llama-architecture models
+with the demo model's tokenizer (vocabulary 49,152). ``--fit`` prints, per phase, the factor
+that would make the counted seconds (the forecast without ``EFFICIENCY``) match the named
+points' measured seconds: the geometric mean of their ratios. The factors in
+llmq/quant/forecast.py come from it; the points not named are the check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from benchlib import provenance, run_measured, write_random_llama
+
+# name -> (model: "demo" or (hidden, mlp, layers, heads, kv_heads), quantize options)
+POINTS = {
+    "h512-l4": ((512, 2048, 4, 8, 4), ["--samples", "8", "--calib-seq-len", "256", "--refine-steps", "5"]),
+    "h1024-l2": ((1024, 4096, 2, 16, 4), ["--samples", "8", "--calib-seq-len", "256", "--refine-steps", "5"]),
+    "h768-l3": ((768, 3072, 3, 12, 4), ["--samples", "16", "--calib-seq-len", "256", "--refine-steps", "10"]),
+    "h1536-l1": ((1536, 6144, 1, 16, 4), ["--samples", "8", "--calib-seq-len", "512", "--refine-steps", "5"]),
+    "demo-s16": ("demo", ["--samples", "16", "--calib-seq-len", "512", "--refine-steps", "10"]),
+    "demo-default": ("demo", []),
+}
+DEMO_VOCAB = 49152
+MODEL_FIELDS = ("hidden", "mlp", "layers", "heads", "kv_heads")
+
+
+def model_folder(tmp: Path, spec) -> str:
+    if spec == "demo":
+        return "demo"
+    from llmq.runtime.sources import models
+
+    hidden, mlp, layers, heads, kv_heads = spec
+    folder = tmp / "model"
+    folder.mkdir()
+    write_random_llama(folder, hidden, mlp, layers, heads, kv_heads, DEMO_VOCAB)
+    demo = models.resolve_model("demo", progress=False).path
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(demo / name, folder / name)
+    return str(folder)
+
+
+def point(tmp: Path, name: str) -> dict:
+    from llmq.quant.forecast import EFFICIENCY
+
+    spec, options = POINTS[name]
+    model = model_folder(tmp, spec)
+    base = [sys.executable, "-m", "llmq.cli", "quantize", model, "-o", str(tmp / "q.llmq"), "--force", *options]
+    dry = json.loads(run_measured([*base, "--dry-run", "--json"])["stdout"])["estimate"]
+    run = run_measured([*base, "--json"])
+    stages = json.loads(run["stdout"])["stages"]
+    phases = {}
+    for phase, forecast in dry["phases"].items():
+        measured_rss = run["rss_by_stage"].get(phase, {}).get("peak_rss_mb")
+        phases[phase] = {
+            "forecast_seconds": forecast["seconds"],
+            "counted_seconds": round(forecast["seconds"] / EFFICIENCY[phase], 2),
+            "measured_seconds": stages.get(phase),
+            "forecast_peak_rss_mb": round(forecast["peak_rss_bytes"] / 2**20, 1),
+            "measured_peak_rss_mb": measured_rss,
+        }
+    return {
+        "name": name,
+        "model": spec if spec == "demo" else dict(zip(MODEL_FIELDS, spec, strict=True)),
+        "command": f"llmq quantize {'demo' if spec == 'demo' else 'RANDOM'} -o OUT {' '.join(options)}",
+        "speed": dry["speed"],
+        "forecast_seconds": dry["seconds"],
+        "measured_seconds": run["seconds"],
+        "forecast_peak_rss_mb": round(dry["peak_rss_bytes"] / 2**20, 1),
+        "measured_peak_rss_mb": run["peak_rss_mb"],
+        "phases": phases,
+        "efficiency_used": {p: EFFICIENCY[p] for p in phases},
+    }  # fmt: skip
+
+
+def fit(record: dict, names: list[str]) -> dict[str, float]:
+    """Per phase, the factor making counted seconds match the named points' measured ones."""
+    ratios: dict[str, list[float]] = {}
+    for p in record["points"]:
+        if p["name"] in names:
+            for phase, v in p["phases"].items():
+                if v["measured_seconds"]:
+                    ratios.setdefault(phase, []).append(v["measured_seconds"] / v["counted_seconds"])
+    return {phase: round(math.exp(sum(map(math.log, r)) / len(r)), 3) for phase, r in ratios.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="JSON record; points are merged in by name")
+    parser.add_argument("--only", default=",".join(POINTS), help="comma-separated point names")
+    parser.add_argument("--fit", help="comma-separated point names: print the factors they give; run nothing")
+    args = parser.parse_args()
+    record = json.loads(args.out.read_text()) if args.out.exists() else {"points": []}
+    if args.fit:
+        print(json.dumps(fit(record, args.fit.split(","))))
+        return
+    record["what"] = "quantize --dry-run's forecast of each phase against the measured run (bench_forecast.py)"
+    script = "python scripts/bench_forecast.py " + " ".join(sys.argv[1:])
+    for name in args.only.split(","):
+        with tempfile.TemporaryDirectory(dir=args.out.resolve().parent) as tmp:
+            new = point(Path(tmp), name) | provenance(script)
+        record["points"] = [p for p in record["points"] if p["name"] != name] + [new]
+        args.out.write_text(json.dumps(record, indent=2) + "\n")
+        print(json.dumps(new), flush=True)
+
+
+if __name__ == "__main__":
+    main()
