@@ -57,6 +57,7 @@ def gptq_round(
     block: int = 128,
     device: torch.device | None = None,
     exact: torch.Tensor | None = None,
+    factor: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Codes for ``weight`` ``[N, K]`` on the grids ``scale * (q - zero)``, ``0 <= q <= qmax``.
 
@@ -67,6 +68,9 @@ def gptq_round(
     ``exact`` (bool ``[N, K]``) marks weights that will be stored exactly elsewhere (outliers): they
     carry no rounding error, so none is pushed onto later columns, and the second result holds,
     at those positions, the (error-updated) values to store. Returns ``(codes, exact values)``.
+
+    ``factor``: :func:`inverse_hessian_factor` of this ``hessian`` and ``damp``, when the caller
+    has it from an earlier call (a second pass over the same matrix skips the fp64 factorisations).
     """
     home = weight.device
     device = home if device is None else device
@@ -75,7 +79,7 @@ def gptq_round(
     w = weight.to(torch.float32).clone()
     dead = torch.diag(hessian) <= 0
     w[:, dead] = 0.0
-    hinv = inverse_hessian_factor(hessian, damp)
+    hinv = inverse_hessian_factor(hessian, damp) if factor is None else factor.to(device)
     n, k = w.shape
     codes = torch.zeros(n, k, dtype=torch.float32, device=device)
     targets = None if exact is None else torch.zeros(n, k, dtype=torch.float32, device=device)

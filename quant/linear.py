@@ -8,7 +8,7 @@ import torch
 
 from llmq.errors import NonFiniteWeightError
 from llmq.quant.config import QuantConfig, Rounding, Selection
-from llmq.quant.gptq import gptq_round
+from llmq.quant.gptq import gptq_round, inverse_hessian_factor
 from llmq.quant.groups import TwoBit, quantize_2bit, quantize_4bit
 from llmq.quant.select import range_score, select_channels, stripe_width
 from llmq.runtime.format import layout as L
@@ -68,9 +68,10 @@ def _quantize_weight(name, weight, config, hessian, layout, scores, device):
     outliers = None
     if hessian is not None:
         packed_h = hessian[perm.long()][:, perm.long()]
-        two, four, _ = _gptq(packed, packed_h, two, four, layout, config, device)
+        factor = inverse_hessian_factor(packed_h, config.gptq_damp)  # both GPTQ passes use it
+        two, four, _ = _gptq(packed, packed_h, factor, two, four, layout, config, device)
         if two is not None and layout.n_outliers:
-            two, four, outliers = _gptq_with_outliers(packed, packed_h, two, four, layout, config, device)
+            two, four, outliers = _gptq_with_outliers(packed, packed_h, factor, two, four, layout, config, device)
     elif two is not None and layout.n_outliers:
         residual = _residual_2bit(packed, two, layout)
         rows, cols = _largest(residual**2, layout.n_outliers)
@@ -115,8 +116,9 @@ def hessian_score(
     return energy * (rows @ (err2 - err4))
 
 
-def _gptq(packed, hessian, two, four, layout: L.LinearLayout, config: QuantConfig, device=None, exact=None):
-    """Re-derive the codes of both parts with GPTQ on their fixed grids, in packed column order.
+def _gptq(packed, hessian, factor, two, four, layout: L.LinearLayout, config: QuantConfig, device=None, exact=None):
+    """Re-derive the codes of both parts with GPTQ on their fixed grids, in packed column order;
+    ``factor`` is the inverse Hessian's (:func:`~llmq.quant.gptq.inverse_hessian_factor`).
 
     Returns the updated parts and, with ``exact`` (bool ``[N, K]``), the values to store there."""
     scales, zeros, qmax = [], [], []
@@ -131,7 +133,7 @@ def _gptq(packed, hessian, two, four, layout: L.LinearLayout, config: QuantConfi
         zeros.append(zero)
         qmax.append(torch.full((layout.k4,), float(L.INT4_MAX)))
     grid = torch.cat(scales, 1), torch.cat(zeros, 1), torch.cat(qmax)
-    codes, targets = gptq_round(packed, hessian, *grid, config.gptq_damp, config.gptq_block, device, exact)
+    codes, targets = gptq_round(packed, hessian, *grid, config.gptq_damp, config.gptq_block, device, exact, factor)
     if two is not None:
         two_codes = two.codes.clone()
         two_codes[:, : layout.k2] = codes[:, : layout.k2]
@@ -141,7 +143,7 @@ def _gptq(packed, hessian, two, four, layout: L.LinearLayout, config: QuantConfi
     return two, four, targets
 
 
-def _gptq_with_outliers(packed, hessian, two, four, layout: L.LinearLayout, config: QuantConfig, device):
+def _gptq_with_outliers(packed, hessian, factor, two, four, layout: L.LinearLayout, config: QuantConfig, device):
     """Outliers chosen by their error contribution after a first GPTQ pass, then a second pass
     that treats them as exact, so no compensation is spent on errors the corrections remove.
 
@@ -152,7 +154,7 @@ def _gptq_with_outliers(packed, hessian, two, four, layout: L.LinearLayout, conf
     rows, cols = _largest(residual**2 * torch.diag(hessian)[: layout.k2].clamp(min=0), layout.n_outliers)
     exact = torch.zeros(packed.shape, dtype=torch.bool)
     exact[rows, cols] = True
-    two, four, targets = _gptq(packed, hessian, two, four, layout, config, device, exact)
+    two, four, targets = _gptq(packed, hessian, factor, two, four, layout, config, device, exact)
     values = targets[rows, cols] - two.decode(layout.g1, layout.g2)[rows, cols]
     return two, four, _csr(rows, cols, values, layout.out_features)
 
