@@ -76,18 +76,20 @@ class Work:
                 + self.ops * speed.op_seconds)  # fmt: skip
 
 
-def _timed(call: Callable[[], object], device: torch.device, minimum: float = 0.15) -> float:
-    """Seconds per call of ``call``, repeated for at least ``minimum`` seconds after a warm-up."""
+def _timed(call: Callable[[], object], device: torch.device, budget: float = 0.2) -> float:
+    """Seconds of the fastest of the calls of ``call`` made in about ``budget`` seconds after a
+    warm-up: the fastest, because another process taking a core for a moment slows some calls and
+    the run being forecast will have the machine as it finds it, not as that moment left it."""
     call()
     _sync(device)
-    runs, start = 0, time.perf_counter()
-    while True:
+    fastest, spent = float("inf"), 0.0
+    while spent < budget:
+        start = time.perf_counter()
         call()
-        runs += 1
         _sync(device)
         elapsed = time.perf_counter() - start
-        if elapsed >= minimum:
-            return elapsed / runs
+        fastest, spent = min(fastest, elapsed), spent + elapsed
+    return fastest
 
 
 def _sync(device: torch.device) -> None:
@@ -289,7 +291,9 @@ def phase_bytes(shape: Shape, s: Settings, unit_bytes: int) -> dict[str, int]:
     # its permuted copy and the factor
     gptq = 36 * widest_in**2 if s.gptq else 0
     fisher = 4 * sum(n for unit in shape.layers for n, _ in unit) if s.calibrates or s.gptq else 0  # held to the end
-    phases["quantize"] = fisher + unit_bytes + gptq
+    # the scale search's temporaries (in unit_bytes) are gone when GPTQ factorises; its weight copies are not
+    rows = max((n for unit in shape.layers for n, k in unit if k == widest_in), default=0)
+    phases["quantize"] = fisher + unit_bytes + max(0, gptq - 32 * rows * widest_in)
     if s.refine_steps:
         weights = 4 * params * (5 if s.lean else 4)  # fp32 layer, decoded copy, codes, their gradients (+ fp32 weights)
         phases["refine"] = 4 * activations + weights + _activations(shape, s.refine_batch, s.seq_len, True)

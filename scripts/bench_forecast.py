@@ -81,6 +81,7 @@ def point(tmp: Path, name: str) -> dict:
         "forecast_seconds": dry["seconds"],
         "measured_seconds": run["seconds"],
         "forecast_peak_rss_mb": round(dry["peak_rss_bytes"] / 2**20, 1),
+        "forecast_base_rss_mb": round(dry["base_rss_bytes"] / 2**20, 1),
         "measured_peak_rss_mb": run["peak_rss_mb"],
         "phases": phases,
         "efficiency_used": {p: EFFICIENCY[p] for p in phases},
