@@ -104,11 +104,11 @@ def measure_speed(device: torch.device) -> Speed:
     matmul = _timed(lambda: a @ a, device)
     spd = (a @ a.T).double() / 1024 + torch.eye(1024, dtype=torch.float64, device=device)
     cholesky = _timed(lambda: torch.linalg.cholesky(spd), device)
-    big = torch.rand(1 << 22, generator=g).to(device)
+    big = torch.rand(1 << 24, generator=g).to(device)  # 64 MB: out of every cache, as a large matrix is
     passes = _timed(lambda: torch.clamp(torch.round(big / 0.3 + 1.0), 0, 3), device)  # 4 passes
     small = torch.rand(64, generator=g).to(device)
     op = _timed(lambda: [small.mul(2.0) for _ in range(100)], device) / 100
-    return Speed(str(device), 2 * 1024**3 / matmul, 1024**3 / 3 / cholesky, 4 * (1 << 22) / passes, op)
+    return Speed(str(device), 2 * 1024**3 / matmul, 1024**3 / 3 / cholesky, 4 * (1 << 24) / passes, op)
 
 
 @dataclass(frozen=True)
@@ -268,8 +268,9 @@ def _activations(shape: Shape, windows: int, seq_len: int, backward: bool) -> in
 
 def phase_bytes(shape: Shape, s: Settings, unit_bytes: int) -> dict[str, int]:
     """What each phase holds at its peak beyond the process before the run, in bytes. The largest
-    layer counts, never their number. ``unit_bytes``: the largest work unit's output tensors and
-    its largest matrix's working set while it is quantized."""
+    layer counts, never their number. ``unit_bytes``: the most one work unit holds while it is
+    quantized, its output tensors and its largest matrix's working set
+    (:func:`llmq.quant.resources.unit_bytes`)."""
     params = max((shape.params(i) for i in range(len(shape.layers))), default=0)
     widest_in = max((k for unit in shape.inputs for k in unit), default=shape.hidden)
     biggest = max((n * k for unit in shape.layers for n, k in unit), default=0)
@@ -287,13 +288,8 @@ def phase_bytes(shape: Shape, s: Settings, unit_bytes: int) -> dict[str, int]:
         phases["fisher"] = head + 4 * params + windows + _activations(shape, 1, s.seq_len, True) + logits
     if s.spreads:
         phases["plan"] = 36 * biggest + 4 * widest_in**2
-    # the inverse Hessian: three fp64 [K, K] at once while it is factorised, then the fp32 Hessian,
-    # its permuted copy and the factor
-    gptq = 36 * widest_in**2 if s.gptq else 0
     fisher = 4 * sum(n for unit in shape.layers for n, _ in unit) if s.calibrates or s.gptq else 0  # held to the end
-    # the scale search's temporaries (in unit_bytes) are gone when GPTQ factorises; its weight copies are not
-    rows = max((n for unit in shape.layers for n, k in unit if k == widest_in), default=0)
-    phases["quantize"] = fisher + unit_bytes + max(0, gptq - 32 * rows * widest_in)
+    phases["quantize"] = fisher + unit_bytes
     if s.refine_steps:
         weights = 4 * params * (5 if s.lean else 4)  # fp32 layer, decoded copy, codes, their gradients (+ fp32 weights)
         phases["refine"] = 4 * activations + weights + _activations(shape, s.refine_batch, s.seq_len, True)

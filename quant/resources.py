@@ -28,6 +28,9 @@ from llmq.runtime.sources.memory import available_memory_bytes, current_rss_byte
 WORK_COPIES = 12  # fp32 copies of a weight alive while it is quantized (weight, permuted, scale search, decodes)
 COMPUTE_OVERHEAD = 200 << 20  # torch's thread pools and kernel caches, set up by the first real computations
 DENSE_WORK = 9  # bytes per dense parameter in flight: source read (up to fp32), a float copy, a finiteness mask
+GPTQ_COPIES = 4  # fp32 copies of a weight while GPTQ runs (the weight, its permuted copy, codes, the grid)
+# bytes per Hessian entry while GPTQ factorises: three fp64 [K, K] at once, the fp32 Hessian, its permuted copy
+HESSIAN_BYTES = 32
 DISK_MARGIN = 16 << 20  # manifest, filesystem slack
 
 
@@ -97,21 +100,32 @@ def free_disk_bytes(folder: Path) -> int | None:
         return None
 
 
-def estimate_plan(plan: Plan, model_folder: Path, out: Path, shape: forecast.Shape, settings: forecast.Settings,
-                  speed: forecast.Speed | None = None) -> Estimate:  # fmt: skip
-    """The disk and memory a run of ``plan`` (the model in ``model_folder``, written to ``out``, with
-    ``settings``) needs, with what this machine has; with ``speed``, each phase's wall time too."""
+def unit_bytes(plan: Plan, gptq: bool) -> tuple[dict[str, int], dict[str, int]]:
+    """Per work unit: the bytes of its output tensors, and the most its computation holds at once
+    (its largest matrix's scale search, or GPTQ with that matrix's inverse Hessian, or a dense
+    tensor's conversion)."""
     output: dict[str, int] = {}
     work: dict[str, int] = {}
     for name, layout in plan.linears.items():
         unit = plan.unit(name)
         output[unit] = output.get(unit, 0) + layout.stored_bits() // 8
-        working = WORK_COPIES * 4 * layout.out_features * layout.in_features
+        n, k = layout.out_features, layout.in_features
+        working = WORK_COPIES * 4 * n * k
+        if gptq:  # the search's temporaries are gone by then; the weight's copies and the Hessian's are not
+            working = max(working, GPTQ_COPIES * 4 * n * k + HESSIAN_BYTES * k * k)
         work[unit] = max(work.get(unit, 0), working)
     for name, (dtype, dims) in plan.dense.items():
         unit = plan.unit(name)
         output[unit] = output.get(unit, 0) + math.prod(dims) * dtype.itemsize
         work[unit] = max(work.get(unit, 0), DENSE_WORK * math.prod(dims))
+    return output, work
+
+
+def estimate_plan(plan: Plan, model_folder: Path, out: Path, shape: forecast.Shape, settings: forecast.Settings,
+                  speed: forecast.Speed | None = None) -> Estimate:  # fmt: skip
+    """The disk and memory a run of ``plan`` (the model in ``model_folder``, written to ``out``, with
+    ``settings``) needs, with what this machine has; with ``speed``, each phase's wall time too."""
+    output, work = unit_bytes(plan, settings.gptq)
     per_unit = max((output[u] + work.get(u, 0) for u in output), default=0)
     base = current_rss_bytes()
     held = forecast.phase_bytes(shape, settings, per_unit)

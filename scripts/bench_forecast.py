@@ -4,6 +4,7 @@
     python scripts/bench_forecast.py --out docs/data/forecast.json                 # every point
     python scripts/bench_forecast.py --out docs/data/forecast.json --only demo-s16  # one point
     python scripts/bench_forecast.py --out docs/data/forecast.json --fit h512-l4,h1024-l2  # suggest factors
+    python scripts/bench_forecast.py --out docs/data/forecast.json --rescore  # forecasts at today's factors
 
 Each point is a dry run (its forecast, and the device rates it measured) followed by the same
 command for real in a fresh process, its resident set sampled every half second and its stages
@@ -11,7 +12,9 @@ read from the log (benchlib.run_measured). Random-weight points are Llama-archit
 with the demo model's tokenizer (vocabulary 49,152). ``--fit`` prints, per phase, the factor
 that would make the counted seconds (the forecast without ``EFFICIENCY``) match the named
 points' measured seconds: the geometric mean of their ratios. The factors in
-llmq/quant/forecast.py come from it; the points not named are the check.
+llmq/quant/forecast.py come from it; the points not named are the check. ``--rescore`` recomputes
+every point's forecast seconds as its dry run's counted seconds times the factors llmq has now
+(the dry run's counts and rates do not depend on them), and the errors against the measured run.
 """
 
 from __future__ import annotations
@@ -88,6 +91,21 @@ def point(tmp: Path, name: str) -> dict:
     }  # fmt: skip
 
 
+def rescore(record: dict) -> None:
+    """Each point's forecast seconds at the factors llmq has now, and its errors against the run."""
+    from llmq.quant.forecast import EFFICIENCY
+
+    for p in record["points"]:
+        for phase, v in p["phases"].items():
+            v["forecast_seconds"] = round(v["counted_seconds"] * EFFICIENCY[phase], 1)
+            if v["measured_seconds"]:
+                v["seconds_error"] = round(v["forecast_seconds"] / v["measured_seconds"] - 1, 3)
+        p["efficiency_used"] = {phase: EFFICIENCY[phase] for phase in p["phases"]}
+        p["forecast_seconds"] = round(sum(v["forecast_seconds"] for v in p["phases"].values()), 1)
+        p["seconds_error"] = round(p["forecast_seconds"] / p["measured_seconds"] - 1, 3)
+        p["peak_rss_error"] = round(p["forecast_peak_rss_mb"] / p["measured_peak_rss_mb"] - 1, 3)
+
+
 def fit(record: dict, names: list[str]) -> dict[str, float]:
     """Per phase, the factor making counted seconds match the named points' measured ones."""
     ratios: dict[str, list[float]] = {}
@@ -104,10 +122,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="JSON record; points are merged in by name")
     parser.add_argument("--only", default=",".join(POINTS), help="comma-separated point names")
     parser.add_argument("--fit", help="comma-separated point names: print the factors they give; run nothing")
+    parser.add_argument("--rescore", action="store_true", help="forecasts at today's factors; run nothing")
     args = parser.parse_args()
     record = json.loads(args.out.read_text()) if args.out.exists() else {"points": []}
     if args.fit:
         print(json.dumps(fit(record, args.fit.split(","))))
+        return
+    if args.rescore:
+        rescore(record)
+        args.out.write_text(json.dumps(record, indent=2) + "\n")
         return
     record["what"] = "quantize --dry-run's forecast of each phase against the measured run (bench_forecast.py)"
     script = "python scripts/bench_forecast.py " + " ".join(sys.argv[1:])
@@ -115,6 +138,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(dir=args.out.resolve().parent) as tmp:
             new = point(Path(tmp), name) | provenance(script)
         record["points"] = [p for p in record["points"] if p["name"] != name] + [new]
+        rescore(record)
         args.out.write_text(json.dumps(record, indent=2) + "\n")
         print(json.dumps(new), flush=True)
 
