@@ -22,6 +22,7 @@ head's slice of logits. It never grows with the number of layers.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ SCORE_PASSES = 200  # per weight of the plan's channel scoring (min/max fits of 
 DECODE_PASSES = 40  # per weight per refinement step: decode, straight-through rounding, their gradients
 COLUMN_OPS = 14  # tensor calls per column of GPTQ's loop
 LAYER_CALL_OPS = 120  # tensor calls of one decoder layer on one batch, forward
+ELEMENT_SIZES = (1 << 16, 1 << 18, 1 << 20, 1 << 22, 1 << 24)  # 256 kB to 64 MB of fp32: caches, then memory
 # Seconds as counted x this = seconds measured; fitted on the runs of docs/data/forecast.json.
 EFFICIENCY = {"calibrate": 1.0, "fisher": 1.0, "plan": 1.0, "quantize": 1.0, "refine": 1.0, "e2e": 1.0}
 
@@ -49,31 +51,46 @@ class Speed:
     device: str
     flops: float  # fp32 matrix-product flop/s
     flops64: float  # fp64 Cholesky flop/s
-    elements: float  # elementwise element-passes/s over tensors of millions of elements
+    # elementwise element-passes/s by the tensor's number of elements: ((elements, rate), ...), rising
+    # sizes; a tensor that fits a cache goes several times faster than one that streams from memory
+    elements: tuple[tuple[int, float], ...]
     op_seconds: float  # one small tensor call
+
+    def element_rate(self, size: float) -> float:
+        """Element-passes/s over tensors of ``size`` elements: log-linear between the measured sizes."""
+        points = self.elements
+        if size <= points[0][0]:
+            return points[0][1]
+        for (s0, r0), (s1, r1) in zip(points, points[1:], strict=False):
+            if size <= s1:
+                t = math.log(size / s0) / math.log(s1 / s0)
+                return math.exp((1 - t) * math.log(r0) + t * math.log(r1))
+        return points[-1][1]
 
     def to_json(self) -> dict:
         return {"device": self.device, "gflops": round(self.flops / 1e9, 2), "gflops64": round(self.flops64 / 1e9, 2),
-                "gelements": round(self.elements / 1e9, 3), "op_us": round(self.op_seconds * 1e6, 2)}  # fmt: skip
+                "gelements": {f"{4 * size / 2**20:g} MB": round(rate / 1e9, 3) for size, rate in self.elements},
+                "op_us": round(self.op_seconds * 1e6, 2)}  # fmt: skip
 
 
 @dataclass
 class Work:
     flops: float = 0.0
     flops64: float = 0.0
-    elements: float = 0.0
+    elements: dict[int, float] = field(default_factory=dict)  # tensor size (elements) -> element-passes
     ops: float = 0.0
 
     def __iadd__(self, other: Work) -> Work:
         self.flops += other.flops
         self.flops64 += other.flops64
-        self.elements += other.elements
+        for size, count in other.elements.items():
+            self.elements[size] = self.elements.get(size, 0.0) + count
         self.ops += other.ops
         return self
 
     def seconds(self, speed: Speed) -> float:
-        return (self.flops / speed.flops + self.flops64 / speed.flops64 + self.elements / speed.elements
-                + self.ops * speed.op_seconds)  # fmt: skip
+        streamed = sum(count / speed.element_rate(size) for size, count in self.elements.items())
+        return self.flops / speed.flops + self.flops64 / speed.flops64 + streamed + self.ops * speed.op_seconds
 
 
 def _timed(call: Callable[[], object], device: torch.device, budget: float = 0.2) -> float:
@@ -104,11 +121,14 @@ def measure_speed(device: torch.device) -> Speed:
     matmul = _timed(lambda: a @ a, device)
     spd = (a @ a.T).double() / 1024 + torch.eye(1024, dtype=torch.float64, device=device)
     cholesky = _timed(lambda: torch.linalg.cholesky(spd), device)
-    big = torch.rand(1 << 24, generator=g).to(device)  # 64 MB: out of every cache, as a large matrix is
-    passes = _timed(lambda: torch.clamp(torch.round(big / 0.3 + 1.0), 0, 3), device)  # 4 passes
+    rates = []
+    for size in ELEMENT_SIZES:
+        x = torch.rand(size, generator=g).to(device)
+        passes = _timed(lambda x=x: torch.clamp(torch.round(x / 0.3 + 1.0), 0, 3), device, budget=0.1)  # 4 passes
+        rates.append((size, 4 * size / passes))
     small = torch.rand(64, generator=g).to(device)
     op = _timed(lambda: [small.mul(2.0) for _ in range(100)], device) / 100
-    return Speed(str(device), 2 * 1024**3 / matmul, 1024**3 / 3 / cholesky, 4 * (1 << 24) / passes, op)
+    return Speed(str(device), 2 * 1024**3 / matmul, 1024**3 / 3 / cholesky, tuple(rates), op)
 
 
 @dataclass(frozen=True)
@@ -151,13 +171,19 @@ class Shape:
         return sum(n * k for n, k in self.layers[index])
 
     def token_flops(self, index: int, seq_len: int) -> float:
-        """One token through decoder layer ``index``, forward: its matrices and its attention."""
-        return 2 * self.params(index) + 4 * seq_len * self.attention
+        """One token through decoder layer ``index``, forward: its matrices, and its attention over
+        the half of the window before it on average (causal)."""
+        return 2 * self.params(index) + 2 * seq_len * self.attention
 
-    def token_elements(self, seq_len: int) -> float:
-        """Elementwise work of one token through a layer: norms, rotary, activations, softmax."""
-        widest = max((n for unit in self.layers for n, _ in unit), default=self.hidden)
-        return 30 * self.hidden + 6 * widest + 5 * seq_len * self.heads
+    def token_elements(self) -> float:
+        """Elementwise work of one token through a layer: norms, rotary, activation, residuals (the
+        attention's softmax is fused into its kernel, and counted with its flops)."""
+        return 30 * self.hidden + 6 * self.widest
+
+    @property
+    def widest(self) -> int:
+        """The widest matrix output (the MLP's): the largest activation per token."""
+        return max((n for unit in self.layers for n, _ in unit), default=self.hidden)
 
 
 @dataclass(frozen=True)
@@ -185,8 +211,9 @@ def phase_work(shape: Shape, s: Settings) -> dict[str, Work]:
         phases["calibrate"] = _calibrate(shape, s, layers, tokens)
         phases["fisher"] = _fisher(shape, s, layers)
     if s.spreads:
-        weights = sum(shape.params(i) for i in layers) + sum(n * k for n, k in shape.rest)
-        phases["plan"] = Work(elements=SCORE_PASSES * weights, ops=300 * sum(map(len, shape.layers)))
+        phases["plan"] = Work(ops=300 * sum(map(len, shape.layers)))
+        for n, k in [m for i in layers for m in shape.layers[i]] + shape.rest:
+            phases["plan"] += Work(elements={n * k: SCORE_PASSES * n * k})
     phases["quantize"] = Work()
     for n, k in [m for i in layers for m in shape.layers[i]] + shape.rest:
         phases["quantize"] += _quantize(n, k, s.gptq, shape.outliers)
@@ -202,7 +229,8 @@ def _calibrate(shape: Shape, s: Settings, layers: range, tokens: int) -> Work:
     for i in layers:
         hessians = sum(2 * k * k for k in shape.inputs[i])
         work += Work(flops=tokens * (shape.token_flops(i, s.seq_len) + hessians),
-                     elements=tokens * shape.token_elements(s.seq_len) + s.samples * 1.5 * hessians,
+                     elements={s.seq_len * shape.widest: tokens * shape.token_elements(),
+                               max(shape.inputs[i]) ** 2: s.samples * 1.5 * hessians},
                      ops=s.samples * LAYER_CALL_OPS)  # fmt: skip
     return work
 
@@ -210,22 +238,25 @@ def _calibrate(shape: Shape, s: Settings, layers: range, tokens: int) -> Work:
 def _fisher(shape: Shape, s: Settings, layers: range) -> Work:
     windows = min(s.samples, FISHER_WINDOWS)
     tokens = windows * s.seq_len
+    logits = min(HEAD_CHUNK_ELEMENTS, s.seq_len * shape.vocab)
     # Each window goes through a layer forward again, then back for the input's gradient (2x forward).
-    work = Work(flops=4 * tokens * shape.vocab * shape.hidden, elements=12 * tokens * shape.vocab)
+    work = Work(flops=4 * tokens * shape.vocab * shape.hidden, elements={logits: 12 * tokens * shape.vocab})
     for i in layers:
         work += Work(flops=3 * tokens * shape.token_flops(i, s.seq_len),
-                     elements=3 * tokens * shape.token_elements(s.seq_len),
+                     elements={s.seq_len * shape.widest: 3 * tokens * shape.token_elements()},
                      ops=3 * windows * LAYER_CALL_OPS)  # fmt: skip
     return work
 
 
 def _quantize(n: int, k: int, gptq: bool, outliers: bool) -> Work:
     """One matrix: the scale search, then GPTQ (twice with outliers: once more with them exact)."""
-    work = Work(elements=SEARCH_PASSES * n * k, ops=300)
+    work = Work(elements={n * k: SEARCH_PASSES * n * k}, ops=300)
     if gptq:
         passes = 2 if outliers else 1
+        # the column loop updates the rest of its block of GPTQ_BLOCK columns: [N, 64] on average
         work += Work(flops=passes * 2 * n * k * k / 2, flops64=passes * 1.7 * k**3,
-                     elements=passes * n * k * GPTQ_BLOCK, ops=passes * COLUMN_OPS * k)  # fmt: skip
+                     elements={n * GPTQ_BLOCK // 2: passes * n * k * GPTQ_BLOCK},
+                     ops=passes * COLUMN_OPS * k)  # fmt: skip
     return work
 
 
@@ -236,20 +267,23 @@ def _refine(shape: Shape, s: Settings, layers: range) -> Work:
     windows = 2 * s.samples + (2 + tunes) * held + tunes * s.refine_steps * s.refine_batch * 3
     work = Work()
     for i in layers:
+        decode = {n * k: tunes * s.refine_steps * DECODE_PASSES * n * k for n, k in shape.layers[i]}
         work += Work(flops=windows * s.seq_len * shape.token_flops(i, s.seq_len),
-                     elements=windows * s.seq_len * shape.token_elements(s.seq_len)
-                     + tunes * s.refine_steps * DECODE_PASSES * shape.params(i),
+                     elements={s.refine_batch * s.seq_len * shape.widest: windows * s.seq_len * shape.token_elements()},
                      ops=tunes * s.refine_steps * 4 * LAYER_CALL_OPS)  # fmt: skip
+        work += Work(elements=decode)
     return work
 
 
 def _e2e(shape: Shape, s: Settings, layers: range) -> Work:
     tokens = s.e2e_steps * s.e2e_batch * s.seq_len
-    work = Work(flops=6 * tokens * shape.vocab * shape.hidden, elements=12 * tokens * shape.vocab)
+    logits = min(HEAD_CHUNK_ELEMENTS, s.seq_len * shape.vocab)
+    work = Work(flops=6 * tokens * shape.vocab * shape.hidden, elements={logits: 12 * tokens * shape.vocab})
     for i in layers:
         work += Work(flops=3 * tokens * shape.token_flops(i, s.seq_len),
-                     elements=3 * tokens * shape.token_elements(s.seq_len)
-                     + s.e2e_steps * DECODE_PASSES * shape.params(i), ops=s.e2e_steps * 4 * LAYER_CALL_OPS)  # fmt: skip
+                     elements={s.e2e_batch * s.seq_len * shape.widest: 3 * tokens * shape.token_elements()},
+                     ops=s.e2e_steps * 4 * LAYER_CALL_OPS)  # fmt: skip
+        work += Work(elements={n * k: s.e2e_steps * DECODE_PASSES * n * k for n, k in shape.layers[i]})
     return work
 
 
@@ -261,8 +295,7 @@ def phase_seconds(shape: Shape, s: Settings, speed: Speed) -> dict[str, float]:
 def _activations(shape: Shape, windows: int, seq_len: int, backward: bool) -> int:
     """Bytes of one decoder layer's intermediate tensors over ``windows`` windows (fp32); a backward
     pass keeps them all until it runs, so about three times the forward's transient peak."""
-    widest = max((n for unit in shape.layers for n, _ in unit), default=shape.hidden)
-    per_token = 8 * shape.hidden + 3 * widest + 2 * seq_len * shape.heads
+    per_token = 8 * shape.hidden + 3 * shape.widest + 2 * seq_len * shape.heads
     return int((3 if backward else 1) * 4 * windows * seq_len * per_token)
 
 

@@ -100,6 +100,13 @@ def free_disk_bytes(folder: Path) -> int | None:
         return None
 
 
+def matrix_work(n: int, k: int, gptq: bool) -> int:
+    """The most quantizing one [n, k] matrix holds at once: the scale search's copies, or GPTQ's
+    (the search's temporaries are gone by then; the weight's copies and the Hessian's are not)."""
+    search = WORK_COPIES * 4 * n * k
+    return max(search, GPTQ_COPIES * 4 * n * k + HESSIAN_BYTES * k * k) if gptq else search
+
+
 def unit_bytes(plan: Plan, gptq: bool) -> tuple[dict[str, int], dict[str, int]]:
     """Per work unit: the bytes of its output tensors, and the most its computation holds at once
     (its largest matrix's scale search, or GPTQ with that matrix's inverse Hessian, or a dense
@@ -109,11 +116,7 @@ def unit_bytes(plan: Plan, gptq: bool) -> tuple[dict[str, int], dict[str, int]]:
     for name, layout in plan.linears.items():
         unit = plan.unit(name)
         output[unit] = output.get(unit, 0) + layout.stored_bits() // 8
-        n, k = layout.out_features, layout.in_features
-        working = WORK_COPIES * 4 * n * k
-        if gptq:  # the search's temporaries are gone by then; the weight's copies and the Hessian's are not
-            working = max(working, GPTQ_COPIES * 4 * n * k + HESSIAN_BYTES * k * k)
-        work[unit] = max(work.get(unit, 0), working)
+        work[unit] = max(work.get(unit, 0), matrix_work(layout.out_features, layout.in_features, gptq))
     for name, (dtype, dims) in plan.dense.items():
         unit = plan.unit(name)
         output[unit] = output.get(unit, 0) + math.prod(dims) * dtype.itemsize

@@ -5,6 +5,7 @@
     python scripts/bench_forecast.py --out docs/data/forecast.json --only demo-s16  # one point
     python scripts/bench_forecast.py --out docs/data/forecast.json --fit h512-l4,h1024-l2  # suggest factors
     python scripts/bench_forecast.py --out docs/data/forecast.json --rescore  # forecasts at today's factors
+    python scripts/bench_forecast.py --out docs/data/forecast.json --forecast-only  # new dry runs, same runs
 
 Each point is a dry run (its forecast, and the device rates it measured) followed by the same
 command for real in a fresh process, its resident set sampled every half second and its stages
@@ -57,38 +58,42 @@ def model_folder(tmp: Path, spec) -> str:
     return str(folder)
 
 
-def point(tmp: Path, name: str) -> dict:
-    from llmq.quant.forecast import EFFICIENCY
-
+def point(tmp: Path, name: str, old: dict | None = None) -> dict:
+    """Dry run and real run of point ``name``; with ``old`` (its record), the dry run alone, the
+    measured run kept from ``old``."""
     spec, options = POINTS[name]
     model = model_folder(tmp, spec)
     base = [sys.executable, "-m", "llmq.cli", "quantize", model, "-o", str(tmp / "q.llmq"), "--force", *options]
     dry = json.loads(run_measured([*base, "--dry-run", "--json"])["stdout"])["estimate"]
-    run = run_measured([*base, "--json"])
-    stages = json.loads(run["stdout"])["stages"]
-    phases = {}
-    for phase, forecast in dry["phases"].items():
-        measured_rss = run["rss_by_stage"].get(phase, {}).get("peak_rss_mb")
-        phases[phase] = {
-            "forecast_seconds": forecast["seconds"],
-            "counted_seconds": round(forecast["seconds"] / EFFICIENCY[phase], 2),
-            "measured_seconds": stages.get(phase),
-            "forecast_peak_rss_mb": round(forecast["peak_rss_bytes"] / 2**20, 1),
-            "measured_peak_rss_mb": measured_rss,
-        }
+    if old is None:
+        run = run_measured([*base, "--json"])
+        stages, rss = json.loads(run["stdout"])["stages"], run["rss_by_stage"]
+        measured = {"measured_seconds": run["seconds"], "measured_peak_rss_mb": run["peak_rss_mb"]}
+    else:
+        stages = {phase: v["measured_seconds"] for phase, v in old["phases"].items()}
+        rss = {phase: {"peak_rss_mb": v["measured_peak_rss_mb"]} for phase, v in old["phases"].items()}
+        measured = {k: old[k] for k in ("measured_seconds", "measured_peak_rss_mb")}
+        measured["measured_commit"] = old.get("measured_commit", old["commit"])  # the run's, not this dry run's
     return {
         "name": name,
         "model": spec if spec == "demo" else dict(zip(MODEL_FIELDS, spec, strict=True)),
         "command": f"llmq quantize {'demo' if spec == 'demo' else 'RANDOM'} -o OUT {' '.join(options)}",
         "speed": dry["speed"],
-        "forecast_seconds": dry["seconds"],
-        "measured_seconds": run["seconds"],
         "forecast_peak_rss_mb": round(dry["peak_rss_bytes"] / 2**20, 1),
         "forecast_base_rss_mb": round(dry["base_rss_bytes"] / 2**20, 1),
-        "measured_peak_rss_mb": run["peak_rss_mb"],
-        "phases": phases,
-        "efficiency_used": {p: EFFICIENCY[p] for p in phases},
-    }  # fmt: skip
+        "phases": {phase: _phase(forecast, phase, stages, rss) for phase, forecast in dry["phases"].items()},
+    } | measured  # fmt: skip
+
+
+def _phase(forecast: dict, phase: str, stages: dict, rss: dict) -> dict:
+    from llmq.quant.forecast import EFFICIENCY
+
+    return {
+        "counted_seconds": round(forecast["seconds"] / EFFICIENCY[phase], 2),
+        "measured_seconds": stages.get(phase),
+        "forecast_peak_rss_mb": round(forecast["peak_rss_bytes"] / 2**20, 1),
+        "measured_peak_rss_mb": rss.get(phase, {}).get("peak_rss_mb"),
+    }
 
 
 def rescore(record: dict) -> None:
@@ -123,6 +128,8 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(POINTS), help="comma-separated point names")
     parser.add_argument("--fit", help="comma-separated point names: print the factors they give; run nothing")
     parser.add_argument("--rescore", action="store_true", help="forecasts at today's factors; run nothing")
+    parser.add_argument("--forecast-only", action="store_true",
+                        help="make the points' dry runs again, keeping their measured runs")  # fmt: skip
     args = parser.parse_args()
     record = json.loads(args.out.read_text()) if args.out.exists() else {"points": []}
     if args.fit:
@@ -135,8 +142,12 @@ def main() -> None:
     record["what"] = "quantize --dry-run's forecast of each phase against the measured run (bench_forecast.py)"
     script = "python scripts/bench_forecast.py " + " ".join(sys.argv[1:])
     for name in args.only.split(","):
+        old = next((p for p in record["points"] if p["name"] == name), None) if args.forecast_only else None
+        if args.forecast_only and old is None:
+            raise SystemExit(f"--forecast-only: {args.out} has no point {name} to keep the measured run of")
         with tempfile.TemporaryDirectory(dir=args.out.resolve().parent) as tmp:
-            new = point(Path(tmp), name) | provenance(script)
+            new = point(Path(tmp), name, old) | provenance(script)
+        new.setdefault("measured_commit", new["commit"])
         record["points"] = [p for p in record["points"] if p["name"] != name] + [new]
         rescore(record)
         args.out.write_text(json.dumps(record, indent=2) + "\n")

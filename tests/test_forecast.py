@@ -54,7 +54,7 @@ def test_memory_follows_the_windows_the_run_holds():
     assert large["calibrate"] > small["calibrate"]
 
 
-SPEED = F.Speed("cpu", flops=20e9, flops64=5e9, elements=0.3e9, op_seconds=10e-6)
+SPEED = F.Speed("cpu", flops=20e9, flops64=5e9, elements=((1 << 16, 2e9), (1 << 24, 0.3e9)), op_seconds=10e-6)
 
 
 def test_time_scales_with_layers_windows_and_steps():
@@ -80,10 +80,17 @@ def test_phases_follow_the_settings():
 
 def test_the_device_rates_are_measured():
     speed = F.measure_speed(torch.device("cpu"))
-    for rate in (speed.flops, speed.flops64, speed.elements):
+    for rate in (speed.flops, speed.flops64, *(r for _, r in speed.elements)):
         assert math.isfinite(rate) and rate > 1e6
+    assert [size for size, _ in speed.elements] == list(F.ELEMENT_SIZES)
     assert 0 < speed.op_seconds < 0.01
     assert set(speed.to_json()) == {"device", "gflops", "gflops64", "gelements", "op_us"}
+
+
+def test_elementwise_rate_falls_between_the_measured_sizes():
+    assert SPEED.element_rate(1000) == 2e9 and SPEED.element_rate(1 << 30) == 0.3e9
+    middle = SPEED.element_rate(1 << 20)  # halfway in log size: the geometric mean of the rates
+    assert middle == pytest.approx((2e9 * 0.3e9) ** 0.5)
 
 
 def test_dry_run_forecasts_each_phase(cli, tiny_model, tmp_path):
