@@ -93,20 +93,19 @@ class Work:
         return self.flops / speed.flops + self.flops64 / speed.flops64 + streamed + self.ops * speed.op_seconds
 
 
-def _timed(call: Callable[[], object], device: torch.device, budget: float = 0.2) -> float:
-    """Seconds of the fastest of the calls of ``call`` made in about ``budget`` seconds after a
-    warm-up: the fastest, because another process taking a core for a moment slows some calls and
-    the run being forecast will have the machine as it finds it, not as that moment left it."""
+def _timed(call: Callable[[], object], device: torch.device, budget: float = 0.3) -> float:
+    """Seconds of the median call of ``call``, called for about ``budget`` seconds after a warm-up:
+    the median, because a moment of boost or of another process's work moves some calls and not
+    the run being forecast."""
     call()
     _sync(device)
-    fastest, spent = float("inf"), 0.0
-    while spent < budget:
+    times: list[float] = []
+    while sum(times) < budget or len(times) < 3:
         start = time.perf_counter()
         call()
         _sync(device)
-        elapsed = time.perf_counter() - start
-        fastest, spent = min(fastest, elapsed), spent + elapsed
-    return fastest
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
 
 
 def _sync(device: torch.device) -> None:
@@ -117,9 +116,9 @@ def _sync(device: torch.device) -> None:
 def measure_speed(device: torch.device) -> Speed:
     """The four rates of :class:`Speed` on ``device``, at sizes like a small model's (about a second)."""
     g = torch.Generator(device="cpu").manual_seed(0)
-    a = torch.randn(1024, 1024, generator=g).to(device)
+    a = torch.randn(2048, 2048, generator=g).to(device)  # a layer's size: the rate a model's products reach
     matmul = _timed(lambda: a @ a, device)
-    spd = (a @ a.T).double() / 1024 + torch.eye(1024, dtype=torch.float64, device=device)
+    spd = (a[:1024, :1024] @ a[:1024, :1024].T).double() / 1024 + torch.eye(1024, dtype=torch.float64, device=device)
     cholesky = _timed(lambda: torch.linalg.cholesky(spd), device)
     rates = []
     for size in ELEMENT_SIZES:
@@ -128,7 +127,7 @@ def measure_speed(device: torch.device) -> Speed:
         rates.append((size, 4 * size / passes))
     small = torch.rand(64, generator=g).to(device)
     op = _timed(lambda: [small.mul(2.0) for _ in range(100)], device) / 100
-    return Speed(str(device), 2 * 1024**3 / matmul, 1024**3 / 3 / cholesky, tuple(rates), op)
+    return Speed(str(device), 2 * 2048**3 / matmul, 1024**3 / 3 / cholesky, tuple(rates), op)
 
 
 @dataclass(frozen=True)
