@@ -8,7 +8,7 @@ settings in three kinds of work, each of which a device does at its own rate:
   elements   elementwise passes over large tensors (the scale search, rounding, GPTQ's column updates)
   ops        small tensor calls whose fixed cost dominates (GPTQ's column loop; a kernel launch on a GPU)
 
-:func:`measure_speed` times the four rates on the run's device in about a second. The counts
+:func:`measure_speed` times the four rates on the run's device in about three seconds. The counts
 follow the code's loops but not every temporary, so each phase's seconds carry one factor,
 ``EFFICIENCY``, fitted from measured runs on one CPU (docs/data/forecast.json says which runs,
 and how far the forecast is from runs it was not fitted on). On another device the rates are
@@ -115,7 +115,7 @@ def _sync(device: torch.device) -> None:
 
 
 def measure_speed(device: torch.device) -> Speed:
-    """The four rates of :class:`Speed` on ``device``, at sizes like a small model's (about a second)."""
+    """The four rates of :class:`Speed` on ``device``, at sizes like a model's (about three seconds)."""
     g = torch.Generator(device="cpu").manual_seed(0)
     a = torch.randn(2048, 2048, generator=g).to(device)  # a layer's size: the rate a model's products reach
     matmul = _timed(lambda: a @ a, device)
