@@ -69,6 +69,8 @@ def point(tmp: Path, name: str, old: dict | None = None) -> dict:
         run = run_measured([*base, "--json"])
         stages, rss = json.loads(run["stdout"])["stages"], run["rss_by_stage"]
         measured = {"measured_seconds": run["seconds"], "measured_peak_rss_mb": run["peak_rss_mb"]}
+        # how many blocks tuned twice (lean codes lost, then GPTQ's codes), which the forecast takes as half
+        measured["refine_log"] = [line for line in run["stderr"].splitlines() if "blocks kept their tuned" in line]
     else:
         stages = {phase: v["measured_seconds"] for phase, v in old["phases"].items()}
         rss = {phase: {"peak_rss_mb": v["measured_peak_rss_mb"]} for phase, v in old["phases"].items()}

@@ -38,7 +38,7 @@ def main() -> None:
         demo = run_measured([*llmq, "quantize", "demo", "-o", str(tmpdir / "demo.llmq"), "--no-calib", "--json", "-q"])
         results["demo"] = {
             "command": "llmq quantize demo -o demo.llmq --no-calib",
-            **{k: v for k, v in demo.items() if k != "stdout"},
+            **{k: v for k, v in demo.items() if k not in ("stdout", "stderr")},
         }
         results["demo"]["bits_per_weight"] = json.loads(demo["stdout"])["accounting"]["bits_per_weight"]
         eval_run = run_measured(
@@ -75,7 +75,7 @@ def main() -> None:
                 "command": "llmq quantize random-llama-1.1b -o big.llmq --no-calib",
                 "params": params,
                 "safetensors_bytes": disk,
-                **{k: v for k, v in big.items() if k != "stdout"},
+                **{k: v for k, v in big.items() if k not in ("stdout", "stderr")},
                 "bits_per_weight": json.loads(big["stdout"])["accounting"]["bits_per_weight"],
             }
     results["peak_rss_of_this_driver_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

@@ -188,6 +188,7 @@ def run_measured(cmd: list[str]) -> dict:
     every = max(1, len(samples) // 200)  # at most about 200 points in the record
     return {
         "seconds": round(seconds, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "stdout": stdout,
+        "stderr": stderr,
         "rss_by_stage": stages, "rss_timeline_mb": [[round(t, 1), mb] for t, mb in samples[::every]],
     }  # fmt: skip
 
