@@ -249,8 +249,8 @@ def estimate(
     feedback: Feedback = LOGGED,
 ) -> QuantizeEstimate:
     """Per-layer bits per weight, artifact size, disk, and each phase's peak memory and wall time of
-    :func:`quantize` with the same arguments (times from ``device``'s rates, measured in about a
-    second, and :mod:`llmq.quant.forecast`'s counts). Writes nothing; reads weights only to rank
+    :func:`quantize` with the same arguments (times from ``device``'s rates, measured in about three
+    seconds, and :mod:`llmq.quant.forecast`'s counts). Writes nothing; reads weights only to rank
     stripes by sensitivity and to check a stats file's model fingerprint. ``calib_data`` is not
     collected: the per-layer stripes are placed without it (by weight error with ``target_bits``,
     uniformly otherwise) and are provisional; ``config.target_bits`` is what the real run aims at."""
