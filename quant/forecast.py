@@ -1,7 +1,7 @@
 """How long each phase of a quantize run will take and how much memory it will hold, before it starts.
 
 A run's phases (calibrate, fisher, plan, quantize, refine, e2e) are counted from the plan and the
-settings in three kinds of work, each of which a device does at its own rate:
+settings in four kinds of work, each of which a device does at its own rate:
 
   flops      fp32 matrix products (layer forwards and backwards, Hessian sums, GPTQ's block updates)
   flops64    fp64 factorisations (GPTQ's inverse Hessian)
@@ -17,7 +17,8 @@ with a run there.
 
 Memory per phase is the process before the run (measured) plus what the phase holds at once: one
 decoder layer in fp32, the calibration activations, the largest matrix's working set, the output
-head's slice of logits. It never grows with the number of layers.
+head's slice of logits. It does not grow with the number of layers, but for the output Fisher
+(4 bytes per output row of every matrix), which the run holds to the end.
 """
 
 from __future__ import annotations
@@ -133,7 +134,8 @@ def measure_speed(device: torch.device) -> Speed:
 
 @dataclass(frozen=True)
 class Shape:
-    """What a quantize run's cost depends on, from the plan and the model's config."""
+    """What a quantize run's cost depends on, from the plan and the model's config. Routed experts
+    count as if every token reached every expert: an overestimate for a mixture of experts."""
 
     layers: list[list[tuple[int, int]]]  # per decoder layer, its quantized matrices' (out, in)
     inputs: list[list[int]]  # per decoder layer, the width of each distinct input (one Hessian each)
@@ -154,6 +156,7 @@ class Shape:
             by_unit.setdefault(plan.unit(name), []).append((name, lay.out_features, lay.in_features))
         layers = [[(n, k) for _, n, k in by_unit.get(u, [])] for u in plan.units if u != REST]
         # Matrices of one module reading the same width share an input (q/k/v, gate/up): one Hessian.
+        # o_proj falls in with q/k/v, one Hessian fewer than the run collects; the factors absorb it.
         inputs = [sorted({(name.rsplit(".", 1)[0], k) for name, _, k in by_unit.get(u, [])}) for u in plan.units
                   if u != REST]  # fmt: skip
         return cls(
