@@ -32,7 +32,7 @@ MODELS = {
 BASE_RSS = 400 << 20
 # NVIDIA H100 SXM datasheet: 67 TFLOPS fp32 and fp64 (tensor cores), 3.35 TB/s (an elementwise pass
 # reads and writes 4-byte values), and about 5 us a kernel launch with its Python call.
-H100_DATASHEET = {"flops": 67e12, "flops64": 67e12, "elements": 3.35e12 / 8, "op_seconds": 5e-6}
+H100_DATASHEET = {"flops": 67e12, "flops64": 67e12, "elements": ((1 << 16, 3.35e12 / 8),), "op_seconds": 5e-6}
 
 
 def shape(hidden: int, mlp: int, layers: int, heads: int, kv: int, vocab: int):

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,3 +126,38 @@ def test_a_run_that_cannot_fit_in_memory_is_refused_before_calibrating(cli, tiny
     assert dry.code == 0 and "the run would be refused" in dry.stdout
     forced = cli("quantize", str(tiny_model), "-o", str(out), "--no-calib", "--g4", "16", "--no-memory-check")
     assert forced.code == 0 and out.is_dir()
+
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def test_bench_forecast_fits_and_rescores_a_record(tmp_path):
+    """``--fit`` gives each phase the geometric mean of measured over counted on the named points;
+    ``--rescore`` writes forecasts and errors from the counts; neither runs a model."""
+    phase = {"counted_seconds": 10.0, "forecast_peak_rss_mb": 100.0, "measured_peak_rss_mb": 90.0}
+    points = [{"name": name, "measured_seconds": 30.0, "forecast_peak_rss_mb": 100.0, "measured_peak_rss_mb": 80.0,
+               "phases": {"quantize": phase | {"measured_seconds": measured}}}
+              for name, measured in (("a", 5.0), ("b", 20.0), ("c", 40.0))]  # fmt: skip
+    record = tmp_path / "forecast.json"
+    record.write_text(json.dumps({"points": points}))
+    script = [sys.executable, str(SCRIPTS / "bench_forecast.py"), "--out", str(record)]
+    fitted = subprocess.run([*script, "--fit", "a,b"], capture_output=True, text=True, check=True)
+    assert json.loads(fitted.stdout) == {"quantize": 1.0}  # sqrt(0.5 x 2.0)
+    subprocess.run([*script, "--rescore"], capture_output=True, text=True, check=True)
+    rescored = {p["name"]: p for p in json.loads(record.read_text())["points"]}
+    factor = F.EFFICIENCY["quantize"]
+    assert rescored["c"]["phases"]["quantize"]["forecast_seconds"] == round(10.0 * factor, 1)
+    assert rescored["c"]["seconds_error"] == round(round(10.0 * factor, 1) / 30.0 - 1, 3)
+    assert rescored["a"]["peak_rss_error"] == 0.25
+
+
+def test_forecast_sizes_tables_the_large_models(tmp_path):
+    out = tmp_path / "sizes.json"
+    subprocess.run([sys.executable, str(SCRIPTS / "forecast_sizes.py"), "--out", str(out)], capture_output=True,
+                   text=True, check=True)  # fmt: skip
+    rows = {row["model"]: row for row in json.loads(out.read_text())["models"]}
+    assert {"Llama-3.1-8B", "Qwen2.5-32B", "Llama-3.1-70B"} <= set(rows)
+    small, large = rows["Llama-3.1-8B"], rows["Llama-3.1-70B"]
+    assert sum(large["cpu_hours"].values()) > 5 * sum(small["cpu_hours"].values())
+    # one layer's memory, not the model's: 70B's peak is a few times 8B's, not nine
+    assert max(large["peak_rss_gb"].values()) < 5 * max(small["peak_rss_gb"].values())
