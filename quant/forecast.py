@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llmq.quant.calibrate import FISHER_WINDOWS
 from llmq.quant.plan import REST, Plan
 from llmq.runtime.sources.head import HEAD_CHUNK_ELEMENTS
 
-FISHER_WINDOWS = 8  # the calibration module's; repeated here so a dry run imports no model code
 GPTQ_BLOCK = 128
 SEARCH_PASSES = 500  # elementwise passes per weight of the 2/4-bit scale search (shrinks x zeros x error)
 SCORE_PASSES = 200  # per weight of the plan's channel scoring (min/max fits of both grids)
@@ -184,6 +184,11 @@ class Shape:
         return 30 * self.hidden + 6 * self.widest
 
     @property
+    def matrices(self) -> list[tuple[int, int]]:
+        """Every quantized matrix's (out, in): the layers', then the rest's."""
+        return [m for unit in self.layers for m in unit] + self.rest
+
+    @property
     def widest(self) -> int:
         """The widest matrix output (the MLP's): the largest activation per token."""
         return max((n for unit in self.layers for n, _ in unit), default=self.hidden)
@@ -215,10 +220,10 @@ def phase_work(shape: Shape, s: Settings) -> dict[str, Work]:
         phases["fisher"] = _fisher(shape, s, layers)
     if s.spreads:
         phases["plan"] = Work(ops=300 * sum(map(len, shape.layers)))
-        for n, k in [m for i in layers for m in shape.layers[i]] + shape.rest:
+        for n, k in shape.matrices:
             phases["plan"] += Work(elements={n * k: SCORE_PASSES * n * k})
     phases["quantize"] = Work()
-    for n, k in [m for i in layers for m in shape.layers[i]] + shape.rest:
+    for n, k in shape.matrices:
         phases["quantize"] += _quantize(n, k, s.gptq, shape.outliers)
     if s.refine_steps:
         phases["refine"] = _refine(shape, s, layers)
@@ -309,8 +314,7 @@ def phase_bytes(shape: Shape, s: Settings, unit_bytes: int) -> dict[str, int]:
     (:func:`llmq.quant.resources.unit_bytes`)."""
     params = max((shape.params(i) for i in range(len(shape.layers))), default=0)
     widest_in = max((k for unit in shape.inputs for k in unit), default=shape.hidden)
-    biggest = max((n * k for unit in shape.layers for n, k in unit), default=0)
-    biggest = max([biggest] + [n * k for n, k in shape.rest])
+    biggest = max((n * k for n, k in shape.matrices), default=0)
     activations = 4 * s.samples * s.seq_len * shape.hidden  # every calibration window's hidden state, fp32
     kept = min(s.samples, FISHER_WINDOWS)
     head = 4 * shape.vocab * shape.hidden

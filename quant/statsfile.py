@@ -100,27 +100,11 @@ class StatsTensors(MutableMapping):
         held = self._held.get(name)
         return (held.dtype, tuple(held.shape)) if held is not None else self._headers[name]
 
-    def resident_bytes(self) -> int:
-        """Bytes of the tensors held in memory."""
-        return sum(t.numel() * t.element_size() for t in self._held.values())
-
-    def largest_read_bytes(self) -> int:
-        """Bytes of the largest tensor read from a file: what one read adds to memory."""
-        return max((_nbytes(header) for header in self._headers.values()), default=0)
-
     def close(self) -> None:
         """Remove the folder these statistics own now, rather than when they are garbage-collected;
         its tensors cannot be read afterwards."""
         if self._cleanup is not None:
             self._cleanup()
-
-
-def _nbytes(header: Header) -> int:
-    dtype, shape = header
-    count = 1
-    for size in shape:
-        count *= size
-    return count * dtype.itemsize
 
 
 def _file_headers(files: dict[str, Path]) -> dict[str, Header]:
@@ -219,12 +203,6 @@ class CalibStats:
     def has_fisher(self) -> bool:
         """Whether they carry the output Fisher (stats files written before it existed do not)."""
         return any(name.endswith(".fisher") for name in self.tensors)
-
-    def resident_bytes(self) -> int:
-        """Memory they hold, plus the largest tensor one read from a file brings in."""
-        if isinstance(self.tensors, StatsTensors):
-            return self.tensors.resident_bytes() + self.tensors.largest_read_bytes()
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def close(self) -> None:
         """Remove the calibration files they own now (statistics collected in this process)."""

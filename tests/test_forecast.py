@@ -28,12 +28,6 @@ def llama(layers: int, hidden: int = 512, mlp: int = 2048, heads: int = 8, kv: i
                    heads=heads, attention=hidden, vocab=32000)  # fmt: skip
 
 
-def test_the_forecast_counts_the_windows_calibration_uses():
-    from llmq.quant import calibrate
-
-    assert F.FISHER_WINDOWS == calibrate.FISHER_WINDOWS
-
-
 def test_the_shape_comes_from_the_plan(tiny_model):
     source = models.resolve_model(str(tiny_model), progress=False)
     config = models.load_config(source)
