@@ -17,7 +17,7 @@ from llmq.errors import ArtifactWriteError, OutputError, OutputExistsError, Reso
 from llmq.quant import forecast, pipeline, resources, statsfile, writer
 from llmq.quant.calibrate import calibrate_model, calibration_windows
 from llmq.quant.config import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, Allocation, QuantConfig, Refine, RefineCodes
-from llmq.quant.plan import Plan, make_plan
+from llmq.quant.plan import Plan, check_target_bits, make_plan
 from llmq.quant.statsfile import CalibStats
 from llmq.runtime.format import dtypes
 from llmq.runtime.format.accounting import Accounting
@@ -167,8 +167,9 @@ def _prepare(model, out: Path, config, calib, calib_data, dense_dtype, device, f
     if not dry_run:  # before calibration: the uniform plan has every matrix's shape, read from no weight
         uniform = make_plan(source, model_config, replace(run_config, target_bits=None, allocation=Allocation.uniform),
                             dense)  # fmt: skip
+        check_target_bits(uniform, run_config)
         _check_resources(resources.estimate_plan(uniform, source.path, out, forecast.Shape.of(uniform, model_config),
-                                                 settings), out, memory_check)  # fmt: skip
+                                                 settings), out, memory_check, feedback.warn)  # fmt: skip
     if calib_data is not None and not dry_run:
         d = calib_data
         stats = _collect(model, d.text, d.samples, d.seq_len, d.seed, run_config, device, revision,
@@ -214,11 +215,14 @@ def _run_settings(config: QuantConfig, calib_data: CalibData | None, stats: Cali
     )  # fmt: skip
 
 
-def _check_resources(needs: resources.Estimate, out: Path, memory_check: bool) -> None:
+def _check_resources(needs: resources.Estimate, out: Path, memory_check: bool, warn) -> None:
     """Refuse a run that cannot fit on the disk, or in memory unless ``memory_check`` is off."""
     problem = resources.disk_problem(needs, out)
     if problem:
         raise ArtifactWriteError(problem)
+    if memory_check and needs.available_memory_bytes is None:
+        warn(f"this platform does not say how much memory is free, so the run's need of about "
+             f"{needs.peak_rss_bytes / 1e9:.1f} GB is not checked against it")  # fmt: skip
     problem = needs.memory_problem()
     if problem and memory_check:
         raise ResourceError(problem)

@@ -38,16 +38,21 @@ def achievable_range(factories: dict[str, LayoutFactory]) -> tuple[float, float]
     return low / weights, high / weights
 
 
-def allocate(
-    factories: dict[str, LayoutFactory], scores: dict[str, torch.Tensor], target: float
-) -> dict[str, LinearLayout]:
-    """Layouts with ``k4`` chosen per Linear so the total bits per weight is at most ``target``."""
+def check_target(factories: dict[str, LayoutFactory], target: float) -> None:
+    """Refuse a ``target`` these layouts cannot reach (shapes only: no weight or statistic is read)."""
     low, high = achievable_range(factories)
     if not low <= target <= high:
         raise BudgetError(
             f"--target-bits {target} is outside what this model can reach with these group sizes: "
             f"{low:.3f} (pure 2-bit) to {high:.3f} (all 4-bit)"
         )
+
+
+def allocate(
+    factories: dict[str, LayoutFactory], scores: dict[str, torch.Tensor], target: float
+) -> dict[str, LinearLayout]:
+    """Layouts with ``k4`` chosen per Linear so the total bits per weight is at most ``target``."""
+    check_target(factories, target)
     current = {name: make(0) for name, make in factories.items()}
     weights = sum(lay.out_features * lay.in_features for lay in current.values())
     ranked = {name: torch.sort(scores[name].clamp(min=0), descending=True).values for name in factories}

@@ -217,7 +217,7 @@ def collect(
     after = [n for n, m in model.named_modules() if family.layer_of(n) is None and F.linear_shape(m) is not None]
     if any(config.quantizes(name, family) for name in after):  # an output head to quantize: its inputs too
         hooks = _attach_hooks(model, "", family, config, calibration)
-        stream.after_layers(hidden)
+        stream.after_layers(hidden, stop)
         for hook in hooks:
             hook.remove()
         calibration.finish("")

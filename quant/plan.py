@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from llmq.errors import ModelSourceError, StatsFileError, UsageError
-from llmq.quant.budget import allocate
+from llmq.quant.budget import allocate, check_target
 from llmq.quant.config import Allocation, QuantConfig
 from llmq.quant.linear import hessian_score, plan_layout
 from llmq.quant.statsfile import CalibStats
@@ -147,14 +147,26 @@ def make_plan(
     if target is None:
         no_fisher = config.allocation is None and stats is not None and 0 < config.stripe_fraction < 1
         return replace(plan, uniform_for_want_of_fisher=no_fisher)
+    factories = _layout_factories(plan, config)
+    check_target(factories, target)  # before the scores, which read every weight
     scores = _channel_scores(plan, config, stats)
-    factories = {
-        name: (lambda k4, n=lay.out_features, k=lay.in_features: plan_layout(n, k, config, k4))
-        for name, lay in linears.items()
-    }
     budget_by = "weight error" if stats is None else "predicted KL" if stats.has_fisher else "output error"
     linears = allocate(factories, scores, target)
     return replace(plan, linears=linears, scores=scores, budget_by=budget_by, target_bits=target)
+
+
+def check_target_bits(plan: Plan, config: QuantConfig) -> None:
+    """Refuse ``config.target_bits`` if ``plan``'s matrices cannot reach it: from their shapes alone,
+    so a run can say so before it calibrates."""
+    if config.target_bits is not None:
+        check_target(_layout_factories(plan, config), config.target_bits)
+
+
+def _layout_factories(plan: Plan, config: QuantConfig) -> dict:
+    return {
+        name: (lambda k4, n=lay.out_features, k=lay.in_features: plan_layout(n, k, config, k4))
+        for name, lay in plan.linears.items()
+    }
 
 
 def _spreads_by_default(config: QuantConfig, stats: CalibStats | None) -> bool:

@@ -242,7 +242,7 @@ def refine_block(
     integers = [p for t in trainables.values() for p in t.integer_parameters()]
     continuous = [p for t in trainables.values() for p in t.scale_parameters()] + [p for p, _ in dense]
     held = slice(len(inputs) - settings.held_out(len(inputs)), len(inputs))
-    held_error = partial(_error, block, inputs[held], targets[held], call, settings.batch)
+    held_error = partial(_error, block, inputs[held], targets[held], call, settings.batch, stop)
 
     def tune(moving: list[nn.Parameter], before: float | None = None) -> TuneResult:
         train = partial(_steps, block, inputs, targets, call, settings, stop, moving, continuous)
@@ -289,7 +289,11 @@ def _steps(block, inputs, targets, call, settings: RefineSettings, stop, integer
 
 
 @torch.no_grad()
-def _error(block, inputs: torch.Tensor, targets: torch.Tensor, call, batch: int) -> float:
-    total = sum(float(torch.nn.functional.mse_loss(call(block, inputs[i : i + batch]), targets[i : i + batch],
-                                                  reduction="sum")) for i in range(0, len(inputs), batch))  # fmt: skip
+def _error(block, inputs: torch.Tensor, targets: torch.Tensor, call, batch: int, stop) -> float:
+    """Mean squared error of ``block`` on the windows, ``batch`` at a time, ``stop`` checked before each."""
+    total = 0.0
+    for i in range(0, len(inputs), batch):
+        stop()
+        out = call(block, inputs[i : i + batch])
+        total += float(torch.nn.functional.mse_loss(out, targets[i : i + batch], reduction="sum"))
     return total / targets.numel()

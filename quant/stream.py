@@ -12,6 +12,7 @@ Calibration and block-wise refinement both walk a model this way.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 
@@ -74,14 +75,16 @@ class LayerStream:
         """Free layer ``index``'s weights before the next is loaded."""
         self.layers[index] = torch.nn.Identity()
 
-    def after_layers(self, final: list[torch.Tensor]) -> None:
+    def after_layers(self, final: list[torch.Tensor], stop: Callable[[], None] = lambda: None) -> None:
         """Run the rest of the model (final norm, output head: loaded now) on each window's output of
         the last layer, which stands in for the whole stack; hooks on those modules see their inputs.
-        The layers are as they were afterwards (a backward pass may load them again)."""
+        The layers are as they were afterwards (a backward pass may load them again). ``stop`` is
+        called before each slice of a window: a head over a 262k-token vocabulary takes seconds per window."""
         self.load_rest()
         with torch.inference_mode():
             for hidden in final:
                 for start, end in self.head.slices(0, hidden.shape[1]):
+                    stop()
                     self.logits(hidden[:, start:end])
 
     def load_rest(self) -> None:

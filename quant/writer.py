@@ -227,8 +227,4 @@ def _fsync_tree(path: Path) -> None:
     for file in path.iterdir():
         with file.open("rb") as f:
             os.fsync(f.fileno())
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    A.fsync_folder(path)

@@ -125,3 +125,22 @@ def test_lean_codes_need_every_fp32_weight():
     trainable, inputs, targets = _toy()
     with pytest.raises(ValueError, match="fp32 weight of every trainable"):
         refine_block(trainable, {"x": trainable}, inputs, targets, _call, RefineSettings(codes="lean"))
+
+
+def test_the_held_aside_evaluation_checks_for_a_stop_before_each_batch():
+    trainable, inputs, targets = _toy()
+    forwards = []
+
+    def call(block, x):
+        forwards.append(len(x))
+        return _call(block, x)
+
+    def stop():
+        if forwards:  # the first batch of the held-aside windows has run: stop now
+            raise KeyboardInterrupt
+
+    settings = RefineSettings(steps=5, batch=1, codes="gptq")
+    assert settings.held_out(len(inputs)) > 1  # more than one batch to evaluate
+    with pytest.raises(KeyboardInterrupt):
+        refine_block(trainable, {"x": trainable}, inputs, targets, call, settings, stop)
+    assert forwards == [1]  # one held-aside batch, then the stop: not the rest, not a training step

@@ -35,3 +35,18 @@ def test_token_embeddings_are_dropped_once_the_first_inputs_are_known_unless_the
         assert torch.equal(stream.logits(final), expected)
         sliced = torch.cat([stream.logits(final[:, :7]), stream.logits(final[:, 7:])], 1)
         torch.testing.assert_close(sliced, expected, rtol=1e-6, atol=1e-6)  # a 7-row product: another BLAS path
+
+
+def test_the_output_head_pass_checks_for_a_stop_before_each_slice(tmp_path):
+    stream = _stream(build_tiny_model(tmp_path / "m"))
+    final = [torch.zeros(1, 32, stream.model.config.hidden_size) for _ in range(3)]
+    calls = []
+
+    def stop():
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        stream.after_layers(final, stop)
+    assert len(calls) == 2  # it stopped at the second check, not after every window

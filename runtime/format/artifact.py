@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -45,6 +46,18 @@ def update_digest(digest, path: Path) -> None:
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             digest.update(chunk)
+
+
+def fsync_folder(path: Path) -> None:
+    """Make the renames inside folder ``path`` durable (POSIX). Windows cannot open a folder to
+    sync it; there NTFS journals the rename itself, so there is nothing to do."""
+    if os.name == "nt":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def sha256_file(path: Path) -> str:

@@ -23,10 +23,13 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import logging
 import math
 import os
 import re
 import signal
+import tempfile
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -36,6 +39,8 @@ from llmq import __version__
 from llmq.errors import ArtifactError, ArtifactWriteError, UsageError
 from llmq.runtime.format import artifact as A
 from llmq.runtime.format.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST, FileRecord, Manifest
+
+log = logging.getLogger("llmq")
 
 CARD = A.CARD
 METHOD = "llmq range-aware mixed 2/4-bit"
@@ -455,30 +460,23 @@ def record_perplexity(artifact_path: str | os.PathLike, entry: dict[str, Any]) -
     README.md's checksum) and the new card as ``.README.md.llmq-new``; the next call finishes that
     rename before doing its own.
     """
-    import fcntl
-
     path = Path(artifact_path)
     record = PerplexityRecord.from_json(entry, "perplexity record")
     manifest = A.read_manifest(path)
-    with _writing(path):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            manifest = A.read_manifest(path)  # again, under the lock: another call may have just written it
-            _finish_interrupted(path, manifest)
-            records = [r for r in _current_records(path, manifest) if not r.same_run_as(record)] + [record]
-            card = render_card(manifest, records).encode("utf-8")
-            files = dict(manifest.files)
-            files[CARD] = FileRecord(_sha256(card), len(card))
-            updated = replace(manifest, files=dict(sorted(files.items())))
-            _write_synced(path / PENDING_CARD, card)
-            _write_synced(path / PENDING_MANIFEST, updated.to_text().encode("utf-8"))
-            with _stop_signals_deferred():
-                os.replace(path / PENDING_MANIFEST, path / MANIFEST)
-                _put_card(path)
-            _fsync_dir(path)
-        finally:
-            os.close(fd)  # releases the lock
+    with _writing(path), _exclusive(path):
+        manifest = A.read_manifest(path)  # again, under the lock: another call may have just written it
+        _finish_interrupted(path, manifest)
+        records = [r for r in _current_records(path, manifest) if not r.same_run_as(record)] + [record]
+        card = render_card(manifest, records).encode("utf-8")
+        files = dict(manifest.files)
+        files[CARD] = FileRecord(_sha256(card), len(card))
+        updated = replace(manifest, files=dict(sorted(files.items())))
+        _write_synced(path / PENDING_CARD, card)
+        _write_synced(path / PENDING_MANIFEST, updated.to_text().encode("utf-8"))
+        with _stop_signals_deferred():
+            os.replace(path / PENDING_MANIFEST, path / MANIFEST)
+            _put_card(path)
+        A.fsync_folder(path)
     return record
 
 
@@ -512,14 +510,27 @@ def _finish_interrupted(path: Path, manifest: Manifest) -> None:
 
 @contextmanager
 def _stop_signals_deferred():
-    """Hold SIGINT and SIGTERM back in this thread for the length of the block: a stop between
-    two renames that must happen together then comes after both, never between them."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    """Hold SIGINT and SIGTERM back for the length of the block: a stop between two renames that
+    must happen together then comes after both, never between them.
+
+    Python runs a signal's handler in the main thread whichever thread the system gave the signal
+    to, so masking the signal in this thread does not hold it back once the process has other
+    threads (torch's pool); replacing the handlers for the block does. Off the main thread nothing
+    is needed: no handler can run in this thread.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.signal(signum, lambda signum, frame: caught.append(signum)) for signum in held}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if caught:
+            os.kill(os.getpid(), caught[0])  # now to the handler the process had: it acts as it would have
 
 
 def _put_card(path: Path) -> None:
@@ -533,12 +544,47 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+@contextmanager
+def _exclusive(path: Path):
+    """Hold the lock that serializes the card's writers on one artifact while the block runs.
+
+    POSIX: ``flock`` on the artifact's folder. Windows, which cannot open a folder: a byte lock on a
+    file in the temporary directory named after the folder's resolved path. The system drops either
+    when the process dies, so a killed writer never leaves the artifact locked. Where neither exists,
+    the record is written unlocked, with a warning that two at once on one artifact may lose one.
+    """
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        import fcntl
+    except ImportError:
+        fcntl = None
+    if fcntl is not None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+        return
+    try:
+        import msvcrt
+    except ImportError:
+        log.warning("no file locking on this platform (neither fcntl nor msvcrt): two records written to %s "
+                    "at the same moment may lose one", path)  # fmt: skip
+        yield
+        return
+    name = _sha256(str(path.resolve()).encode("utf-8"))[:32]
+    with open(Path(tempfile.gettempdir()) / f"llmq-card-{name}.lock", "a+b") as lock:
+        while True:
+            try:
+                msvcrt.locking(lock.fileno(), msvcrt.LK_LOCK, 1)  # blocks up to 10 s, then raises
+                break
+            except OSError:
+                continue
+        try:
+            yield
+        finally:
+            lock.seek(0)
+            msvcrt.locking(lock.fileno(), msvcrt.LK_UNLCK, 1)
 
 
 def _sha256(data: bytes) -> str:

@@ -11,24 +11,38 @@ import sys
 
 
 def current_rss_bytes() -> int:
-    """This process's resident set now (Linux /proc), or its peak so far elsewhere."""
+    """This process's resident set now: /proc on Linux, the working set on Windows, else its peak so far."""
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError, AttributeError):
-        return peak_rss_bytes()
+        pass
+    if sys.platform == "win32":
+        return _windows_counters().WorkingSetSize
+    peak = peak_rss_bytes()
+    if peak is None:
+        raise RuntimeError("this platform reports no memory use (no /proc, no resource module, not Windows)")
+    return peak
 
 
-def peak_rss_bytes() -> int:
-    """The most this process has held resident so far (ru_maxrss, in bytes on every platform)."""
-    import resource
-
+def peak_rss_bytes() -> int | None:
+    """The most this process has held resident so far: ``ru_maxrss`` (POSIX; bytes on every
+    platform), the peak working set on Windows, None where neither exists."""
+    if sys.platform == "win32":
+        return _windows_counters().PeakWorkingSetSize
+    try:
+        import resource
+    except ImportError:
+        return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
 
 def available_memory_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo, or None where that is not known."""
+    """What the machine can still give: MemAvailable (Linux), the available physical memory
+    (Windows), None where that is not known (the memory check is then skipped, and says so)."""
+    if sys.platform == "win32":
+        return _windows_status().ullAvailPhys
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -37,3 +51,40 @@ def available_memory_bytes() -> int | None:
     except (OSError, ValueError):
         return None
     return None
+
+
+def _windows_counters():
+    """psapi's PROCESS_MEMORY_COUNTERS of this process."""
+    import ctypes
+    from ctypes import wintypes
+
+    class Counters(ctypes.Structure):
+        _fields_ = [("cb", wintypes.DWORD), ("PageFaultCount", wintypes.DWORD)] + [
+            (name, ctypes.c_size_t) for name in ("PeakWorkingSetSize", "WorkingSetSize", "QuotaPeakPagedPoolUsage",
+                                                 "QuotaPagedPoolUsage", "QuotaPeakNonPagedPoolUsage",
+                                                 "QuotaNonPagedPoolUsage", "PagefileUsage", "PeakPagefileUsage")
+        ]  # fmt: skip
+
+    counters = Counters(cb=ctypes.sizeof(Counters))
+    process = ctypes.windll.kernel32.GetCurrentProcess()
+    if not ctypes.windll.psapi.GetProcessMemoryInfo(process, ctypes.byref(counters), counters.cb):
+        raise ctypes.WinError()
+    return counters
+
+
+def _windows_status():
+    """kernel32's MEMORYSTATUSEX of the machine."""
+    import ctypes
+    from ctypes import wintypes
+
+    class Status(ctypes.Structure):
+        _fields_ = [("dwLength", wintypes.DWORD), ("dwMemoryLoad", wintypes.DWORD)] + [
+            (name, ctypes.c_ulonglong) for name in ("ullTotalPhys", "ullAvailPhys", "ullTotalPageFile",
+                                                    "ullAvailPageFile", "ullTotalVirtual", "ullAvailVirtual",
+                                                    "ullAvailExtendedVirtual")
+        ]  # fmt: skip
+
+    status = Status(dwLength=ctypes.sizeof(Status))
+    if not ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(status)):
+        raise ctypes.WinError()
+    return status
