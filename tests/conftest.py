@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytest_plugins = ["pytester"]  # runs a pytest of its own: test_packaging's time-limit test
+
 TINY_CONTEXT = 128
 
 

@@ -49,6 +49,7 @@ def _run(tmp_path: Path, max_ratio: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2 * 1800 + 300)  # two runs of the script, each given up to 1800 s below
 def test_the_ci_script_passes_then_fails_with_the_gate_code(tmp_path):
     passed = _run(tmp_path, "1.5")
     assert passed.returncode == 0, passed.stderr[-3000:]

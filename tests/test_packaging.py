@@ -90,3 +90,18 @@ def test_every_model_loading_command_offers_the_same_loading_options(cli, monkey
     for command in (["generate"], ["profile"], ["eval", "ppl"], ["eval", "kld"]):
         text = cli(*command, "--help").stdout
         assert [option for option in shared if option not in text] == [], command
+
+
+def test_every_test_runs_under_a_time_limit(pytestconfig, request):
+    """A hang fails one test (pytest-timeout, from the test extra) instead of holding CI to its end."""
+    assert pytestconfig.pluginmanager.hasplugin("timeout"), "pytest-timeout is missing: bash scripts/setup.sh"
+    assert float(pytestconfig.getini("timeout")) >= 600
+    assert pytestconfig.getini("timeout_method") == "signal"  # the test fails, the run goes on
+    assert request.node.get_closest_marker("timeout") is None  # this one has the suite's limit
+
+
+def test_a_test_that_overruns_its_limit_fails(pytester):
+    pytester.makepyfile("import time\n\ndef test_sleeps():\n    time.sleep(30)\n")
+    result = pytester.runpytest_subprocess("-p", "timeout", "--timeout", "1", timeout=60)
+    result.assert_outcomes(failed=1)
+    assert "Timeout" in result.stdout.str()
