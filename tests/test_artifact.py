@@ -351,3 +351,13 @@ def test_a_list_where_a_name_belongs_is_an_artifact_error(copy, section, key):
     _edit_manifest(copy, lambda m: next(iter(m[section].values())).update({key: ["shard-00000.safetensors"]}))
     with pytest.raises(ArtifactError, match="unknown shard|dtype"):
         A.open_artifact(copy)
+
+
+def test_a_nan_in_a_16_bit_dense_tensor_is_an_error(cli, tiny_model, tmp_path):
+    source = tmp_path / "nan"
+    shutil.copytree(tiny_model, source)
+    weights = {k: v.to(torch.bfloat16) for k, v in load_file(source / "model.safetensors").items()}
+    weights["model.norm.weight"][3] = float("nan")
+    save_file(weights, str(source / "model.safetensors"), metadata={"format": "pt"})
+    result = cli("quantize", str(source), "-o", str(tmp_path / "nan.llmq"), "--no-calib")
+    assert result.code == 1 and "model.norm.weight holds NaN/Inf" in result.stderr, result.stderr
