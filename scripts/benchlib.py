@@ -156,19 +156,19 @@ def provenance(script: str) -> dict:
     }
 
 
-def run_measured(cmd: list[str]) -> dict:
+def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict:
     """Run ``cmd`` in a fresh process; its wall time, peak RSS (its own ru_maxrss, via wait4), stdout,
     and where its memory went: its resident set sampled every half second, and each stage its log
     reports (``NAME: SECONDS s``, as ``quantize`` logs calibrate, fisher, plan, quantize, refine and e2e) with the
     most it held during that stage. stdout goes to a file and stderr is drained by a thread, so a
-    chatty child cannot fill a pipe while it is waited for."""
+    chatty child cannot fill a pipe while it is waited for. ``env``: the child's environment (default: this one's)."""
     import re
     import tempfile
     import threading
 
     with tempfile.TemporaryFile("w+") as out:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True, env=env)
         lines: list[tuple[float, str]] = []
         samples: list[tuple[float, float]] = []
         reader = threading.Thread(target=lambda: lines.extend((time.perf_counter() - start, line.rstrip())

@@ -1,4 +1,5 @@
-"""The CLI's fixed glibc mmap threshold gives freed blocks of a few MiB back to the system."""
+"""The CLI's fixed glibc mmap threshold gives freed blocks of a few MiB back to the system, and torch
+is asked for huge pages."""
 
 from __future__ import annotations
 
@@ -66,10 +67,18 @@ def test_the_llmq_process_sets_it_before_the_app_runs_and_the_app_alone_does_not
 
     calls = []
     monkeypatch.setattr(allocator, "return_large_blocks", lambda: calls.append("allocator"))
+    monkeypatch.setattr(allocator, "fault_in_huge_pages", lambda: calls.append("huge pages"))
     monkeypatch.setattr(sys, "argv", ["llmq", "--version"])
     with pytest.raises(SystemExit):
         app.main()  # as tests and programs call it, inside their own process
     assert calls == []
     monkeypatch.setattr(app, "main", lambda: calls.append("app"))
     llmq.cli.main()
-    assert calls == ["allocator", "app"]
+    assert calls == ["allocator", "huge pages", "app"]
+
+
+def test_torch_is_asked_for_huge_pages_unless_the_user_said_otherwise(monkeypatch):
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    assert allocator.fault_in_huge_pages() is True and os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
+    assert allocator.fault_in_huge_pages() is False and os.environ["THP_MEM_ALLOC_ENABLE"] == "0"
