@@ -530,7 +530,7 @@ def _stop_signals_deferred():
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         if caught:
-            os.kill(os.getpid(), caught[0])  # now to the handler the process had: it acts as it would have
+            signal.raise_signal(caught[0])  # now to the handler the process had: it acts as it would have
 
 
 def _put_card(path: Path) -> None:
