@@ -15,7 +15,7 @@ from pathlib import Path
 
 from llmq.errors import ArtifactWriteError, OutputError, OutputExistsError, ResourceError, UsageError
 from llmq.quant import forecast, pipeline, resources, statsfile, writer
-from llmq.quant.calibrate import calibrate_model, calibration_windows
+from llmq.quant.calibrate import calibrate_model, calibration_windows, check_windows
 from llmq.quant.config import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, Allocation, QuantConfig, Refine, RefineCodes
 from llmq.quant.plan import Plan, check_target_bits, make_plan
 from llmq.quant.statsfile import CalibStats
@@ -67,6 +67,7 @@ def calibrate(
     ``exclude`` choose the Linears. With ``out`` the statistics are also written there (a stats
     file ``quantize(calib=...)`` reads, refused for any other model); an existing file needs ``force``.
     """
+    check_windows(samples, seq_len)
     out = None if out is None else Path(out)
     if out is not None and out.exists() and not force:
         raise OutputExistsError(f"{out} already exists; pass --force to replace it")
@@ -154,6 +155,8 @@ def _prepare(model, out: Path, config, calib, calib_data, dense_dtype, device, f
         calib_data = None
     if calib is not None and calib_data is not None:
         raise UsageError("give --calib (a stats file) or --calib-data (calibrate now), not both")
+    if calib_data is not None:
+        check_windows(calib_data.samples, calib_data.seq_len)
     run_config = config.for_run(calibrated=calib is not None or calib_data is not None)
     if not dry_run:
         writer.check_output(out, force)

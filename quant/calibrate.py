@@ -142,10 +142,15 @@ class LayerInputs:
         return self.folder / f"fisher-inputs-{index}.safetensors"
 
 
-def sample_windows(ids: torch.Tensor, samples: int, seq_len: int, seed: int) -> torch.Tensor:
-    """``samples`` windows of ``seq_len`` tokens at random offsets (GPTQ's sampling), ``[samples, seq_len]``."""
+def check_windows(samples: int, seq_len: int) -> None:
+    """Refuse calibration windows that cannot be drawn, before any model is opened or text read."""
     if samples < 1 or seq_len < 2:
         raise UsageError("--samples must be at least 1 and --seq-len at least 2")
+
+
+def sample_windows(ids: torch.Tensor, samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """``samples`` windows of ``seq_len`` tokens at random offsets (GPTQ's sampling), ``[samples, seq_len]``."""
+    check_windows(samples, seq_len)
     needed = samples * seq_len
     if len(ids) < needed or len(ids) <= seq_len:
         raise TextSourceError(

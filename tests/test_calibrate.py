@@ -9,6 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import llmq
+from llmq.errors import UsageError
+
 CALIB = ("--dataset", "austen", "--samples", "4", "--seq-len", "64")
 
 
@@ -218,3 +221,15 @@ def test_a_killed_calibrations_files_are_removed_by_the_next_run(cli, tiny_model
     result = cli("calibrate", str(tiny_model), "-o", str(tmp_path / "s.stats"), *CALIB)
     assert result.code == 0 and "removed .s.stats.partial-999999999-calib-abc" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.stats"]
+
+
+def test_windows_that_cannot_be_drawn_are_refused_before_the_model_is_opened(tmp_path, monkeypatch):
+    def opened(*args, **kwargs):
+        raise AssertionError("the model was opened before the windows were checked")
+
+    monkeypatch.setattr("llmq.quant.api.open_model", opened)
+    with pytest.raises(UsageError, match="--samples must be at least 1"):
+        llmq.calibrate("demo", "austen", samples=0, out=tmp_path / "s.stats")
+    with pytest.raises(UsageError, match="--seq-len at least 2"):
+        llmq.quantize("demo", tmp_path / "q.llmq", calib_data=llmq.CalibData("austen", seq_len=1))
+    assert list(tmp_path.iterdir()) == []
