@@ -35,7 +35,7 @@ def fault_in_huge_pages() -> bool:
     With the fixed threshold every tensor of 4 MiB or more is a fresh mapping, which the kernel
     zeroes and maps 4 KiB page by page on first touch; with 2 MiB pages that costs far less. The
     demo's quantize (16 windows, 10 steps) took 496 s instead of 565 s, peaked at 1,040 MB instead
-    of 1,148 MB, and wrote the same bytes (docs/benchmarks.md, "Allocator"). The memory still goes
+    of 1,148 MB, and wrote the same bytes (docs/benchmarks.md, "Huge pages"). The memory still goes
     back to the system when the tensor is freed. A value the user set stands; where the kernel's
     transparent huge pages are off, the advice does nothing.
     """
