@@ -56,10 +56,11 @@ class InputStats:
     finished: tuple[torch.Tensor, torch.Tensor] | None = None  # (hessian, sq_mean) once finished
 
     def add(self, x: torch.Tensor) -> None:
-        # One window's product in fp32 (the costly part, twice as fast as fp64 on a CPU), summed in fp64.
+        # One window's product in fp32 (the costly part, twice as fast as fp64 on a CPU), summed in fp64;
+        # the in-place add widens it element by element, so no fp64 copy of the [K, K] product is made.
         x = x.reshape(-1, x.shape[-1]).to(torch.float32)
-        self.xtx += (x.T @ x).to(torch.float64)
-        self.sq += (x * x).sum(0).to(torch.float64)
+        self.xtx += x.T @ x
+        self.sq += (x * x).sum(0)
         self.rows += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
@@ -73,8 +74,12 @@ class InputStats:
         return (self.sq / max(self.rows, 1)).to(torch.float32).cpu()
 
     def finish(self) -> None:
-        if self.finished is None:
-            self.finished = (self.hessian(), self.sq_mean())
+        if self.finished is None:  # divided in place, as the sums are dropped: the fp32 results are the only copies
+            rows = max(self.rows, 1)
+            with torch.inference_mode():  # the sums are made under it, and only there may they change in place
+                self.xtx.div_(rows)
+                self.sq.div_(rows)
+            self.finished = (self.xtx.to(torch.float32).cpu(), self.sq.to(torch.float32).cpu())
             self.xtx = self.sq = None
 
 

@@ -320,8 +320,9 @@ def phase_bytes(shape: Shape, s: Settings, unit_bytes: int) -> dict[str, int]:
     head = 4 * shape.vocab * shape.hidden
     phases: dict[str, int] = {}
     if s.calibrates:
-        sums = max((sum(12 * k * k for k in unit) for unit in shape.inputs), default=0)  # fp64 sums, fp32 results
-        steady = 4 * params + 2 * activations + sums + 12 * widest_in**2 + _activations(shape, 1, s.seq_len, False)
+        # fp64 sums, and one fp32 [K, K] beside them: a window's product as it is added, or a finished result
+        sums = max((sum(8 * k * k for k in unit) for unit in shape.inputs), default=0) + 4 * widest_in**2
+        steady = 4 * params + 2 * activations + sums + _activations(shape, 1, s.seq_len, False)
         phases["calibrate"] = max(steady, head + 4 * params + 2 * activations) + kept * s.seq_len * shape.hidden * 4
         logits = 4 * 4 * min(HEAD_CHUNK_ELEMENTS, s.seq_len * shape.vocab)
         windows = 3 * 4 * kept * s.seq_len * shape.hidden  # last-layer outputs, their gradients, one layer's inputs

@@ -24,22 +24,24 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float, retries: int = 6)
     A Hessian that is not positive definite (few samples, dead channels) is retried with ten
     times the damping, and the retry is logged; it never crashes the run.
     """
-    h = hessian.to(torch.float64).clone()
-    dead = torch.diag(h) <= 0
-    h[dead, dead] = 1.0
-    mean_diag = float(torch.diag(h).mean())
-    # At most three [K, K] fp64 matrices at once (a 70B model's K = 28672 makes each 6.6 GB): each
-    # step's input is freed as soon as its result exists, and the damping goes onto a copy's diagonal.
+    dead = torch.diag(hessian) <= 0
+    diagonal = torch.where(dead, 1.0, torch.diag(hessian).to(torch.float64))
+    mean_diag = float(diagonal.mean())
+    # One [K, K] fp64 matrix at a time (a 70B model's K = 28672 makes it 6.6 GB): LAPACK works on
+    # column-major matrices, and a symmetric matrix's transpose is itself, so on the transposed view
+    # torch runs all three steps in place instead of copying each input into a fresh column-major
+    # buffer. A failed try leaves the buffer spoilt: the next is rebuilt from the caller's Hessian.
     for attempt in range(retries):
         lam = damp * (10**attempt) * mean_diag
         try:
-            damped = h.clone()
-            damped.diagonal().add_(lam)
-            lower = torch.linalg.cholesky(damped)
-            del damped
-            inverse = torch.cholesky_inverse(lower)
-            del lower
-            return torch.linalg.cholesky(inverse, upper=True).to(torch.float32)
+            work = hessian.to(torch.float64, copy=True)  # the caller's Hessian is never written
+            work[dead, dead] = 1.0
+            work.diagonal().add_(lam)
+            column_major = work.mT
+            torch.linalg.cholesky(column_major, out=column_major)
+            torch.cholesky_inverse(column_major, out=column_major)
+            torch.linalg.cholesky(column_major, upper=True, out=column_major)
+            return column_major.to(torch.float32, memory_format=torch.contiguous_format)
         except torch.linalg.LinAlgError:
             log.warning("Hessian not positive definite at damping %.3g; retrying with %.3g", lam, lam * 10)
     raise NumericsError(

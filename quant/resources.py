@@ -29,8 +29,9 @@ WORK_COPIES = 12  # fp32 copies of a weight alive while it is quantized (weight,
 COMPUTE_OVERHEAD = 200 << 20  # torch's thread pools and kernel caches, set up by the first real computations
 DENSE_WORK = 9  # bytes per dense parameter in flight: source read (up to fp32), a float copy, a finiteness mask
 GPTQ_COPIES = 4  # fp32 copies of a weight while GPTQ runs (the weight, its permuted copy, codes, the grid)
-# bytes per Hessian entry while GPTQ factorises: three fp64 [K, K] at once, the fp32 Hessian, its permuted copy
-HESSIAN_BYTES = 32
+# bytes per Hessian entry while GPTQ factorises: one fp64 [K, K] and its fp32 result, the fp32 Hessian, its
+# permuted copy
+HESSIAN_BYTES = 20
 DISK_MARGIN = 16 << 20  # manifest, filesystem slack
 
 

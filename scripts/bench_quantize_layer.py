@@ -8,9 +8,11 @@
 For each shape a Llama-architecture folder with ``--layers`` decoder layers of random fp16 weights
 (N(0, 0.02²)) and a byte-level BPE tokenizer trained here on the built-in calibration mix is
 written to DIR, then quantized by the default path (calibration on the mix, output Fisher,
-budget, GPTQ, block refinement) with the given windows and steps, in a process of its own. The
-record gives each stage's wall time, the process's peak RSS and, on a GPU, torch's peak
-allocated memory; and, clearly labelled an estimate, the whole model's stage times at its depth
+budget, GPTQ, block refinement) with the given windows and steps, in a process of its own, after
+``llmq quantize --dry-run`` of the same run (a process of its own too) recorded its forecast. The
+record gives each stage's wall time and the most the process held during it (sampled every half
+second), the process's peak RSS and, on a GPU, torch's peak allocated memory; the forecast beside
+them; and, clearly labelled an estimate, the whole model's stage times at its depth
 (32 layers for 7B, 80 for 70B) as per-layer time times layers, which leaves out what does not
 grow with the depth. The fp16 folders are deleted at the end. The GPU image needs no download:
 the tokenizer is trained from the text llmq ships.
@@ -20,12 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
 import sys
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 SHAPES = {  # hidden, MLP, heads, KV heads, vocabulary, layers of the whole model
@@ -63,9 +67,23 @@ def write_model(folder: Path, shape: str, layers: int) -> int:
     return params
 
 
+def dry_run(args, folder: Path) -> dict:
+    """``llmq quantize --dry-run`` of the run :func:`run_one` makes: each phase's forecast peak and time."""
+    options = ["--samples", str(args.samples), "--calib-seq-len", str(args.seq_len), "--refine-steps",
+               str(args.refine_steps), "--device", args.device]  # fmt: skip
+    command = [sys.executable, "-m", "llmq.cli", "quantize", str(folder), "-o", str(args.work / "dry.llmq"), *options]
+    done = subprocess.run([*command, "--dry-run", "--json", "-q"], capture_output=True, text=True, check=True)
+    estimate = json.loads(done.stdout)["estimate"]
+    return {"command": "llmq quantize MODEL -o OUT --dry-run " + " ".join(options), "seconds": estimate["seconds"],
+            "peak_rss_bytes": estimate["peak_rss_bytes"], "phases": estimate["phases"]}  # fmt: skip
+
+
 def run_one(args) -> dict:
     """One shape, quantized in this process; what it cost."""
+    import threading
+
     import torch
+    from benchlib import _sample_rss
 
     import llmq
     from llmq.runtime.sources.feedback import Feedback
@@ -74,17 +92,21 @@ def run_one(args) -> dict:
     started = time.perf_counter()
     params = write_model(folder, args.one, args.layers)
     written = time.perf_counter() - started
+    forecast = dry_run(args, folder)
+    samples: list[tuple[float, float]] = []
+    threading.Thread(target=_sample_rss, args=(os.getpid(), started, samples), daemon=True).start()
+    ended: dict[str, float] = {}
     config = llmq.QuantConfig()
     config = replace(config, refine_settings=replace(config.refine_settings, steps=args.refine_steps))
     stages: dict[str, float] = {}
     cuda = torch.cuda.is_available() and args.device != "cpu"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
+    quantize_started = time.perf_counter()
     manifest = llmq.quantize(folder, args.work / f"{args.one}.llmq", config, device=args.device, force=True,
                              calib_data=llmq.CalibData(samples=args.samples, seq_len=args.seq_len),
-                             feedback=Feedback(stage=stages.__setitem__))  # fmt: skip
-    seconds = time.perf_counter() - started
+                             feedback=Feedback(stage=partial(_stage_ended, stages, ended, started)))  # fmt: skip
+    seconds = time.perf_counter() - quantize_started
     hidden, mlp, heads, kv_heads, vocab, depth = SHAPES[args.one]
     per_layer = {name: value / args.layers for name, value in stages.items()}
     return {
@@ -96,11 +118,22 @@ def run_one(args) -> dict:
         "bits_per_weight": manifest.accounting().bits_per_weight,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "peak_gpu_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+        "stages_peak_rss_mb": _stage_peaks(stages, ended, samples), "forecast": forecast,
         "estimate_whole_model": {
             "what": f"an estimate: per-layer stage seconds x {depth} layers; fixed costs (embedding, head) left out",
             "layers": depth, "stages_seconds": {n: round(v * depth, 1) for n, v in per_layer.items()},
         },
     }  # fmt: skip
+
+
+def _stage_ended(stages: dict, ended: dict, started: float, name: str, seconds: float) -> None:
+    stages[name], ended[name] = seconds, time.perf_counter() - started
+
+
+def _stage_peaks(stages: dict, ended: dict, samples: list[tuple[float, float]]) -> dict:
+    """The most resident MB sampled during each stage (None where no sample fell inside it)."""
+    return {name: max((mb for at, mb in samples if ended[name] - stages[name] <= at <= ended[name]), default=None)
+            for name in stages}  # fmt: skip
 
 
 def main() -> None:

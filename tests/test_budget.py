@@ -72,7 +72,6 @@ def test_cli_unreachable_target_is_exit_1_and_writes_nothing(cli, tiny_model, tm
     assert list(tmp_path.iterdir()) == []
 
 
-
 def test_an_unreachable_target_is_refused_before_calibrating(cli, tiny_model, tmp_path, monkeypatch):
     def calibrate(*args, **kwargs):
         raise AssertionError("calibration started before the target was checked")
@@ -81,6 +80,7 @@ def test_an_unreachable_target_is_refused_before_calibrating(cli, tiny_model, tm
     result = cli("quantize", str(tiny_model), "-o", str(tmp_path / "x.llmq"), "--target-bits", "9")
     assert result.code == 1 and "--target-bits 9.0 is outside" in result.stderr, result.stderr
     assert list(tmp_path.iterdir()) == []
+
 
 def test_target_bits_with_stripe_fraction_is_a_usage_error(cli, tiny_model, tmp_path):
     result = cli(

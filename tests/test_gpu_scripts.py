@@ -89,6 +89,9 @@ def test_bench_quantize_layer_quantizes_a_slice_and_projects_the_whole_model(tmp
         set(point["stages_seconds"]) == {"calibrate", "fisher", "plan", "quantize", "refine"}
         and point["peak_rss_bytes"] > 0
     )
+    assert set(point["stages_peak_rss_mb"]) == set(point["stages_seconds"])
+    assert point["forecast"]["command"].startswith("llmq quantize MODEL -o OUT --dry-run --samples 4")
+    assert set(point["forecast"]["phases"]) >= {"calibrate", "quantize", "refine"} and point["forecast"]["seconds"] >= 0
     whole = point["estimate_whole_model"]
     assert whole["what"].startswith("an estimate") and whole["layers"] == 2
     assert whole["stages_seconds"]["refine"] == round(point["stages_seconds"]["refine"], 1)  # 2 of 2 layers
