@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llmq.quant.calibrate import FISHER_WINDOWS
+from llmq.quant.linear import block_rows
 from llmq.quant.plan import REST, Plan
 from llmq.runtime.sources.head import HEAD_CHUNK_ELEMENTS
 
@@ -328,7 +329,9 @@ def phase_bytes(shape: Shape, s: Settings, unit_bytes: int) -> dict[str, int]:
         windows = 3 * 4 * kept * s.seq_len * shape.hidden  # last-layer outputs, their gradients, one layer's inputs
         phases["fisher"] = head + 4 * params + windows + _activations(shape, 1, s.seq_len, True) + logits
     if s.spreads:
-        phases["plan"] = 36 * biggest + 4 * widest_in**2
+        # the ranking's fp32 temporaries, a block of rows at a time, and the matrix as read (fp32 at most)
+        block = max((block_rows(n, k) * k for n, k in shape.matrices), default=0)
+        phases["plan"] = 32 * block + 4 * biggest + 4 * widest_in**2
     fisher = 4 * sum(n for unit in shape.layers for n, _ in unit) if s.calibrates or s.gptq else 0  # held to the end
     phases["quantize"] = fisher + unit_bytes
     if s.refine_steps:

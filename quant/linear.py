@@ -9,7 +9,7 @@ import torch
 from llmq.errors import NonFiniteWeightError
 from llmq.quant.config import QuantConfig, Rounding, Selection
 from llmq.quant.gptq import gptq_round, inverse_hessian_factor
-from llmq.quant.groups import TwoBit, quantize_2bit, quantize_4bit
+from llmq.quant.groups import FourBit, TwoBit, quantize_2bit, quantize_4bit
 from llmq.quant.select import range_score, select_channels, stripe_width
 from llmq.runtime.format import layout as L
 
@@ -50,41 +50,129 @@ def quantize_weight(
     return layout, {suffix: tensor.cpu() for suffix, tensor in tensors.items()}
 
 
+# A matrix of more weights than this is quantized a block of whole rows at a time: every step but
+# the channel ranking (summed over the blocks) and the choice of outliers (the largest over all
+# blocks) treats rows independently, and the scale search holds about WORK_COPIES fp32 copies of
+# what it works on (llmq.quant.resources), 0.8 GB at this size instead of 50 GB for a 70B's head.
+ROW_BLOCK_WEIGHTS = 1 << 24
+
+
+def block_rows(n: int, k: int) -> int:
+    """Rows in each block of an ``[n, k]`` matrix (all of them when it fits in one)."""
+    return n if n * k <= ROW_BLOCK_WEIGHTS else max(1, ROW_BLOCK_WEIGHTS // k)
+
+
+def row_blocks(n: int, k: int) -> list[slice]:
+    """Slices of whole rows of an ``[n, k]`` matrix, each at most ``ROW_BLOCK_WEIGHTS`` weights (one
+    row at least); a single slice for a matrix that fits, so its arithmetic is the unsplit one."""
+    rows = block_rows(n, k)
+    return [slice(i, min(i + rows, n)) for i in range(0, n, rows)] if n else [slice(0, 0)]
+
+
 def _quantize_weight(name, weight, config, hessian, layout, scores, device):
-    w = weight.detach().to(torch.float32)
-    if not torch.isfinite(w).all():
-        bad = int((~torch.isfinite(w)).sum())
+    weight = weight.detach()
+    blocks = row_blocks(*weight.shape)
+    bad = sum(int((~torch.isfinite(weight[rows])).sum()) for rows in blocks)  # no fp32 copy of the whole
+    if bad:
         raise NonFiniteWeightError(f"tensor {name} has {bad} NaN/Inf value(s); fix the checkpoint before quantizing")
-    layout = layout or plan_layout(*w.shape, config)
+    layout = layout or plan_layout(*weight.shape, config)
     if scores is None:
         by_hessian = hessian is not None and config.selection != Selection.range
-        scores = hessian_score(w, hessian, config) if by_hessian else range_score(w, config.g1)
+        scores = hessian_score(weight, hessian, config) if by_hessian else _range_score(weight, config.g1)
     order_key = torch.diag(hessian) if hessian is not None and config.act_order is not False else None
     perm = select_channels(scores, layout.k4, order_key)
-    packed = w[:, perm.long()]
-    two = _fit_2bit(packed[:, : layout.k2], layout, config) if layout.k2 else None
-    four = quantize_4bit(packed[:, layout.k2 :], layout.g4, config.rounding) if layout.k4 else None
-    tensors: dict[str, torch.Tensor] = {"perm": perm}
-    outliers = None
+    gptq = None
     if hessian is not None:
         packed_h = hessian[perm.long()][:, perm.long()]
-        factor = inverse_hessian_factor(packed_h, config.gptq_damp)  # both GPTQ passes use it
-        two, four, _ = _gptq(packed, packed_h, factor, two, four, layout, config, device)
-        if two is not None and layout.n_outliers:
-            two, four, outliers = _gptq_with_outliers(packed, packed_h, factor, two, four, layout, config, device)
-    elif two is not None and layout.n_outliers:
-        residual = _residual_2bit(packed, two, layout)
-        rows, cols = _largest(residual**2, layout.n_outliers)
-        outliers = _csr(rows, cols, residual[rows, cols], layout.out_features)
-    if two is not None:
-        tensors.update(_pack_2bit(two, layout))
-    if outliers is not None:
+        gptq = packed_h, inverse_hessian_factor(packed_h, config.gptq_damp)  # every GPTQ pass uses it
+    rounding = _Rounding(weight, perm.long(), layout, config, gptq, device)
+    tensors: dict[str, torch.Tensor] = {"perm": perm}
+    if layout.k2 and layout.n_outliers:
+        parts, outliers = _round_with_outliers(rounding, blocks)
         tensors.update(outliers)
-    if four is not None:
-        tensors["qweight4"] = L.pack_codes(four.codes, 4)
-        tensors["scale4"] = four.scale
-        tensors["zero4"] = four.zero.to(torch.uint8)
+    else:
+        parts = [_pack(*rounding.round(rounding.fit(rows))[:2], layout) for rows in blocks]
+    tensors.update({suffix: torch.cat([part[suffix] for part in parts]) for suffix in parts[0]})
     return layout, tensors
+
+
+class _Rounding:
+    """Blocks of rows of one weight, permuted to packed order: their grids fitted, then their codes
+    rounded on them (by GPTQ where there is a Hessian)."""
+
+    def __init__(self, weight, perm, layout: L.LinearLayout, config: QuantConfig, gptq, device):
+        self.weight, self.perm, self.layout, self.config, self.gptq, self.device = (
+            weight, perm, layout, config, gptq, device)  # fmt: skip
+
+    def fit(self, rows: slice) -> tuple[torch.Tensor, TwoBit | None, FourBit | None]:
+        """The block permuted to packed order (fp32), and its fitted 2-bit and 4-bit parts (None where none)."""
+        lay = self.layout
+        packed = self.weight[rows].to(torch.float32)[:, self.perm]
+        two = _fit_2bit(packed[:, : lay.k2], lay, self.config) if lay.k2 else None
+        four = quantize_4bit(packed[:, lay.k2 :], lay.g4, self.config.rounding) if lay.k4 else None
+        return packed, two, four
+
+    def round(self, fitted, exact: torch.Tensor | None = None):
+        """``fitted``'s parts with GPTQ's codes (unchanged without a Hessian), and with ``exact`` (bool
+        ``[rows, K]``, weights stored exactly elsewhere) the values to store there."""
+        if self.gptq is None:
+            return fitted[1], fitted[2], None
+        return _gptq(fitted[0], *self.gptq, fitted[1], fitted[2], self.layout, self.config, self.device, exact)
+
+    def contribution(self, packed: torch.Tensor, two: TwoBit) -> torch.Tensor:
+        """``[rows, k2]``: what correcting each 2-bit weight exactly would remove from the output error,
+        its squared residual times its channel's input energy ``H[c, c]`` (1 without a Hessian)."""
+        residual = _residual_2bit(packed, two, self.layout)
+        if self.gptq is None:
+            return residual**2
+        return residual**2 * torch.diag(self.gptq[0])[: self.layout.k2].clamp(min=0)
+
+
+def _round_with_outliers(rounding: _Rounding, blocks: list[slice]):
+    """Every block's packed tensors with the matrix's ``n_outliers`` largest contributions (over all
+    blocks) kept as sparse fp16 corrections; with a Hessian, a second GPTQ pass treats them as
+    exact, so no compensation is spent on errors the corrections remove. A single block keeps its
+    fit and first pass; several are fitted again, so only one block's codes are held at a time."""
+    lay = rounding.layout
+    kept = None
+    values, index = [], []  # per block: its largest contributions and their flat [N, k2] positions
+    for rows in blocks:
+        fitted = rounding.fit(rows)
+        two = rounding.round(fitted)[0]
+        contribution = rounding.contribution(fitted[0], two).flatten()
+        top = torch.topk(contribution, min(lay.n_outliers, contribution.numel()))
+        values.append(top.values)
+        index.append(top.indices + rows.start * lay.k2)
+        kept = (fitted, two) if len(blocks) == 1 else None
+    flat = torch.cat(index)[torch.topk(torch.cat(values), lay.n_outliers).indices].sort().values
+    picked_rows, picked_cols = flat // lay.k2, flat % lay.k2
+    parts, corrections = [], []
+    for rows in blocks:
+        mine = (picked_rows >= rows.start) & (picked_rows < rows.stop)
+        r, c = picked_rows[mine] - rows.start, picked_cols[mine]
+        fitted, two = kept or (rounding.fit(rows), None)
+        if rounding.gptq is None:  # round-to-nearest: the codes stay, the corrections are the residuals
+            two, four = fitted[1], fitted[2]
+            corrections.append(_residual_2bit(fitted[0], two, lay)[r, c])
+        else:
+            exact = torch.zeros(fitted[0].shape, dtype=torch.bool)
+            exact[r, c] = True
+            two, four, targets = rounding.round(fitted, exact)
+            corrections.append(targets[r, c] - two.decode(lay.g1, lay.g2)[r, c])
+        parts.append(_pack(two, four, lay))
+    return parts, _csr(picked_rows, picked_cols, torch.cat(corrections), lay.out_features)
+
+
+def _pack(two: TwoBit | None, four, layout: L.LinearLayout) -> dict[str, torch.Tensor]:
+    tensors = _pack_2bit(two, layout) if two is not None else {}
+    if four is not None:
+        tensors |= {"qweight4": L.pack_codes(four.codes, 4), "scale4": four.scale, "zero4": four.zero.to(torch.uint8)}
+    return tensors
+
+
+def _range_score(weight: torch.Tensor, g1: int) -> torch.Tensor:
+    """:func:`~llmq.quant.select.range_score`, summed over blocks of rows in fp32."""
+    return sum(range_score(weight[rows].to(torch.float32), g1) for rows in row_blocks(*weight.shape))
 
 
 def hessian_score(
@@ -102,18 +190,24 @@ def hessian_score(
     search would cost as much again as the quantization itself.
     """
     n, k = w.shape
-    pad = (-k) % config.g1
-    padded = torch.nn.functional.pad(w, (0, pad))
+    energy = torch.ones(k) if hessian is None else torch.diag(hessian).clamp(min=0)
+    total = 0
+    for rows in row_blocks(n, k):  # in fp32, a block at a time: the temporaries are a dozen copies of it
+        weights = torch.ones(rows.stop - rows.start) if fisher is None else 0.5 * fisher[rows].to(torch.float32)
+        total = total + weights @ _excess_error(w[rows].to(torch.float32), config)
+    return energy * total
+
+
+def _excess_error(w: torch.Tensor, config: QuantConfig) -> torch.Tensor:
+    """``[N, K]``: each weight's squared error under min/max 2-bit rounding less that under 4-bit."""
+    k = w.shape[1]
+    padded = torch.nn.functional.pad(w, (0, (-k) % config.g1))
     mask = torch.ones_like(padded)
     mask[:, k:] = 0
     two = quantize_2bit(padded, mask, config.g1, config.g2, config.scale_bits, Rounding.minmax)
     err2 = (two.decode(config.g1, config.g2)[:, :k] - w) ** 2
-    pad4 = (-k) % config.g4
-    four = quantize_4bit(torch.nn.functional.pad(w, (0, pad4)), config.g4, Rounding.minmax)
-    err4 = (four.decode(config.g4)[:, :k] - w) ** 2
-    energy = torch.ones(k) if hessian is None else torch.diag(hessian).clamp(min=0)
-    rows = torch.ones(n) if fisher is None else 0.5 * fisher.to(w.dtype)
-    return energy * (rows @ (err2 - err4))
+    four = quantize_4bit(torch.nn.functional.pad(w, (0, (-k) % config.g4)), config.g4, Rounding.minmax)
+    return err2 - (four.decode(config.g4)[:, :k] - w) ** 2
 
 
 def _gptq(packed, hessian, factor, two, four, layout: L.LinearLayout, config: QuantConfig, device=None, exact=None):
@@ -143,32 +237,9 @@ def _gptq(packed, hessian, factor, two, four, layout: L.LinearLayout, config: Qu
     return two, four, targets
 
 
-def _gptq_with_outliers(packed, hessian, factor, two, four, layout: L.LinearLayout, config: QuantConfig, device):
-    """Outliers chosen by their error contribution after a first GPTQ pass, then a second pass
-    that treats them as exact, so no compensation is spent on errors the corrections remove.
-
-    Contribution is the squared residual times the channel's input energy ``H[c, c]``: the
-    output error each correction removes. Returns the parts and the CSR outlier tensors.
-    """
-    residual = _residual_2bit(packed, two, layout)
-    rows, cols = _largest(residual**2 * torch.diag(hessian)[: layout.k2].clamp(min=0), layout.n_outliers)
-    exact = torch.zeros(packed.shape, dtype=torch.bool)
-    exact[rows, cols] = True
-    two, four, targets = _gptq(packed, hessian, factor, two, four, layout, config, device, exact)
-    values = targets[rows, cols] - two.decode(layout.g1, layout.g2)[rows, cols]
-    return two, four, _csr(rows, cols, values, layout.out_features)
-
-
 def _residual_2bit(packed: torch.Tensor, two: TwoBit, layout: L.LinearLayout) -> torch.Tensor:
     """``[N, k2]``: the 2-bit part's weights minus their decoded values (padding dropped)."""
     return packed[:, : layout.k2] - two.decode(layout.g1, layout.g2)[:, : layout.k2]
-
-
-def _largest(contribution: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row and column of the ``count`` largest entries of ``[N, k2]``, in row-major (CSR) order."""
-    k2 = contribution.shape[1]
-    flat = torch.topk(contribution.flatten(), count).indices.sort().values
-    return flat // k2, flat % k2
 
 
 def _csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, n_rows: int) -> dict[str, torch.Tensor]:

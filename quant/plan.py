@@ -216,7 +216,7 @@ def _channel_scores(plan: Plan, config: QuantConfig, stats) -> dict[str, torch.T
     known, and in predicted KL (output-Fisher-weighted) if the statistics carry the output Fisher."""
     with_fisher = stats is not None and stats.has_fisher
     return {
-        name: hessian_score(plan.weight(name).float(), hessian(stats, name, lay.in_features), config,
+        name: hessian_score(plan.weight(name), hessian(stats, name, lay.in_features), config,
                             fisher(stats, name, lay.out_features) if with_fisher else None)
         for name, lay in plan.linears.items()
     }  # fmt: skip

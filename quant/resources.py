@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmq.quant import forecast
+from llmq.quant.linear import block_rows
 from llmq.quant.pipeline import hf_files
 from llmq.quant.plan import Plan
 from llmq.runtime.sources.memory import available_memory_bytes, current_rss_bytes
@@ -103,9 +104,11 @@ def free_disk_bytes(folder: Path) -> int | None:
 
 def matrix_work(n: int, k: int, gptq: bool) -> int:
     """The most quantizing one [n, k] matrix holds at once: the scale search's copies, or GPTQ's
-    (the search's temporaries are gone by then; the weight's copies and the Hessian's are not)."""
-    search = WORK_COPIES * 4 * n * k
-    return max(search, GPTQ_COPIES * 4 * n * k + HESSIAN_BYTES * k * k) if gptq else search
+    (the search's temporaries are gone by then; the weight's copies and the Hessian's are not), of
+    one block of its rows (:func:`llmq.quant.linear.row_blocks`)."""
+    block = block_rows(n, k) * k
+    search = WORK_COPIES * 4 * block
+    return max(search, GPTQ_COPIES * 4 * block + HESSIAN_BYTES * k * k) if gptq else search
 
 
 def unit_bytes(plan: Plan, gptq: bool) -> tuple[dict[str, int], dict[str, int]]:

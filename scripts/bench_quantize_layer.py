@@ -32,6 +32,8 @@ from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
+from benchlib import provenance
+
 SHAPES = {  # hidden, MLP, heads, KV heads, vocabulary, layers of the whole model
     "7b": (4096, 11008, 32, 32, 32000, 32),
     "70b": (8192, 28672, 64, 8, 32000, 80),
@@ -128,6 +130,7 @@ def run_one(args) -> dict:
 
 def _stage_ended(stages: dict, ended: dict, started: float, name: str, seconds: float) -> None:
     stages[name], ended[name] = seconds, time.perf_counter() - started
+    print(f"{name}: {seconds:.1f} s", file=sys.stderr, flush=True)  # the parent keeps the last lines of a killed child
 
 
 def _stage_peaks(stages: dict, ended: dict, samples: list[tuple[float, float]]) -> dict:
@@ -142,7 +145,7 @@ def main() -> None:
         print(json.dumps(run_one(args)))
         return
     args.work.mkdir(parents=True, exist_ok=True)
-    record = {"command": "python scripts/bench_quantize_layer.py " + " ".join(sys.argv[1:]), "points": []}
+    record = {**provenance("python scripts/bench_quantize_layer.py " + " ".join(sys.argv[1:])), "points": []}
     try:
         for shape in args.shapes.split(","):
             if shape not in SHAPES:
@@ -150,7 +153,8 @@ def main() -> None:
             child = [sys.executable, __file__, *sys.argv[1:], "--one", shape]
             done = subprocess.run(child, capture_output=True, text=True)
             if done.returncode != 0:
-                record["points"].append({"shape": shape, "error": done.stderr.strip().splitlines()[-5:]})
+                record["points"].append({"shape": shape, "returncode": done.returncode,
+                                         "error": done.stderr.strip().splitlines()[-5:]})  # fmt: skip
             else:
                 record["points"].append(json.loads(done.stdout.strip().splitlines()[-1]))
             args.out.write_text(json.dumps(record, indent=2) + "\n")  # each shape as it finishes

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from llmq.errors import NonFiniteWeightError
+from llmq.quant import linear
 from llmq.quant.config import QuantConfig, Rounding
 from llmq.quant.groups import fit_scale_zero, quantize_2bit
 from llmq.quant.linear import quantize_weight
@@ -104,3 +105,33 @@ def test_nan_weights_name_the_tensor():
     w[1, 2] = float("nan")
     with pytest.raises(NonFiniteWeightError, match="model.layers.0.mlp.up_proj.weight"):
         quantize_weight("model.layers.0.mlp.up_proj.weight", w, QuantConfig())
+
+
+@pytest.mark.parametrize("outliers", [0.0, 0.02])
+@pytest.mark.parametrize("with_hessian", [False, True])
+def test_a_large_matrix_quantized_in_blocks_of_rows_gives_the_whole_matrix_tensors(monkeypatch, outliers,
+                                                                                  with_hessian):  # fmt: skip
+    """Rows are independent in every step but the outlier choice, which takes the largest over all
+    blocks: blocks of 3 rows (and a short last one) give the tensors of one block, bit for bit."""
+    w = _weight(50, 128, seed=3).to(torch.bfloat16)
+    x = torch.randn(512, 128, generator=torch.Generator().manual_seed(4))
+    hessian = x.T @ x / 512 if with_hessian else None
+    config = QuantConfig(outlier_fraction=outliers)
+    scores = torch.rand(128, generator=torch.Generator().manual_seed(5))  # the ranking is summed, not split
+    whole_layout, whole = quantize_weight("w", w, config, hessian, scores=scores)
+    monkeypatch.setattr(linear, "ROW_BLOCK_WEIGHTS", 3 * 128)
+    assert [(s.start, s.stop) for s in linear.row_blocks(50, 128)][-2:] == [(45, 48), (48, 50)]
+    layout, blocked = quantize_weight("w", w, config, hessian, scores=scores)
+    assert layout == whole_layout and blocked.keys() == whole.keys()
+    assert all(torch.equal(blocked[suffix], whole[suffix]) for suffix in whole), [
+        suffix for suffix in whole if not torch.equal(blocked[suffix], whole[suffix])]  # fmt: skip
+    assert ("outlier_val" in whole) == (outliers > 0)
+
+
+def test_blocked_channel_scores_match_the_whole_matrix(monkeypatch):
+    w = _weight(40, 96, seed=6)
+    hessian = torch.diag(torch.rand(96, generator=torch.Generator().manual_seed(7)))
+    fisher = torch.rand(40, generator=torch.Generator().manual_seed(8))
+    whole = linear.hessian_score(w, hessian, QuantConfig(), fisher)
+    monkeypatch.setattr(linear, "ROW_BLOCK_WEIGHTS", 7 * 96)
+    assert torch.allclose(linear.hessian_score(w, hessian, QuantConfig(), fisher), whole, rtol=1e-5, atol=0)
