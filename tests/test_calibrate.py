@@ -233,3 +233,22 @@ def test_windows_that_cannot_be_drawn_are_refused_before_the_model_is_opened(tmp
     with pytest.raises(UsageError, match="--seq-len at least 2"):
         llmq.quantize("demo", tmp_path / "q.llmq", calib_data=llmq.CalibData("austen", seq_len=1))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_wide_input_is_summed_a_block_of_rows_at_a_time(monkeypatch):
+    """The product of a wide input is made and added in blocks of rows (an fp64 copy of a whole one
+    would be 6.6 GB at a 70B's K = 28672): the sums are those of the whole product."""
+    from llmq.quant import calibrate as C
+
+    x = torch.randn(3, 20, 40, generator=torch.Generator().manual_seed(0))
+    whole = C.InputStats(torch.zeros(40, 40, dtype=torch.float64), torch.zeros(40, dtype=torch.float64))
+    with torch.inference_mode():
+        whole.add(x)
+    monkeypatch.setattr(C, "PRODUCT_BLOCK", 7 * 40)  # blocks of 7 rows and a last one of 5
+    blocked = C.InputStats(torch.zeros(40, 40, dtype=torch.float64), torch.zeros(40, dtype=torch.float64))
+    with torch.inference_mode():
+        blocked.add(x)
+    assert torch.allclose(blocked.xtx, whole.xtx, rtol=1e-6, atol=1e-4) and blocked.rows == whole.rows == 60
+    expected = (x.reshape(-1, 40).double().T @ x.reshape(-1, 40).double()) / 60
+    blocked.finish()
+    assert torch.allclose(blocked.finished[0].double(), expected, rtol=1e-5, atol=1e-6) and blocked.xtx is None
