@@ -10,6 +10,7 @@ keeps the second-order scale blocks of the 2-bit part consistent.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -18,11 +19,14 @@ from llmq.errors import NumericsError
 log = logging.getLogger("llmq.gptq")
 
 
-def inverse_hessian_factor(hessian: torch.Tensor, damp: float, retries: int = 6) -> torch.Tensor:
+def inverse_hessian_factor(hessian: torch.Tensor, damp: float, retries: int = 6,
+                           stop: Callable[[], None] = lambda: None) -> torch.Tensor:  # fmt: skip
     """Upper Cholesky factor of ``(H + λI)^-1`` with ``λ = damp * mean(diag H)``.
 
     A Hessian that is not positive definite (few samples, dead channels) is retried with ten
-    times the damping, and the retry is logged; it never crashes the run.
+    times the damping, and the retry is logged; it never crashes the run. ``stop`` is called
+    before each of the three fp64 steps (at a 70B's K = 28672 each takes minutes on a CPU, and
+    none can be interrupted inside).
     """
     dead = torch.diag(hessian) <= 0
     diagonal = torch.where(dead, 1.0, torch.diag(hessian).to(torch.float64))
@@ -38,8 +42,11 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float, retries: int = 6)
             work[dead, dead] = 1.0
             work.diagonal().add_(lam)
             column_major = work.mT
+            stop()
             torch.linalg.cholesky(column_major, out=column_major)
+            stop()
             torch.cholesky_inverse(column_major, out=column_major)
+            stop()
             torch.linalg.cholesky(column_major, upper=True, out=column_major)
             return column_major.to(torch.float32, memory_format=torch.contiguous_format)
         except torch.linalg.LinAlgError:
@@ -60,6 +67,7 @@ def gptq_round(
     device: torch.device | None = None,
     exact: torch.Tensor | None = None,
     factor: torch.Tensor | None = None,
+    stop: Callable[[], None] = lambda: None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Codes for ``weight`` ``[N, K]`` on the grids ``scale * (q - zero)``, ``0 <= q <= qmax``.
 
@@ -73,6 +81,7 @@ def gptq_round(
 
     ``factor``: :func:`inverse_hessian_factor` of this ``hessian`` and ``damp``, when the caller
     has it from an earlier call (a second pass over the same matrix skips the fp64 factorisations).
+    ``stop`` is called before the factorisation's steps and each block of columns.
     """
     home = weight.device
     device = home if device is None else device
@@ -81,11 +90,12 @@ def gptq_round(
     w = weight.to(torch.float32).clone()
     dead = torch.diag(hessian) <= 0
     w[:, dead] = 0.0
-    hinv = inverse_hessian_factor(hessian, damp) if factor is None else factor.to(device)
+    hinv = inverse_hessian_factor(hessian, damp, stop=stop) if factor is None else factor.to(device)
     n, k = w.shape
     codes = torch.zeros(n, k, dtype=torch.float32, device=device)
     targets = None if exact is None else torch.zeros(n, k, dtype=torch.float32, device=device)
     for start in range(0, k, block):
+        stop()
         end = min(start + block, k)
         w1 = w[:, start:end].clone()
         errors = torch.zeros_like(w1)

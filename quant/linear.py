@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -30,6 +31,7 @@ def quantize_weight(
     layout: L.LinearLayout | None = None,
     scores: torch.Tensor | None = None,
     device: torch.device | None = None,
+    stop: Callable[[], None] = lambda: None,
 ) -> tuple[L.LinearLayout, dict[str, torch.Tensor]]:
     """``weight`` ``[N, K]`` (any float dtype) -> its layout and packed tensors (name suffix -> tensor).
 
@@ -38,15 +40,17 @@ def quantize_weight(
     config asks for range selection) and the codes come from GPTQ on the same grids. ``layout``
     and ``scores`` ([K]) come from a bit budget, which has already chosen this Linear's stripe
     width and scored its channels. All of it (the scale search, rounding and GPTQ) runs on
-    ``device`` (default: the CPU); everything returned is on the CPU.
+    ``device`` (default: the CPU); everything returned is on the CPU. ``stop`` is called before each
+    block of rows, each step of GPTQ's factorisation and each block of its columns; it raises
+    ``KeyboardInterrupt`` to end there (a 70B's largest matrix takes minutes on a CPU).
     """
     if device is None or device.type == "cpu":
-        return _quantize_weight(name, weight, config, hessian, layout, scores, device)
+        return _quantize_weight(name, weight, config, hessian, layout, scores, device, stop)
     # Factory calls without a device (torch.ones, torch.arange, ...) then allocate on `device` too.
     hessian = None if hessian is None else hessian.to(device)
     scores = None if scores is None else scores.to(device)
     with torch.device(device):
-        layout, tensors = _quantize_weight(name, weight.to(device), config, hessian, layout, scores, device)
+        layout, tensors = _quantize_weight(name, weight.to(device), config, hessian, layout, scores, device, stop)
     return layout, {suffix: tensor.cpu() for suffix, tensor in tensors.items()}
 
 
@@ -69,7 +73,7 @@ def row_blocks(n: int, k: int) -> list[slice]:
     return [slice(i, min(i + rows, n)) for i in range(0, n, rows)] if n else [slice(0, 0)]
 
 
-def _quantize_weight(name, weight, config, hessian, layout, scores, device):
+def _quantize_weight(name, weight, config, hessian, layout, scores, device, stop):
     weight = weight.detach()
     blocks = row_blocks(*weight.shape)
     bad = sum(int((~torch.isfinite(weight[rows])).sum()) for rows in blocks)  # no fp32 copy of the whole
@@ -84,8 +88,8 @@ def _quantize_weight(name, weight, config, hessian, layout, scores, device):
     gptq = None
     if hessian is not None:
         packed_h = hessian[perm.long()][:, perm.long()]
-        gptq = packed_h, inverse_hessian_factor(packed_h, config.gptq_damp)  # every GPTQ pass uses it
-    rounding = _Rounding(weight, perm.long(), layout, config, gptq, device)
+        gptq = packed_h, inverse_hessian_factor(packed_h, config.gptq_damp, stop=stop)  # every GPTQ pass uses it
+    rounding = _Rounding(weight, perm.long(), layout, config, gptq, device, stop)
     tensors: dict[str, torch.Tensor] = {"perm": perm}
     if layout.k2 and layout.n_outliers:
         parts, outliers = _round_with_outliers(rounding, blocks)
@@ -100,13 +104,14 @@ class _Rounding:
     """Blocks of rows of one weight, permuted to packed order: their grids fitted, then their codes
     rounded on them (by GPTQ where there is a Hessian)."""
 
-    def __init__(self, weight, perm, layout: L.LinearLayout, config: QuantConfig, gptq, device):
-        self.weight, self.perm, self.layout, self.config, self.gptq, self.device = (
-            weight, perm, layout, config, gptq, device)  # fmt: skip
+    def __init__(self, weight, perm, layout: L.LinearLayout, config: QuantConfig, gptq, device, stop):
+        self.weight, self.perm, self.layout, self.config, self.gptq, self.device, self.stop = (
+            weight, perm, layout, config, gptq, device, stop)  # fmt: skip
 
     def fit(self, rows: slice) -> tuple[torch.Tensor, TwoBit | None, FourBit | None]:
         """The block permuted to packed order (fp32), and its fitted 2-bit and 4-bit parts (None where none)."""
         lay = self.layout
+        self.stop()
         packed = self.weight[rows].to(torch.float32)[:, self.perm]
         two = _fit_2bit(packed[:, : lay.k2], lay, self.config) if lay.k2 else None
         four = quantize_4bit(packed[:, lay.k2 :], lay.g4, self.config.rounding) if lay.k4 else None
@@ -117,7 +122,8 @@ class _Rounding:
         ``[rows, K]``, weights stored exactly elsewhere) the values to store there."""
         if self.gptq is None:
             return fitted[1], fitted[2], None
-        return _gptq(fitted[0], *self.gptq, fitted[1], fitted[2], self.layout, self.config, self.device, exact)
+        return _gptq(fitted[0], *self.gptq, fitted[1], fitted[2], self.layout, self.config, self.device, exact,
+                     self.stop)  # fmt: skip
 
     def contribution(self, packed: torch.Tensor, two: TwoBit) -> torch.Tensor:
         """``[rows, k2]``: what correcting each 2-bit weight exactly would remove from the output error,
@@ -210,7 +216,8 @@ def _excess_error(w: torch.Tensor, config: QuantConfig) -> torch.Tensor:
     return err2 - (four.decode(config.g4)[:, :k] - w) ** 2
 
 
-def _gptq(packed, hessian, factor, two, four, layout: L.LinearLayout, config: QuantConfig, device=None, exact=None):
+def _gptq(packed, hessian, factor, two, four, layout: L.LinearLayout, config: QuantConfig, device=None, exact=None,
+          stop=lambda: None):  # fmt: skip
     """Re-derive the codes of both parts with GPTQ on their fixed grids, in packed column order;
     ``factor`` is the inverse Hessian's (:func:`~llmq.quant.gptq.inverse_hessian_factor`).
 
@@ -227,7 +234,8 @@ def _gptq(packed, hessian, factor, two, four, layout: L.LinearLayout, config: Qu
         zeros.append(zero)
         qmax.append(torch.full((layout.k4,), float(L.INT4_MAX)))
     grid = torch.cat(scales, 1), torch.cat(zeros, 1), torch.cat(qmax)
-    codes, targets = gptq_round(packed, hessian, *grid, config.gptq_damp, config.gptq_block, device, exact, factor)
+    codes, targets = gptq_round(packed, hessian, *grid, config.gptq_damp, config.gptq_block, device, exact, factor,
+                                stop)  # fmt: skip
     if two is not None:
         two_codes = two.codes.clone()
         two_codes[:, : layout.k2] = codes[:, : layout.k2]

@@ -171,7 +171,7 @@ def _write_units(
             for key in sorted(by_unit[unit]):
                 stop()
                 if key in sources:
-                    tensors.update(_quantized(plan, sources[key], config, stats, device))
+                    tensors.update(_quantized(plan, sources[key], config, stats, device, stop))
                 else:
                     tensors[key] = _dense(plan, key)
             writer.write_shard(index, tensors)
@@ -272,14 +272,14 @@ def _apply_end_to_end(plan: Plan, writer: ArtifactWriter, fingerprint: str) -> N
     writer.discard(E2E_FILE, fingerprint, APPLIED_E2E)
 
 
-def _quantized(plan: Plan, linear: str, config: QuantConfig, stats, device) -> dict[str, torch.Tensor]:
+def _quantized(plan: Plan, linear: str, config: QuantConfig, stats, device, stop) -> dict[str, torch.Tensor]:
     layout = plan.linears[linear]
     # The budget's scores pick the channels too, unless range selection was asked for.
     by_budget = plan.scores and config.selection != Selection.range
     scores = plan.scores.get(linear) if by_budget else None
     hessian = plan_hessian(stats, linear, layout.in_features)
     label = plan.matrices[linear].label
-    packed_layout, packed = quantize_weight(label, plan.weight(linear), config, hessian, layout, scores, device)
+    packed_layout, packed = quantize_weight(label, plan.weight(linear), config, hessian, layout, scores, device, stop)
     assert packed_layout == layout
     return {f"{linear}.{suffix}": t for suffix, t in packed.items()}
 

@@ -54,6 +54,21 @@ def unit_peak(s, hidden: int, vocab: int) -> int:
     return max(layer, DENSE_WORK * vocab * hidden + 2 * 2 * vocab * hidden)
 
 
+def measured_factors(path: Path) -> dict:
+    """Per phase, measured over forecast on the 70B slice of ``path`` (bench_quantize_layer.py's record):
+    its time and its peak RSS. The time factors carry to other sizes only as far as each phase's
+    mix of work does (the slice runs few windows and steps)."""
+    record = json.loads(path.read_text())
+    (point,) = [p for p in record["points"] if p.get("shape") == "70b" and "forecast" in p]
+    phases = point["forecast"]["phases"]
+    seconds = {p: round(point["stages_seconds"][p] / phases[p]["seconds"], 3)
+               for p in point["stages_seconds"] if phases.get(p, {}).get("seconds")}  # fmt: skip
+    peak = {p: round(point["stages_peak_rss_mb"][p] * 2**20 / phases[p]["peak_rss_bytes"], 3)
+            for p in point["stages_peak_rss_mb"] if point["stages_peak_rss_mb"][p] and p in phases}  # fmt: skip
+    return {"record": str(path), "commit": record.get("commit"), "seconds": seconds, "peak_rss": peak,
+            "settings": {k: point[k] for k in ("layers", "samples", "seq_len", "refine_steps")}}  # fmt: skip
+
+
 def main() -> None:
     from llmq.quant import forecast as F
     from llmq.quant.config import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, RefineSettings
@@ -61,7 +76,10 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--measured", type=Path, help="a bench_quantize_layer.py record of the 70B slice on this "
+                        "CPU: each phase's measured/forecast time there scales the CPU column")  # fmt: skip
     args = parser.parse_args()
+    factors = measured_factors(args.measured) if args.measured else None
     refine = RefineSettings()
     settings = F.Settings(samples=DEFAULT_SAMPLES, seq_len=DEFAULT_SEQ_LEN, refine_steps=refine.steps,
                           refine_batch=refine.batch)  # fmt: skip
@@ -78,6 +96,9 @@ def main() -> None:
             "cpu_hours": {p: round(v / 3600, 2) for p, v in F.phase_seconds(s, settings, cpu).items()},
             "h100_hours_estimate": {p: round(v / 3600, 3) for p, v in F.phase_seconds(s, settings, h100).items()},
         })  # fmt: skip
+        if factors:
+            rows[-1]["cpu_hours_scaled_by_slice"] = {p: round(h * factors["seconds"].get(p, 1.0), 2)
+                                                     for p, h in rows[-1]["cpu_hours"].items()}  # fmt: skip
     record = {
         "what": "forecast (not measured) of the default quantize path by model size, llmq/quant/forecast.py",
         "settings": {"samples": settings.samples, "seq_len": settings.seq_len, "refine_steps": settings.refine_steps},
@@ -85,6 +106,7 @@ def main() -> None:
         "cpu_speed": cpu.to_json(),
         "h100_speed": h100.to_json(),
         "models": rows,
+        "slice": factors,
     } | provenance("python scripts/forecast_sizes.py " + " ".join(sys.argv[1:]))
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))

@@ -146,10 +146,23 @@ def test_bench_forecast_fits_and_rescores_a_record(tmp_path):
 
 
 def test_forecast_sizes_tables_the_large_models(tmp_path):
-    out = tmp_path / "sizes.json"
-    subprocess.run([sys.executable, str(SCRIPTS / "forecast_sizes.py"), "--out", str(out)], capture_output=True,
-                   text=True, check=True)  # fmt: skip
-    rows = {row["model"]: row for row in json.loads(out.read_text())["models"]}
+    out, slice_record = tmp_path / "sizes.json", tmp_path / "layers.json"
+    phases = {"calibrate": 10.0, "quantize": 100.0}
+    slice_record.write_text(json.dumps({"commit": "abc", "points": [{
+        "shape": "70b", "layers": 2, "samples": 4, "seq_len": 256, "refine_steps": 2,
+        "stages_seconds": {"calibrate": 20.0, "quantize": 50.0}, "stages_peak_rss_mb": {"calibrate": 1024.0,
+                                                                                      "quantize": None},
+        "forecast": {"phases": {p: {"seconds": v, "peak_rss_bytes": 2**31} for p, v in phases.items()}},
+    }]}))  # fmt: skip
+    subprocess.run([sys.executable, str(SCRIPTS / "forecast_sizes.py"), "--out", str(out), "--measured",
+                    str(slice_record)], capture_output=True, text=True, check=True)  # fmt: skip
+    record = json.loads(out.read_text())
+    assert record["slice"]["seconds"] == {"calibrate": 2.0, "quantize": 0.5}
+    assert record["slice"]["peak_rss"] == {"calibrate": 0.5}
+    rows = {row["model"]: row for row in record["models"]}
+    for row in rows.values():
+        scaled, raw = row["cpu_hours_scaled_by_slice"], row["cpu_hours"]
+        assert scaled["fisher"] == raw["fisher"] and abs(scaled["quantize"] - 0.5 * raw["quantize"]) <= 0.01
     assert {"Llama-3.1-8B", "Qwen2.5-32B", "Llama-3.1-70B"} <= set(rows)
     small, large = rows["Llama-3.1-8B"], rows["Llama-3.1-70B"]
     assert sum(large["cpu_hours"].values()) > 5 * sum(small["cpu_hours"].values())

@@ -141,3 +141,23 @@ def test_outliers_after_gptq_lower_the_output_error():
         layout, tensors = quantize_weight("w", w, config, hessian=hessian)
         errors.append(float(((x @ (L.dequantize(tensors, layout) - w).T) ** 2).mean()))
     assert errors[2] < errors[1] < 0.97 * errors[0], errors
+
+
+def test_a_stop_lands_inside_the_factorisation_and_between_column_blocks():
+    """``stop`` is called between the three fp64 steps and before each block of GPTQ's columns,
+    so a stop during one large matrix ends the run within a block, not after the matrix."""
+    w = torch.randn(16, 512, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1024, 512, generator=torch.Generator().manual_seed(1))
+    calls = []
+
+    def stop():
+        calls.append(len(calls))
+        if len(calls) == 6:  # 3 before the factorisation's steps, 1 before the rows, then the 2nd column block
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        quantize_weight("w", w, QuantConfig(gptq_block=128), hessian=x.T @ x / 1024, stop=stop)
+    assert len(calls) == 6
+    calls.clear()
+    quantize_weight("w", w, QuantConfig(gptq_block=128), hessian=x.T @ x / 1024, stop=lambda: calls.append(0))
+    assert len(calls) == 3 + 1 + 512 // 128  # the three steps, the block of rows, the column blocks
