@@ -46,6 +46,11 @@ FISHER_WINDOWS = 8
 PRODUCT_BLOCK = 1 << 24  # entries of an input's [K, K] product made at once (all of it up to K = 4096)
 
 
+def product_rows(k: int) -> int:
+    """Rows of a width-``k`` input's ``[k, k]`` product made and added at once (all ``k`` when it fits)."""
+    return min(k, max(1, PRODUCT_BLOCK // k))
+
+
 @dataclass
 class InputStats:
     """Running sums over the rows ``x`` (length ``K``) fed to a matrix; :meth:`finish` turns them into
@@ -63,8 +68,8 @@ class InputStats:
         # copy 6.6 GB, beside the 6.6 GB sum.
         x = x.reshape(-1, x.shape[-1]).to(torch.float32)
         k = x.shape[1]
-        rows = max(1, PRODUCT_BLOCK // k)
-        if rows >= k:
+        rows = product_rows(k)
+        if rows == k:
             self.xtx += x.T @ x
         else:
             for i in range(0, k, rows):

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llmq.quant.calibrate import FISHER_WINDOWS, PRODUCT_BLOCK
+from llmq.quant.calibrate import FISHER_WINDOWS, product_rows
 from llmq.quant.linear import block_rows
 from llmq.quant.plan import REST, Plan
 from llmq.runtime.sources.head import HEAD_CHUNK_ELEMENTS
@@ -323,7 +323,7 @@ def phase_bytes(shape: Shape, s: Settings, unit_bytes: int) -> dict[str, int]:
     if s.calibrates:
         # fp64 sums, and beside them a window's fp32 product with its fp64 copy as it is added (a block of
         # rows of it for a wide input), or a finished fp32 result
-        added = 12 * widest_in * min(widest_in, max(1, PRODUCT_BLOCK // widest_in))
+        added = 12 * widest_in * product_rows(widest_in)
         sums = max((sum(8 * k * k for k in unit) for unit in shape.inputs), default=0) + max(added, 4 * widest_in**2)
         steady = 4 * params + 2 * activations + sums + _activations(shape, 1, s.seq_len, False)
         phases["calibrate"] = max(steady, head + 4 * params + 2 * activations) + kept * s.seq_len * shape.hidden * 4

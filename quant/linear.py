@@ -140,7 +140,6 @@ def _round_with_outliers(rounding: _Rounding, blocks: list[slice]):
     exact, so no compensation is spent on errors the corrections remove. A single block keeps its
     fit and first pass; several are fitted again, so only one block's codes are held at a time."""
     lay = rounding.layout
-    kept = None
     values, index = [], []  # per block: its largest contributions and their flat [N, k2] positions
     for rows in blocks:
         fitted = rounding.fit(rows)
@@ -149,7 +148,7 @@ def _round_with_outliers(rounding: _Rounding, blocks: list[slice]):
         top = torch.topk(contribution, min(lay.n_outliers, contribution.numel()))
         values.append(top.values)
         index.append(top.indices + rows.start * lay.k2)
-        kept = (fitted, two) if len(blocks) == 1 else None
+    kept = (fitted, two) if len(blocks) == 1 else None
     flat = torch.cat(index)[torch.topk(torch.cat(values), lay.n_outliers).indices].sort().values
     picked_rows, picked_cols = flat // lay.k2, flat % lay.k2
     parts, corrections = [], []

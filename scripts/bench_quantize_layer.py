@@ -32,7 +32,7 @@ from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
-from benchlib import provenance
+from benchlib import peak_between, provenance
 
 SHAPES = {  # hidden, MLP, heads, KV heads, vocabulary, layers of the whole model
     "7b": (4096, 11008, 32, 32, 32000, 32),
@@ -85,7 +85,7 @@ def run_one(args) -> dict:
     import threading
 
     import torch
-    from benchlib import _sample_rss
+    from benchlib import sample_rss
 
     import llmq
     from llmq.runtime.sources.feedback import Feedback
@@ -96,7 +96,7 @@ def run_one(args) -> dict:
     written = time.perf_counter() - started
     forecast = dry_run(args, folder)
     samples: list[tuple[float, float]] = []
-    threading.Thread(target=_sample_rss, args=(os.getpid(), started, samples), daemon=True).start()
+    threading.Thread(target=sample_rss, args=(os.getpid(), started, samples), daemon=True).start()
     ended: dict[str, float] = {}
     config = llmq.QuantConfig()
     config = replace(config, refine_settings=replace(config.refine_settings, steps=args.refine_steps))
@@ -135,8 +135,7 @@ def _stage_ended(stages: dict, ended: dict, started: float, name: str, seconds: 
 
 def _stage_peaks(stages: dict, ended: dict, samples: list[tuple[float, float]]) -> dict:
     """The most resident MB sampled during each stage (None where no sample fell inside it)."""
-    return {name: max((mb for at, mb in samples if ended[name] - stages[name] <= at <= ended[name]), default=None)
-            for name in stages}  # fmt: skip
+    return {name: peak_between(samples, ended[name] - stages[name], ended[name]) for name in stages}
 
 
 def main() -> None:

@@ -23,17 +23,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchlib import provenance, run_measured
+from benchlib import measured_llmq as llmq
+from benchlib import provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = {"persuasion": ["--dataset", "austen"], "licences": ["--text-file", str(ROOT / "docs/data/eval-licenses.txt")]}
 EVAL = ["--seq-len", "1024", "--max-tokens", "8192"]
 RUN_ARTIFACT = ["--weights", "packed"]  # the artifact's own size in memory, not its dense weights
-
-
-def llmq(*args: str) -> tuple[dict, dict]:
-    run = run_measured([sys.executable, "-m", "llmq.cli", *args, "--json"])  # not -q: the stage lines
-    return json.loads(run["stdout"]), {key: run[key] for key in ("seconds", "peak_rss_mb", "rss_by_stage")}
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchlib import llmq, provenance, run_measured
+from benchlib import llmq, measured_llmq, provenance
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,11 +42,6 @@ def texts() -> dict[str, dict[str, list[str]]]:
             words = entry["option"].split()
             options[role][name] = [str(ROOT / w) if w.startswith("docs/") else w for w in words]
     return options
-
-
-def measured_llmq(*args: str) -> tuple[dict, dict]:
-    run = run_measured([sys.executable, "-m", "llmq.cli", *args, "--json"])
-    return json.loads(run["stdout"]), {"seconds": run["seconds"], "peak_rss_mb": run["peak_rss_mb"]}
 
 
 def score(model: str, eval_options: list[str], all_texts: dict) -> dict[str, float]:

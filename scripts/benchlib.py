@@ -173,7 +173,7 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict:
         samples: list[tuple[float, float]] = []
         reader = threading.Thread(target=lambda: lines.extend((time.perf_counter() - start, line.rstrip())
                                                               for line in proc.stderr), daemon=True)  # fmt: skip
-        sampler = threading.Thread(target=_sample_rss, args=(proc.pid, start, samples), daemon=True)
+        sampler = threading.Thread(target=sample_rss, args=(proc.pid, start, samples), daemon=True)
         reader.start()
         sampler.start()
         _, status, usage = os.wait4(proc.pid, 0)
@@ -189,9 +189,8 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict:
     for at, line in lines:
         found = re.fullmatch(r"(calibrate|fisher|plan|quantize|refine|e2e): ([0-9.]+) s", line.strip())
         if found:
-            begin = at - float(found.group(2))
-            held = [mb for t, mb in samples if begin <= t <= at]
-            stages[found.group(1)] = {"ended_at_s": round(at, 1), "peak_rss_mb": max(held, default=None)}
+            peak = peak_between(samples, at - float(found.group(2)), at)
+            stages[found.group(1)] = {"ended_at_s": round(at, 1), "peak_rss_mb": peak}
     every = max(1, len(samples) // 200)  # at most about 200 points in the record
     return {
         "seconds": round(seconds, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "stdout": stdout,
@@ -200,7 +199,19 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict:
     }  # fmt: skip
 
 
-def _sample_rss(pid: int, start: float, samples: list[tuple[float, float]]) -> None:
+def measured_llmq(*args: str) -> tuple[dict, dict]:
+    """``python -m llmq.cli ARGS --json`` in a fresh process (not -q: its stage lines are read): its
+    JSON document, and its wall seconds, peak RSS and the most it held in each stage (:func:`run_measured`)."""
+    run = run_measured([sys.executable, "-m", "llmq.cli", *args, "--json"])
+    return json.loads(run["stdout"]), {key: run[key] for key in ("seconds", "peak_rss_mb", "rss_by_stage")}
+
+
+def peak_between(samples: list[tuple[float, float]], begin: float, end: float) -> float | None:
+    """The most resident MB among ``samples`` (seconds, MB) taken from ``begin`` to ``end``; None if none was."""
+    return max((mb for at, mb in samples if begin <= at <= end), default=None)
+
+
+def sample_rss(pid: int, start: float, samples: list[tuple[float, float]]) -> None:
     """Append (seconds since ``start``, resident MB) of process ``pid`` every half second while it lives."""
     while True:
         try:

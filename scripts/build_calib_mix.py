@@ -47,13 +47,14 @@ def technical() -> str:
     return cut_at_paragraph("\n\n".join(topics.topics[key].strip() for key in sorted(topics.topics)), BUDGET)
 
 
-def code() -> str:
+def code(modules: tuple[str, ...] = CODE_MODULES, budget: int = BUDGET) -> str:
+    """The modules' sources in order, each under a ``# path.py`` line, cut at a paragraph near ``budget``."""
     parts = []
-    for name in CODE_MODULES:
+    for name in modules:
         spec = importlib.util.find_spec(name)
         source = Path(spec.origin).read_text(encoding="utf-8")
         parts.append(f"# {name.replace('.', '/')}.py\n{source.strip()}")
-    return cut_at_paragraph("\n\n\n".join(parts), BUDGET)
+    return cut_at_paragraph("\n\n\n".join(parts), budget)
 
 
 def licenses() -> str:
@@ -61,7 +62,7 @@ def licenses() -> str:
     return "\n\n\n".join((folder / name).read_text(encoding="utf-8").strip() for name in LICENSES)
 
 
-def _sha(text: str) -> str:
+def sha256_of(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -74,7 +75,7 @@ def main() -> None:
     record = {}
     for name, (text, source, licence) in files.items():
         (DATA / name).write_text(text, encoding="utf-8")
-        record[name] = {"sha256": _sha(text), "chars": len(text), "source": source, "license": licence}
+        record[name] = {"sha256": sha256_of(text), "chars": len(text), "source": source, "license": licence}
     version = f"python{sys.version_info[0]}.{sys.version_info[1]}"
     licence_text = Path(sys.base_prefix) / "lib" / version / "LICENSE.txt"
     (DATA / "LICENSE-PSF.txt").write_text(licence_text.read_text(encoding="utf-8"), encoding="utf-8")
@@ -83,7 +84,7 @@ def main() -> None:
     (ROOT / "docs" / "data" / "eval-licenses.txt").write_text(legal, encoding="utf-8")
     for name, info in record.items():
         print(f"{name}: {info['chars']} characters, {info['source']}")
-    print(f"docs/data/eval-licenses.txt: {len(legal)} characters ({', '.join(LICENSES)}), sha256 {_sha(legal)}")
+    print(f"docs/data/eval-licenses.txt: {len(legal)} characters ({', '.join(LICENSES)}), sha256 {sha256_of(legal)}")
 
 
 if __name__ == "__main__":

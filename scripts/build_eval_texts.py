@@ -20,8 +20,6 @@ that differs is visible.
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
 import re
 import subprocess
@@ -29,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from build_calib_mix import CODE_MODULES
+from build_calib_mix import CODE_MODULES, code, sha256_of
 
 from llmq.runtime.sources.text import cut_at_paragraph
 
@@ -70,17 +68,13 @@ def test_code() -> str:
     overlap = set(TEST_CODE_MODULES) & set(CODE_MODULES)
     if overlap:
         raise SystemExit(f"{sorted(overlap)} are in the calibration mix as well")
-    parts = []
-    for name in TEST_CODE_MODULES:
-        spec = importlib.util.find_spec(name)
-        parts.append(f"# {name}.py\n{Path(spec.origin).read_text(encoding='utf-8').strip()}")
-    return cut_at_paragraph("\n\n\n".join(parts), BUDGET)
+    return code(TEST_CODE_MODULES, BUDGET)
 
 
 def _entry(path: Path, source: str, licence: str) -> dict:
     text = path.read_text(encoding="utf-8")
     return {"path": str(path.relative_to(ROOT)), "source": source, "license": licence, "chars": len(text),
-            "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}  # fmt: skip
+            "sha256": sha256_of(text)}  # fmt: skip
 
 
 def main() -> None:
