@@ -38,6 +38,9 @@ from llmq.runtime.sources.head import HEAD_CHUNK_ELEMENTS
 GPTQ_BLOCK = 128
 SEARCH_PASSES = 500  # elementwise passes per weight of the 2/4-bit scale search (shrinks x zeros x error)
 SCORE_PASSES = 200  # per weight of the plan's channel scoring (min/max fits of both grids)
+# Bytes per weight of the largest matrix while its backward runs in refinement: the decoded weight,
+# its gradient and the decode's temporaries (measured on a 70B-class layer: docs/benchmarks.md)
+REFINE_MATRIX_BYTES = 24
 DECODE_PASSES = 40  # per weight per refinement step: decode, straight-through rounding, their gradients
 COLUMN_OPS = 14  # tensor calls per column of GPTQ's loop
 LAYER_CALL_OPS = 120  # tensor calls of one decoder layer on one batch, forward
@@ -308,6 +311,16 @@ def _activations(shape: Shape, windows: int, seq_len: int, backward: bool) -> in
     return int((3 if backward else 1) * 4 * windows * seq_len * per_token)
 
 
+def _refine_weights(params: int, biggest: int, lean: bool) -> int:
+    """Bytes of one layer's numbers while refinement tunes it: each weight's fp32 code and its
+    gradient, the copy a tuning is undone from (fp32 for the leaning start's unrounded codes, uint8
+    for GPTQ's integers) and, with lean codes, GPTQ's integers beside it; and, one matrix at a time,
+    the backward's decoded weight, its gradient and the decode's own temporaries
+    (:class:`~llmq.quant.refine.TrainableLinear` keeps none of them between the forward and the backward)."""
+    per_weight = 4 + 4 + (4 + 1 if lean else 1)
+    return per_weight * params + REFINE_MATRIX_BYTES * biggest
+
+
 def phase_bytes(shape: Shape, s: Settings, unit_bytes: int) -> dict[str, int]:
     """What each phase holds at its peak beyond the process before the run, in bytes. The largest
     layer counts, never their number. ``unit_bytes``: the most one work unit holds while it is
@@ -337,8 +350,9 @@ def phase_bytes(shape: Shape, s: Settings, unit_bytes: int) -> dict[str, int]:
     fisher = 4 * sum(n for unit in shape.layers for n, _ in unit) if s.calibrates or s.gptq else 0  # held to the end
     phases["quantize"] = fisher + unit_bytes
     if s.refine_steps:
-        weights = 4 * params * (5 if s.lean else 4)  # fp32 layer, decoded copy, codes, their gradients (+ fp32 weights)
-        phases["refine"] = 4 * activations + weights + _activations(shape, s.refine_batch, s.seq_len, True)
+        phases["refine"] = 4 * activations + _refine_weights(params, biggest, s.lean) + _activations(
+            shape, s.refine_batch, s.seq_len, True
+        )
     if s.e2e_steps:
         layers = sum(4 * 4 * shape.params(i) for i in range(len(shape.layers)))  # every refined layer is kept
         phases["e2e"] = 4 * activations + layers + head + _activations(shape, s.e2e_batch, s.seq_len, True)

@@ -14,7 +14,8 @@ shard, and the run checkpoints the block, so an interrupted run resumes at a blo
 replaying the finished blocks (forward passes only) to rebuild their outputs.
 
 Memory: three activation sets of ``[windows, tokens, hidden]`` float32 (fp32 inputs, quantized
-inputs, targets) and one layer twice, never the whole model.
+inputs, targets) and one layer, never the whole model: the fp32 layer is dropped once its outputs
+are known, and the quantized copy is made without copying the fp32 matrices it replaces.
 """
 
 from __future__ import annotations
@@ -94,24 +95,22 @@ def refine_blocks(
     for index in range(len(stream)):
         started = time.perf_counter()
         unit = str(index)
-        fp_layer = stream.layer(index)
         tensors = shards.read(plan.units.index(unit))
-        q_layer, trainables = _quantized_layer(fp_layer, plan, unit, tensors)
+        q_layer, trainables = _quantized_layer(stream.layer(index), plan, unit, tensors)
         norms = _norm_weights(q_layer, f"{plan.family.layers}.{unit}.", tensors)
-        y_fp = _forward(stream, index, fp_layer, x_fp)
+        y_fp = _forward(stream, index, stream.layer(index), x_fp)
+        stream.drop(index)  # the fp32 layer's work is done: only its quantized copy is tuned
         result = None
         if not shards.done(unit) and trainables:
             inputs = x_fp if settings.inputs == "fp" else x_q
-            lean = settings.codes == RefineCodes.lean
-            fp_weights = {name: plan.weight(name) for name in trainables} if lean else None
+            fp_weight = plan.weight if settings.codes == RefineCodes.lean else None
             result = refine_block(q_layer, trainables, inputs, y_fp, partial(stream.call, index), settings, stop,
-                                  list(norms.values()), fp_weights)  # fmt: skip
+                                  list(norms.values()), fp_weight)  # fmt: skip
             shards.write(plan.units.index(unit), tensors | stored_tensors(trainables, norms))
             shards.finish(unit)
         if settings.inputs != "fp":
             x_q = _forward(stream, index, q_layer, x_q)
         x_fp = y_fp
-        stream.drop(index)
         if keep:
             kept.layers.append(q_layer)
             kept.trainables.append(trainables)
@@ -154,7 +153,9 @@ def _quantized_layer(fp_layer: torch.nn.Module, plan: Plan, unit: str, tensors: 
     the trainables by matrix name; only their stored numbers require gradients."""
     prefix = f"{plan.family.layers}.{unit}."
     device = next(fp_layer.parameters()).device
-    layer = copy.deepcopy(fp_layer)
+    # the quantized matrices' fp32 weights are not copied (they are replaced below): a meta tensor stands in
+    matrices = [fp_layer.get_submodule(n.removeprefix(prefix)).weight for n in plan.linears if n.startswith(prefix)]
+    layer = copy.deepcopy(fp_layer, memo={id(w): nn.Parameter(w.to("meta"), requires_grad=False) for w in matrices})
     with torch.no_grad():
         for name, param in layer.named_parameters():
             if prefix + name in tensors:

@@ -156,7 +156,11 @@ class TrainableLinear(nn.Module):
         return torch.cat(parts, dim=1)[:, self.inverse]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        tuned = [p for p in self.integer_parameters() + self.scale_parameters() if p.requires_grad]
+        if torch.is_grad_enabled() and tuned:
+            return _DecodedLinear.apply(x, bias, self, *tuned)
+        return nn.functional.linear(x, self.weight().to(x.dtype), bias)
 
     def pack(self) -> dict[str, torch.Tensor]:
         """The packed tensors of the current values: what :meth:`weight` decodes, bit for bit."""
@@ -172,6 +176,42 @@ class TrainableLinear(nn.Module):
                 packed["zero4"] = v["zero4"].to(torch.uint8)
                 packed["scale4"] = v["scale4"].half()
         return {suffix: packed[suffix].cpu() for suffix in lay.tensor_specs()}
+
+
+class _DecodedLinear(torch.autograd.Function):
+    """``x @ W.T + bias`` with ``W = trainable.weight()``, differentiable in ``x``, ``bias`` and the
+    trainable's stored numbers, keeping nothing of ``W`` between the forward and the backward: the
+    backward decodes ``W`` again. Autograd would hold two fp32 ``[N, K]`` tensors per matrix (``W``
+    and the codes less their zeros) from every matrix's forward to its backward: 7 GB for a
+    70B-class layer, where the recomputation costs one elementwise decode per matrix per step."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, trainable: TrainableLinear, *tuned: nn.Parameter):
+        with torch.no_grad():
+            weight = trainable.weight().to(x.dtype)
+        ctx.trainable, ctx.tuned, ctx.has_bias = trainable, tuned, bias is not None
+        ctx.save_for_backward(x)
+        return nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        with torch.enable_grad():
+            weight = ctx.trainable.weight()
+        grad_x = grad_out @ weight.detach().to(grad_out.dtype) if ctx.needs_input_grad[0] else None
+        grad_bias = grad_out.flatten(0, -2).sum(0) if ctx.has_bias and ctx.needs_input_grad[1] else None
+        grad_weight = grad_out.flatten(0, -2).T @ x.flatten(0, -2)
+        grads = torch.autograd.grad(weight, ctx.tuned, grad_weight.to(weight.dtype), allow_unused=True)
+        return grad_x, grad_bias, None, *grads
+
+
+def _snapshot(param: torch.Tensor) -> torch.Tensor:
+    """A copy of ``param`` to restore it from: uint8 where every value is an integer in [0, 255]
+    (GPTQ's codes, scale codes and zeros: a quarter of an fp32 copy, and exact), else fp32."""
+    value = param.detach()
+    if value.is_floating_point() and bool(((value >= 0) & (value <= 255) & (value == value.round())).all()):
+        return value.to(torch.uint8)
+    return value.clone()
 
 
 @dataclass(frozen=True)
@@ -196,7 +236,7 @@ def tune_if_better(
             dtype: rounded to it before the result is judged, so the judge sees what is stored
     before  ``held_loss()`` of the starting values, when the caller has measured it already
     """
-    start = [p.detach().clone() for p in params]
+    start = [_snapshot(p) for p in params]
     before = held_loss() if before is None else before
     for p in params:
         p.requires_grad_(True)
@@ -224,7 +264,7 @@ def refine_block(
     settings: RefineSettings,
     stop: Callable[[], None] = lambda: None,
     dense: list[tuple[nn.Parameter, torch.dtype]] = (),
-    fp_weights: dict[str, torch.Tensor] | None = None,
+    fp_weight: Callable[[str], torch.Tensor] | None = None,
 ) -> TuneResult:
     """Tune ``trainables`` (installed in ``block``) so ``call(block, inputs[i:j])`` matches ``targets[i:j]``.
 
@@ -233,7 +273,8 @@ def refine_block(
     stop             called before each step; raises ``KeyboardInterrupt`` to end the run there
     dense            float32 parameters of ``block`` to tune as well (the norms), with the dtype the
                      artifact stores them in: trained like the scales, rounded to it before judging
-    fp_weights       with ``settings.codes`` lean: each trainable's fp32 weight [N, K], by name
+    fp_weight        with ``settings.codes`` lean: a trainable's name -> its fp32 weight [N, K], called
+                     once per matrix as its codes are started, so one matrix's weight is held at a time
 
     The last ``settings.held_out(windows)`` windows judge the result; if it is not better than GPTQ's, every
     parameter goes back to its GPTQ value. With lean codes, the codes tuned from the leaning start are
@@ -250,12 +291,12 @@ def refine_block(
 
     if settings.codes != RefineCodes.lean:
         return tune(integers if settings.code_lr > 0 else [])
-    if fp_weights is None or set(fp_weights) != set(trainables):
+    if fp_weight is None:
         raise ValueError("--refine-codes lean needs the fp32 weight of every trainable matrix")
-    start = [p.detach().clone() for p in integers + continuous]
+    start = [_snapshot(p) for p in integers + continuous]
     gptq = held_error()
     for name, trainable in trainables.items():
-        trainable.lean_start(fp_weights[name])
+        trainable.lean_start(fp_weight(name))
     lean = tune(integers)
     error = lean.after if lean.kept else lean.before
     if error < gptq:

@@ -4,6 +4,8 @@
     python scripts/bench_quantize_layer.py --work DIR --out layers.json --device cuda     # gpu_check.sh
     python scripts/bench_quantize_layer.py --work DIR --out layers.json --device cpu --shapes 70b --layers 2 \
         --samples 4 --seq-len 256 --refine-steps 2                                        # a CPU slice
+    python scripts/bench_quantize_layer.py --work DIR --out refine.json --device cpu --shapes 70b --layers 1 \
+        --samples 4 --seq-len 256 --refine-steps 2 --rtn                                  # refinement alone
 
 For each shape a Llama-architecture folder with ``--layers`` decoder layers of random fp16 weights
 (N(0, 0.02²)) and a byte-level BPE tokenizer trained here on the built-in calibration mix is
@@ -51,6 +53,10 @@ def parse_args(argv=None):
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--refine-steps", type=int, default=10)
+    parser.add_argument("--rtn", action="store_true",
+                        help="round to nearest (no calibration, no GPTQ), then refine on random token windows: "
+                             "the refinement stage of a large layer in minutes; its cost does not depend on how "
+                             "the numbers it starts from were chosen")  # fmt: skip
     parser.add_argument("--one", help=argparse.SUPPRESS)  # run one shape in this process (the parent's child)
     return parser.parse_args(argv)
 
@@ -105,9 +111,13 @@ def run_one(args) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     quantize_started = time.perf_counter()
-    manifest = llmq.quantize(folder, args.work / f"{args.one}.llmq", config, device=args.device, force=True,
-                             calib_data=llmq.CalibData(samples=args.samples, seq_len=args.seq_len),
-                             feedback=Feedback(stage=partial(_stage_ended, stages, ended, started)))  # fmt: skip
+    feedback = Feedback(stage=partial(_stage_ended, stages, ended, started))
+    out = args.work / f"{args.one}.llmq"
+    if args.rtn:
+        manifest = _rtn_then_refine(folder, out, args, feedback)
+    else:
+        manifest = llmq.quantize(folder, out, config, device=args.device, force=True, feedback=feedback,
+                                 calib_data=llmq.CalibData(samples=args.samples, seq_len=args.seq_len))  # fmt: skip
     seconds = time.perf_counter() - quantize_started
     hidden, mlp, heads, kv_heads, vocab, depth = SHAPES[args.one]
     per_layer = {name: value / args.layers for name, value in stages.items()}
@@ -115,7 +125,7 @@ def run_one(args) -> dict:
         "shape": args.one, "hidden": hidden, "mlp": mlp, "heads": heads, "kv_heads": kv_heads, "vocab": vocab,
         "layers": args.layers, "params": params, "device": args.device,
         "gpu": torch.cuda.get_device_name() if cuda else None,
-        "samples": args.samples, "seq_len": args.seq_len, "refine_steps": args.refine_steps,
+        "samples": args.samples, "seq_len": args.seq_len, "refine_steps": args.refine_steps, "rtn": args.rtn,
         "write_seconds": round(written, 1), "quantize_seconds": round(seconds, 1), "stages_seconds": stages,
         "bits_per_weight": manifest.accounting().bits_per_weight,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -126,6 +136,32 @@ def run_one(args) -> dict:
             "layers": depth, "stages_seconds": {n: round(v * depth, 1) for n, v in per_layer.items()},
         },
     }  # fmt: skip
+
+
+def _rtn_then_refine(folder: Path, out: Path, args, feedback):
+    """The default path's refinement stage (lean codes, ``--refine-steps``) on random token windows,
+    started from round-to-nearest numbers (minmax groups, range-ranked stripes) instead of GPTQ's:
+    :func:`llmq.quant.pipeline.quantize_model` as ``llmq.quantize`` calls it, without calibration."""
+    import torch
+
+    from llmq.quant import pipeline
+    from llmq.quant.config import QuantConfig, Refine, RefineSettings, Rounding
+    from llmq.quant.plan import make_plan
+    from llmq.runtime.sources.device import resolve_device
+    from llmq.runtime.sources.models import open_model
+
+    source, model_config = open_model(str(folder), None, False, feedback)
+    config = QuantConfig(rounding=Rounding.minmax).for_run(calibrated=False)
+    started = time.perf_counter()
+    plan = make_plan(source, model_config, config, None)
+    feedback.stage("plan", time.perf_counter() - started)
+    refine = RefineSettings(steps=args.refine_steps)
+    config = replace(config, refine=Refine.block, refine_settings=replace(refine, lr=refine.code_lr))
+    gen = torch.Generator().manual_seed(0)
+    windows = torch.randint(SHAPES[args.one][4], (args.samples, args.seq_len), generator=gen)
+    refinement = pipeline.Refinement(windows, model_config)
+    return pipeline.quantize_model(source, out, config, plan, force=True, device=resolve_device(args.device),
+                                   refinement=refinement, stage=feedback.stage)  # fmt: skip
 
 
 def _stage_ended(stages: dict, ended: dict, started: float, name: str, seconds: float) -> None:

@@ -98,6 +98,17 @@ def test_bench_quantize_layer_quantizes_a_slice_and_projects_the_whole_model(tmp
     assert not work.exists()  # the fp16 folders and artifacts are removed
 
 
+def test_bench_quantize_layer_rtn_measures_refinement_without_calibration(tmp_path):
+    out, work = tmp_path / "refine.json", tmp_path / "work"
+    script = str(ROOT / "scripts" / "bench_quantize_layer.py")
+    run = ["--shapes", "tiny", "--samples", "4", "--seq-len", "32", "--refine-steps", "2", "--rtn"]
+    subprocess.run([sys.executable, script, "--work", str(work), "--out", str(out), "--device", "cpu", *run],
+                   check=True, capture_output=True, text=True)  # fmt: skip
+    (point,) = json.loads(out.read_text())["points"]
+    assert point["rtn"] and set(point["stages_seconds"]) == {"plan", "quantize", "refine"}
+    assert set(point["stages_peak_rss_mb"]) == set(point["stages_seconds"]) and "refine" in point["forecast"]["phases"]
+
+
 def test_gpu_check_runs_only_the_steps_named(tmp_path):
     """``gpu_check.sh OUT STEP...`` (a second device command within the 10-minute limit): the named
     steps and the two it always needs; commands stubbed by PYTHON=echo, so nothing heavy runs."""

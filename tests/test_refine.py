@@ -36,6 +36,26 @@ def test_what_is_packed_decodes_to_what_was_trained(case):
     assert torch.equal(L.dequantize(packed, layout), trainable.weight().detach())
 
 
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_a_step_keeps_nothing_of_the_decoded_weight_and_gives_autograds_gradients(case):
+    layout, tensors, _ = packed_layer(case)
+    trainable = TrainableLinear(layout, tensors, torch.randn(layout.out_features))
+    x = torch.randn(2, 3, layout.in_features, requires_grad=True)
+    tuned = trainable.integer_parameters() + trainable.scale_parameters()
+    for p in tuned:
+        p.requires_grad_(True)
+    reference = torch.nn.functional.linear(x, trainable.weight(), trainable.bias)  # autograd through the decode
+    expected = torch.autograd.grad(reference.square().sum(), [x, *tuned], allow_unused=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.data_ptr()) or t, lambda t: t):
+        out = trainable(x)
+    assert saved == [x.data_ptr()]  # x only: no [N, K] tensor waits for the backward
+    assert torch.equal(out, reference)
+    got = torch.autograd.grad(out.square().sum(), [x, *tuned], allow_unused=True)
+    for g, e in zip(got, expected, strict=True):
+        assert (g is None and e is None) or torch.allclose(g, e, rtol=1e-5, atol=1e-6)
+
+
 def _toy(seed: int = 0):
     """A block that is one Linear quantized by llmq (round to nearest), inputs confined to a few
     directions (as a layer's activations mostly are), and the outputs of the full-precision weight
@@ -107,7 +127,8 @@ def test_lean_codes_are_kept_where_they_beat_gptqs_numbers():
     with torch.no_grad():  # GPTQ's codes made poor: the fp32 weights know better
         trainable.codes2.copy_(torch.randint(0, L.INT2_MAX + 1, trainable.codes2.shape).float())
     settings = RefineSettings(steps=30, codes="lean")
-    result = refine_block(trainable, {"x": trainable}, inputs, targets, _call, settings, fp_weights={"x": fp32})
+    weights = {"x": fp32}
+    result = refine_block(trainable, {"x": trainable}, inputs, targets, _call, settings, fp_weight=weights.get)
     assert result.kept and result.lean and result.after < 0.5 * result.before
 
 
@@ -116,7 +137,8 @@ def test_lean_codes_that_lose_fall_back_to_tuning_gptqs_scales():
     mirrored = -torch.randn(70, 200, generator=torch.Generator().manual_seed(0)) * 0.05  # _toy's weight, negated
     gptq_codes = {k: trainable.pack()[k] for k in ("qweight2", "qweight4", "zero4")}
     settings = RefineSettings(steps=20, codes="lean")  # 20 steps of 0.02 cannot walk a code back across its range
-    result = refine_block(trainable, {"x": trainable}, inputs, targets, _call, settings, fp_weights={"x": mirrored})
+    weights = {"x": mirrored}
+    result = refine_block(trainable, {"x": trainable}, inputs, targets, _call, settings, fp_weight=weights.get)
     assert not result.lean and result.kept and result.after < result.before  # the scales alone still help
     assert all(torch.equal(trainable.pack()[k], v) for k, v in gptq_codes.items())
 
