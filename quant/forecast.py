@@ -33,6 +33,7 @@ import torch
 from llmq.quant.calibrate import FISHER_WINDOWS, product_rows
 from llmq.quant.linear import block_rows
 from llmq.quant.plan import REST, Plan
+from llmq.quant.reconstruct import FORWARD_BATCH
 from llmq.runtime.sources.head import HEAD_CHUNK_ELEMENTS
 
 GPTQ_BLOCK = 128
@@ -42,6 +43,7 @@ SCORE_PASSES = 200  # per weight of the plan's channel scoring (min/max fits of 
 # its gradient and the decode's temporaries (measured on a 70B-class layer: docs/benchmarks.md)
 REFINE_MATRIX_BYTES = 24
 DECODE_PASSES = 40  # per weight per refinement step: decode, straight-through rounding, their gradients
+FORWARD_DECODE_PASSES = 10  # per weight per forward without gradients: one decode
 COLUMN_OPS = 14  # tensor calls per column of GPTQ's loop
 LAYER_CALL_OPS = 120  # tensor calls of one decoder layer on one batch, forward
 ELEMENT_SIZES = (1 << 16, 1 << 18, 1 << 20, 1 << 22, 1 << 24)  # 256 kB to 64 MB of fp32: caches, then memory
@@ -277,9 +279,13 @@ def _refine(shape: Shape, s: Settings, layers: range) -> Work:
     held = max(1, s.samples // 8)
     # window passes, forward-equivalent: targets and next inputs (2 S), held-aside checks, training (fwd + bwd)
     windows = 2 * s.samples + (2 + tunes) * held + tunes * s.refine_steps * s.refine_batch * 3
+    # each forward without gradients decodes every matrix once: the held-aside checks a batch at a time,
+    # the refined layer's outputs FORWARD_BATCH windows at a time, and (lean) the leaning start
+    forwards = (2 + tunes) * math.ceil(held / s.refine_batch) + math.ceil(s.samples / FORWARD_BATCH) + s.lean
+    passes = tunes * s.refine_steps * DECODE_PASSES + forwards * FORWARD_DECODE_PASSES
     work = Work()
     for i in layers:
-        decode = {n * k: tunes * s.refine_steps * DECODE_PASSES * n * k for n, k in shape.layers[i]}
+        decode = {n * k: passes * n * k for n, k in shape.layers[i]}
         work += Work(flops=windows * s.seq_len * shape.token_flops(i, s.seq_len),
                      elements={s.refine_batch * s.seq_len * shape.widest: windows * s.seq_len * shape.token_elements()},
                      ops=tunes * s.refine_steps * 4 * LAYER_CALL_OPS)  # fmt: skip
@@ -350,9 +356,8 @@ def phase_bytes(shape: Shape, s: Settings, unit_bytes: int) -> dict[str, int]:
     fisher = 4 * sum(n for unit in shape.layers for n, _ in unit) if s.calibrates or s.gptq else 0  # held to the end
     phases["quantize"] = fisher + unit_bytes
     if s.refine_steps:
-        phases["refine"] = 4 * activations + _refine_weights(params, biggest, s.lean) + _activations(
-            shape, s.refine_batch, s.seq_len, True
-        )
+        backward = _activations(shape, s.refine_batch, s.seq_len, True)
+        phases["refine"] = 4 * activations + _refine_weights(params, biggest, s.lean) + backward
     if s.e2e_steps:
         layers = sum(4 * 4 * shape.params(i) for i in range(len(shape.layers)))  # every refined layer is kept
         phases["e2e"] = 4 * activations + layers + head + _activations(shape, s.e2e_batch, s.seq_len, True)

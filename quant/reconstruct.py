@@ -35,7 +35,7 @@ from llmq.quant.refine import TrainableLinear, TuneResult, refine_block
 from llmq.quant.stream import LayerStream
 
 # How many windows one forward pass without gradients takes at once.
-_FORWARD_BATCH = 8
+FORWARD_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -177,5 +177,5 @@ def _quantized_layer(fp_layer: torch.nn.Module, plan: Plan, unit: str, tensors: 
 @torch.no_grad()
 def _forward(stream: LayerStream, index: int, layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Layer ``index`` (or its quantized copy) over every window, a few windows per call: [S, L, H]."""
-    return torch.cat([stream.call(index, layer, hidden[i : i + _FORWARD_BATCH])
-                      for i in range(0, len(hidden), _FORWARD_BATCH)])  # fmt: skip
+    return torch.cat([stream.call(index, layer, hidden[i : i + FORWARD_BATCH])
+                      for i in range(0, len(hidden), FORWARD_BATCH)])  # fmt: skip

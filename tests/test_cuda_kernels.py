@@ -7,14 +7,20 @@ race). Shapes come from ``kernel_cases`` and are not multiples of the tiles.
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 from kernel_cases import CASES, packed_layer
 
-from llmq.runtime.format import layout as L
-
 pytestmark = pytest.mark.gpu
 REL_ERROR = 1e-3  # fp16 activations and outputs, fp32 accumulation
+# Per element: the fp16 weight the kernels decode (a product of fp16 numbers: a few roundings of 2^-11
+# each, bounded by 2^-9 of each term), fp32 accumulation over K terms, and the fp16 output's own rounding
+WEIGHT_ROUNDING, OUTPUT_ROUNDING = 2.0**-9, 2.0**-10
+# Greedy decoding of the demo model in fp16: the two backends' logits may differ by summation order; at
+# most this much at any position (an estimate, not yet measured on a GPU)
+LOGIT_TOLERANCE = 0.5
 
 
 def _on_gpu(case, seed=0):
@@ -26,6 +32,20 @@ def _on_gpu(case, seed=0):
 
 def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.float() - want).norm() / want.norm())
+
+
+def _seed(*parts) -> int:
+    """A seed fixed by the case (``hash`` of a string changes with PYTHONHASHSEED; a failure must reproduce)."""
+    return zlib.crc32("/".join(map(str, parts)).encode())
+
+
+def _assert_each_element_close(got: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, want: torch.Tensor, what):
+    """Every output element within the fp16 rounding its own terms allow: a few wrong elements fail
+    here even where the aggregate relative error stays small."""
+    k = weight.shape[1]
+    bound = (WEIGHT_ROUNDING + k * 2.0**-24) * (x.float().abs() @ weight.abs().T) + OUTPUT_ROUNDING * want.abs()
+    excess = (got.float() - want).abs() - bound - 2.0**-24  # the last term: fp16 subnormals near zero
+    assert excess.max() <= 0, f"{what}: {int((excess > 0).sum())} elements out of bounds, worst at {excess.argmax()}"
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
@@ -50,7 +70,7 @@ def test_every_path_matches_the_reference(case, path, batches, with_bias):
     from llmq.runtime.cuda_backend import Path
 
     linear, _, weight = _on_gpu(case)
-    gen = torch.Generator(device="cuda").manual_seed(hash((str(case), path)) % 2**31)
+    gen = torch.Generator(device="cuda").manual_seed(_seed(case, path, with_bias))
     bias = torch.randn(case.out_features, device="cuda", generator=gen).half() if with_bias else None
     for batch in batches:
         x = torch.randn(batch, case.in_features, device="cuda", generator=gen).half()
@@ -63,6 +83,7 @@ def test_every_path_matches_the_reference(case, path, batches, with_bias):
             runs.append(y.clone())
         assert torch.isfinite(runs[0]).all(), f"{path} batch {batch}: NaN or Inf in the output"
         assert _relative_error(runs[0], want) < REL_ERROR, f"{path} batch {batch}"
+        _assert_each_element_close(runs[0], x, weight, want, f"{path} batch {batch}")
         assert torch.equal(runs[0], runs[1]), f"{path} batch {batch}: two runs differ"
 
 
@@ -93,7 +114,11 @@ def test_packed_weights_take_about_the_artifact_size_on_the_gpu():
     assert stored < 0.3 * CASES[6].out_features * CASES[6].in_features * 2  # well under fp16
 
 
-def test_demo_artifact_generates_the_same_tokens_on_both_backends(demo_artifact_path):
+def test_demo_artifact_decodes_greedily_alike_on_both_backends(demo_artifact_path):
+    """The torch backend's greedy continuation, read back by both backends: their logits agree within
+    LOGIT_TOLERANCE, and where the CUDA backend would pick another token, the torch backend's own
+    choice led by less than the two backends differ there (a near tie that summation order may
+    flip), never by more. Exact tokens are not required: a correct kernel may sum in another order."""
     from llmq.runtime.backend import Backend
     from llmq.runtime.loader import load_model
     from llmq.runtime.sources import models
@@ -102,19 +127,23 @@ def test_demo_artifact_generates_the_same_tokens_on_both_backends(demo_artifact_
     config = models.load_config(source)
     tokenizer = models.load_tokenizer(source)
     ids = tokenizer("The first thing Anne Elliot noticed was", return_tensors="pt").input_ids.cuda()
-    tokens = {}
+    logits = {}
     for backend in (Backend.torch, Backend.cuda):
         lm = load_model(source, config, torch.device("cuda"), torch.float16, backend=backend)
         with torch.no_grad():
-            out = lm.generate(ids, max_new_tokens=32, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-        tokens[backend] = out[0, ids.shape[1] :].tolist()
+            if backend == Backend.torch:
+                sequence = lm.generate(ids, max_new_tokens=32, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+            logits[backend] = lm(sequence).logits[0, ids.shape[1] - 1 : -1].float()
         del lm
-    assert tokens[Backend.cuda][:32] == tokens[Backend.torch][:32]
-
-
-def test_layout_reference_is_what_the_kernels_are_checked_against():
-    layout, tensors, weight = packed_layer(CASES[0])
-    assert torch.equal(L.dequantize(tensors, layout), weight)
+    chosen = sequence[0, ids.shape[1] :]
+    ours, theirs = logits[Backend.torch], logits[Backend.cuda]
+    assert torch.equal(ours.argmax(-1), chosen)  # the read-back is the decode's own logits
+    differ = (theirs - ours).abs().amax(-1)
+    assert differ.max() < LOGIT_TOLERANCE, f"the backends' logits differ by up to {differ.max():.3f}"
+    picks = theirs.argmax(-1)
+    lead = ours.gather(1, chosen[:, None])[:, 0] - ours.gather(1, picks[:, None])[:, 0]
+    flipped = picks != chosen
+    assert (lead[flipped] <= 2 * differ[flipped]).all(), f"positions {flipped.nonzero()[:, 0].tolist()}"
 
 
 def test_a_call_can_be_captured_in_a_cuda_graph_and_replayed():

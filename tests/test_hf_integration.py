@@ -95,6 +95,7 @@ def test_offloading_device_maps_are_refused(tiny_artifact):
         from_pretrained(tiny_artifact, device_map={"model": "cpu", "lm_head": "disk"})
 
 
+@pytest.mark.gpu  # scripts/gpu_check.sh runs the files that carry this mark
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 def test_device_map_cuda(tiny_artifact):
     model = from_pretrained(tiny_artifact, device_map="cuda", dtype=torch.float16)

@@ -6,6 +6,7 @@ pip runtime wheel or a toolkit; ptxas' ``-v`` report comes back in the program l
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -131,3 +132,17 @@ def test_arguments_bind_by_name_and_type():
         loader.bind_arguments(params, named | {"k2": 2**31})
     with pytest.raises(TypeError, match="tensor or None"):
         loader.bind_arguments(params, named | {"perm": 5})
+
+
+def test_bench_compile_records_each_files_compile_time(tmp_path):
+    from pathlib import Path
+
+    out = tmp_path / "compile.json"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_compile.py"
+    run = [sys.executable, str(script), "--out", str(out), "--archs", "sm_90", "--files", "gather.cu,dequant.cu"]
+    subprocess.run([*run, "--repeats", "1"], check=True, capture_output=True, text=True)
+    record = json.loads(out.read_text())
+    assert [(p["file"], p["arch"], len(p["seconds"])) for p in record["points"]] == [
+        ("gather.cu", "sm_90", 1), ("dequant.cu", "sm_90", 1)
+    ]  # fmt: skip
+    assert record["seconds_per_arch"]["sm_90"] > 0 and record["commit"] and record["cpu"]
