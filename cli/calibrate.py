@@ -9,12 +9,23 @@ from typing import Annotated
 import typer
 
 from llmq import __version__
-from llmq.cli.common import DatasetOpt, Device, Json, ModelArg, Quiet, Reporter, Revision, TextFile, TrustRemoteCode
-from llmq.quant.config import DEFAULT_INCLUDE, DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, QuantConfig
+from llmq.cli.common import (
+    CALIB_SEQ_LEN_HELP,
+    DatasetOpt,
+    Device,
+    Json,
+    ModelArg,
+    Quiet,
+    Reporter,
+    Revision,
+    TextFile,
+    TrustRemoteCode,
+)
+from llmq.quant.config import DEFAULT_INCLUDE, DEFAULT_SAMPLES, QuantConfig
 from llmq.runtime.sources.text import TextRequest
 
 Samples = Annotated[int, typer.Option("--samples", min=1, help="Calibration windows, sampled at random offsets.")]
-CalibSeqLen = Annotated[int, typer.Option("--seq-len", min=2, help="Tokens per calibration window.")]
+CalibSeqLen = Annotated[int | None, typer.Option("--seq-len", min=2, help=CALIB_SEQ_LEN_HELP)]
 CalibSeed = Annotated[int, typer.Option("--seed", min=0, help="Seed for the window offsets.")]
 
 
@@ -24,7 +35,7 @@ def calibrate(
     dataset: DatasetOpt = None,
     text_file: TextFile = None,
     samples: Samples = DEFAULT_SAMPLES,
-    seq_len: CalibSeqLen = DEFAULT_SEQ_LEN,
+    seq_len: CalibSeqLen = None,
     seed: CalibSeed = 0,
     include: Annotated[
         list[str] | None,

@@ -89,6 +89,8 @@ DatasetOpt = Annotated[
         "prose, technical text and code; calibration only).",
     ),
 ]
+# calibrate's --seq-len and quantize's --calib-seq-len
+CALIB_SEQ_LEN_HELP = "Tokens per calibration window [default: 512, or the model's context if shorter]."
 TextFile = Annotated[
     Path | None, typer.Option("--text-file", help="A UTF-8 text file to use instead of --dataset.", dir_okay=False)
 ]

@@ -9,12 +9,20 @@ from typing import Annotated
 import typer
 
 from llmq import __version__
-from llmq.cli.common import Json, ModelArg, Quiet, Reporter, Revision, TrustRemoteCode, render_accounting
+from llmq.cli.common import (
+    CALIB_SEQ_LEN_HELP,
+    Json,
+    ModelArg,
+    Quiet,
+    Reporter,
+    Revision,
+    TrustRemoteCode,
+    render_accounting,
+)
 from llmq.errors import UsageError
 from llmq.quant.config import (
     DEFAULT_PRESET,
     DEFAULT_SAMPLES,
-    DEFAULT_SEQ_LEN,
     PRESETS,
     Allocation,
     Refine,
@@ -92,8 +100,9 @@ def quantize(
         int, typer.Option("--samples", min=1, help="Calibration windows for --calib-data.")
     ] = DEFAULT_SAMPLES,
     calib_seq_len: Annotated[
-        int, typer.Option("--calib-seq-len", min=2, help="Tokens per calibration window.")
-    ] = DEFAULT_SEQ_LEN,
+        int | None,
+        typer.Option("--calib-seq-len", min=2, help=CALIB_SEQ_LEN_HELP),
+    ] = None,
     seed: Annotated[int, typer.Option("--seed", min=0, help="Seed for the calibration windows.")] = 0,
     target_bits: Annotated[
         float | None,

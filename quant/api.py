@@ -15,8 +15,8 @@ from pathlib import Path
 
 from llmq.errors import ArtifactWriteError, OutputError, OutputExistsError, ResourceError, UsageError
 from llmq.quant import forecast, pipeline, resources, statsfile, writer
-from llmq.quant.calibrate import calibrate_model, calibration_windows, check_windows
-from llmq.quant.config import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, Allocation, QuantConfig, Refine, RefineCodes
+from llmq.quant.calibrate import calibrate_model, calibration_windows, check_windows, window_length
+from llmq.quant.config import DEFAULT_SAMPLES, Allocation, QuantConfig, Refine, RefineCodes
 from llmq.quant.plan import Plan, check_target_bits, make_plan
 from llmq.quant.statsfile import CalibStats
 from llmq.runtime.format import dtypes
@@ -37,7 +37,7 @@ class CalibData:
 
     text: T.TextSpec = T.Dataset.mix  # calibration split: the built-in mix, Pride and Prejudice for austen, ...
     samples: int = DEFAULT_SAMPLES  # windows, at random offsets
-    seq_len: int = DEFAULT_SEQ_LEN  # tokens per window
+    seq_len: int | None = None  # tokens per window; None: DEFAULT_SEQ_LEN, or the model's context if shorter
     seed: int = 0  # of the window offsets
 
 
@@ -52,7 +52,7 @@ def calibrate(
     out: str | os.PathLike | None = None,
     force: bool = False,
     samples: int = DEFAULT_SAMPLES,
-    seq_len: int = DEFAULT_SEQ_LEN,
+    seq_len: int | None = None,
     seed: int = 0,
     config: QuantConfig | None = None,
     device: str = "auto",
@@ -61,7 +61,8 @@ def calibrate(
     feedback: Feedback = LOGGED,
 ) -> CalibStats:
     """Each Linear's input statistics (Hessian ``E[x xᵀ]`` float32 ``[K, K]``, and ``E[x²]``) over
-    ``samples`` windows of ``seq_len`` tokens of ``text``'s calibration split (default: the built-in mix).
+    ``samples`` windows of ``seq_len`` tokens of ``text``'s calibration split (default: the built-in mix);
+    ``seq_len`` longer than the model's context is refused, and None is 512 or the context if shorter.
 
     The model is streamed one decoder layer at a time on ``device``. ``config.include`` and
     ``exclude`` choose the Linears. With ``out`` the statistics are also written there (a stats
@@ -97,6 +98,7 @@ def _collect(model, text, samples, seq_len, seed, config, device, revision, trus
         check_model_spec(model, revision)
         early = T.load_local_first(text, T.Split.calib, T.Dataset.mix)
         source, model_config = open_model(model, revision, trust_remote_code, feedback)
+    seq_len = window_length(seq_len, model_config, feedback.info)
     loaded = early or T.load(text, T.Split.calib, T.Dataset.mix)
     feedback.info(f"calibration: {loaded.source}, {samples} samples x {seq_len} tokens, seed {seed}, on {torch_device}")
     folder = statsfile.spill_folder(near)
@@ -164,6 +166,8 @@ def _prepare(model, out: Path, config, calib, calib_data, dense_dtype, device, f
     source, model_config = open_model(model, revision, trust_remote_code, feedback)
     if source.kind == SourceKind.artifact:
         raise UsageError(f"{model} is already a quantized llmq artifact; quantize the original model instead")
+    if calib_data is not None:
+        calib_data = replace(calib_data, seq_len=window_length(calib_data.seq_len, model_config, feedback.info))
     stats = _stats(calib, source)
     dense = None if dense_dtype == "auto" else dtypes.BY_SHORT[dense_dtype].torch()
     settings = _run_settings(run_config, calib_data, stats)

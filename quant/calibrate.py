@@ -32,13 +32,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llmq.errors import TextSourceError, UsageError
-from llmq.quant.config import QuantConfig
+from llmq.quant.config import DEFAULT_SEQ_LEN, QuantConfig
 from llmq.quant.sensitivity import fill_unreached, output_fisher
 from llmq.quant.stream import LayerStream
 from llmq.quant.writer import writing
 from llmq.runtime.sources import families as F
 from llmq.runtime.sources.checkpoint import model_fingerprint
-from llmq.runtime.sources.models import ModelSource, load_tokenizer
+from llmq.runtime.sources.models import ModelSource, context_length, load_tokenizer
 from llmq.runtime.sources.tokenize import tokenize_stream
 
 # Windows of the backward pass: the sum over their positions averages the one label drawn per position.
@@ -161,10 +161,30 @@ class LayerInputs:
         return self.folder / f"fisher-inputs-{index}.safetensors"
 
 
-def check_windows(samples: int, seq_len: int) -> None:
-    """Refuse calibration windows that cannot be drawn, before any model is opened or text read."""
-    if samples < 1 or seq_len < 2:
+def check_windows(samples: int, seq_len: int | None) -> None:
+    """Refuse calibration windows that cannot be drawn, before any model is opened or text read
+    (``seq_len`` None: the default, fitted to the model by :func:`window_length`)."""
+    if samples < 1 or (seq_len is not None and seq_len < 2):
         raise UsageError("--samples must be at least 1 and --seq-len at least 2")
+
+
+def window_length(seq_len: int | None, model_config, log: Callable[[str], None]) -> int:
+    """The calibration window's length in tokens for the model of ``model_config``: ``seq_len``,
+    refused if it exceeds the model's context (statistics of positions the model was never trained
+    on would rank and round its weights), or with None :data:`DEFAULT_SEQ_LEN`, shortened to the
+    context (said in ``log``) where that is shorter."""
+    context = context_length(model_config)
+    if seq_len is None:
+        if context is not None and context < DEFAULT_SEQ_LEN:
+            log(f"calibration windows of {context} tokens: the model's context is shorter than {DEFAULT_SEQ_LEN}")
+            return context
+        return DEFAULT_SEQ_LEN
+    if context is not None and seq_len > context:
+        raise UsageError(
+            f"calibration windows of {seq_len} tokens exceed the model's context of {context}; "
+            f"use --seq-len (quantize: --calib-seq-len) {context} or less"
+        )
+    return seq_len
 
 
 def sample_windows(ids: torch.Tensor, samples: int, seq_len: int, seed: int) -> torch.Tensor:

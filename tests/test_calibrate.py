@@ -235,6 +235,34 @@ def test_windows_that_cannot_be_drawn_are_refused_before_the_model_is_opened(tmp
     assert list(tmp_path.iterdir()) == []
 
 
+def test_windows_longer_than_the_models_context_are_refused_before_calibrating(cli, tiny_model, tmp_path, monkeypatch):
+    from conftest import TINY_CONTEXT
+
+    def calibrated(*args, **kwargs):
+        raise AssertionError("calibration ran before the window length was checked")
+
+    monkeypatch.setattr("llmq.quant.api.calibrate_model", calibrated)
+    with pytest.raises(UsageError, match=f"exceed the model's context of {TINY_CONTEXT}; use --seq-len"):
+        llmq.calibrate(tiny_model, "austen", samples=2, seq_len=TINY_CONTEXT + 1)
+    result = cli("quantize", str(tiny_model), "-o", str(tmp_path / "q.llmq"), "--calib-seq-len", str(2 * TINY_CONTEXT))
+    assert result.code == 2 and f"--calib-seq-len) {TINY_CONTEXT} or less" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_default_window_is_shortened_to_a_shorter_context_and_says_so(tiny_model):
+    from llmq.runtime.sources.feedback import Feedback
+
+    from conftest import TINY_CONTEXT
+
+    said = []
+    stats = llmq.calibrate(tiny_model, "austen", samples=2, feedback=Feedback(info=said.append))
+    try:
+        assert stats.meta["seq_len"] == TINY_CONTEXT
+    finally:
+        stats.close()
+    assert any(f"windows of {TINY_CONTEXT} tokens: the model's context is shorter than 512" in line for line in said)
+
+
 def test_a_wide_input_is_summed_a_block_of_rows_at_a_time(monkeypatch):
     """The product of a wide input is made and added in blocks of rows (an fp64 copy of a whole one
     would be 6.6 GB at a 70B's K = 28672): the sums are those of the whole product."""

@@ -106,6 +106,27 @@ def test_the_library_call_returns_typed_results(tiny_model, in_repo):
     assert any(line.startswith("model: local folder") for line in lines)
 
 
+def test_a_stop_lands_before_the_next_decoder_layer_of_the_harness(tiny_model, in_repo):
+    """lm-eval's loop is the harness's, so llmq checks before every decoder layer of the model it
+    hands over: a stop asked for during the scoring ends it there, with KeyboardInterrupt."""
+    import contextlib
+
+    import llmq
+
+    checks = []
+
+    def check():
+        checks.append(1)
+        if len(checks) == 3:  # inside the first forward pass of the harness
+            raise KeyboardInterrupt
+
+    feedback = llmq.Feedback(stoppable=lambda: contextlib.nullcontext(check))
+    with pytest.raises(KeyboardInterrupt):
+        llmq.evaluate_tasks(tiny_model, TASK, limit=3, include_path=TASKS_DIR, feedback=feedback,
+                            options=llmq.LoadOptions(device="cpu"))  # fmt: skip
+    assert len(checks) == 3
+
+
 def test_a_group_reports_its_aggregate_and_its_tasks(tiny_model, tmp_path, in_repo):
     shutil.copy(TASKS_DIR / f"{TASK}.yaml", tmp_path)
     (tmp_path / "group.yaml").write_text(

@@ -26,6 +26,7 @@ from llmq.errors import TaskError, UsageError
 from llmq.runtime.format import dtypes
 from llmq.runtime.loader import OpenedModel, open_for_run
 from llmq.runtime.options import LoadOptions
+from llmq.runtime.sources.families import checked_per_layer
 from llmq.runtime.sources.feedback import LOGGED, Feedback
 from llmq.runtime.sources.models import ModelSpec, check_model_spec
 
@@ -181,16 +182,19 @@ def evaluate_tasks(
         run = open_for_run(model, options, feedback, placement=placement)
         tokenizer = run.tokenizer()
         load_start = time.perf_counter()
-        harness = _harness_model(run.load(), tokenizer, batch_size)
+        lm = run.load()
+        harness = _harness_model(lm, tokenizer, batch_size)
         load_seconds = time.perf_counter() - load_start
         feedback.info(
             f"tasks: {', '.join(names)}" + (f" (first {limit} documents each)" if limit else "")
             + f"; running {dtypes.short(run.dtype)} on {run.device}, batch size {batch_size}"
         )  # fmt: skip
         eval_start = time.perf_counter()
-        output = lm_eval.simple_evaluate(
-            model=harness, tasks=names, limit=limit, task_manager=manager, log_samples=False, **SEEDS
-        )
+        with feedback.stoppable() as check:  # a stop lands before the next decoder layer of a batch
+            checked_per_layer(lm, run.config, check)
+            output = lm_eval.simple_evaluate(
+                model=harness, tasks=names, limit=limit, task_manager=manager, log_samples=False, **SEEDS
+            )
         eval_seconds = time.perf_counter() - eval_start
     protocol = {
         "tasks": names,

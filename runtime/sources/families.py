@@ -151,6 +151,15 @@ def decoder_layers(model, family: Family) -> torch.nn.ModuleList:
     return layers
 
 
+def checked_per_layer(model, config, check):
+    """``model`` with ``check()`` called before each decoder layer's forward, so that a stop lands
+    within one layer of a forward pass rather than after it: one 2048-token window of the 135M
+    demo model takes about 4 s on a 2-core CPU, one of its 30 layers about 0.13 s."""
+    for layer in decoder_layers(model, family_of(model, config)):
+        layer.register_forward_pre_hook(lambda module, args: check())
+    return model
+
+
 def is_conv1d(module) -> bool:
     """GPT-2's ``Conv1D``: a Linear whose weight is stored transposed, ``[in, out]``."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
