@@ -191,7 +191,10 @@ class _DecodedLinear(torch.autograd.Function):
             weight = trainable.weight().to(x.dtype)
         ctx.trainable, ctx.tuned, ctx.has_bias = trainable, tuned, bias is not None
         ctx.save_for_backward(x)
-        return nn.functional.linear(x, weight, bias)
+        out = nn.functional.linear(x, weight, bias)
+        # a view (linear flattens a batched input) may not be modified in place by the caller, as Falcon's
+        # attention does, unless it is a tensor of its own
+        return out.clone() if out._base is not None else out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):

@@ -3,6 +3,7 @@
 
     python scripts/stop_latency.py --out docs/data/stop_latency.json            # idle, then loaded
     python scripts/stop_latency.py --out docs/data/stop_latency.json --load 0   # idle only
+    python scripts/stop_latency.py --out default_path.json --only "quantize default, calibrate" ...
 
 Each command is started as a child with SIGINT at its default, the script waits for a line the
 command prints once its main loop is under way (or for its first shard, for quantize), sends the
@@ -27,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchlib import provenance
+
 # command -> (arguments with OUT for a scratch folder, the stderr text that says the loop is running)
 COMMANDS = {
     "calibrate": (["calibrate", "demo", "-o", "OUT/demo.stats", "--dataset", "austen", "--force"], "calibration:"),
@@ -45,6 +48,13 @@ COMMANDS = {
 # reach its next check.
 COMMANDS["profile, mid-rounds"] = COMMANDS["profile"]
 DELAY = {"profile, mid-rounds": 3.0}
+# The default quantize path, signalled as each of its phases begins (the log line that ends the one
+# before). 16 windows of the default 512 tokens and 4 refinement steps: a window, a layer and a step
+# cost what the default's do, and the later phases are reached in minutes.
+DEFAULT_PATH = ["quantize", "demo", "-o", "OUT/demo.llmq", "--samples", "16", "--refine-steps", "4"]
+PHASE_BEGINS = {"calibrate": "calibration:", "fisher": "calibrate: ", "plan": "fisher: ", "gptq": "plan: ",
+                "refine": "quantize: "}  # fmt: skip
+COMMANDS.update({f"quantize default, {phase}": (DEFAULT_PATH, line) for phase, line in PHASE_BEGINS.items()})
 
 
 def _busy() -> None:
@@ -136,9 +146,10 @@ def main() -> None:
             finally:
                 for b in burners:
                     b.terminate()
-    record = {"model": "demo (SmolLM2-135M-Instruct dequantized from the Q4_1 GGUF)", "date": time.strftime("%Y-%m-%d"),
+    record = {**provenance("python scripts/stop_latency.py " + " ".join(sys.argv[1:])),
+              "model": "demo (SmolLM2-135M-Instruct dequantized from the Q4_1 GGUF)",
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}",
-              "command": "python scripts/stop_latency.py " + " ".join(sys.argv[1:]), "rows": rows}  # fmt: skip
+              "rows": rows}  # fmt: skip
     args.out.write_text(json.dumps(record, indent=1) + "\n")
 
 
