@@ -20,6 +20,7 @@ import json
 import multiprocessing
 import os
 import platform
+import shlex
 import shutil
 import signal
 import subprocess
@@ -146,7 +147,7 @@ def main() -> None:
             finally:
                 for b in burners:
                     b.terminate()
-    record = {**provenance("python scripts/stop_latency.py " + " ".join(sys.argv[1:])),
+    record = {**provenance("python scripts/stop_latency.py " + shlex.join(sys.argv[1:])),
               "model": "demo (SmolLM2-135M-Instruct dequantized from the Q4_1 GGUF)",
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}",
               "rows": rows}  # fmt: skip
