@@ -40,7 +40,8 @@ GPTQ_BLOCK = 128
 SEARCH_PASSES = 500  # elementwise passes per weight of the 2/4-bit scale search (shrinks x zeros x error)
 SCORE_PASSES = 200  # per weight of the plan's channel scoring (min/max fits of both grids)
 # Bytes per weight of the largest matrix while its backward runs in refinement: the decoded weight,
-# its gradient and the decode's temporaries (measured on a 70B-class layer: docs/benchmarks.md)
+# its gradient and the decode's temporaries, counted from the decode's tensors (an upper bound: a
+# 70B-class layer's refinement held 0.90 of the phase's forecast, docs/benchmarks.md)
 REFINE_MATRIX_BYTES = 24
 DECODE_PASSES = 40  # per weight per refinement step: decode, straight-through rounding, their gradients
 FORWARD_DECODE_PASSES = 10  # per weight per forward without gradients: one decode

@@ -95,11 +95,13 @@ def refine_blocks(
     for index in range(len(stream)):
         started = time.perf_counter()
         unit = str(index)
+        fp_layer = stream.layer(index)
         tensors = shards.read(plan.units.index(unit))
-        q_layer, trainables = _quantized_layer(stream.layer(index), plan, unit, tensors)
+        q_layer, trainables = _quantized_layer(fp_layer, plan, unit, tensors)
         norms = _norm_weights(q_layer, f"{plan.family.layers}.{unit}.", tensors)
-        y_fp = _forward(stream, index, stream.layer(index), x_fp)
-        stream.drop(index)  # the fp32 layer's work is done: only its quantized copy is tuned
+        y_fp = _forward(stream, index, fp_layer, x_fp)
+        del fp_layer  # its work is done: only the quantized copy is tuned, so the stream frees it now
+        stream.drop(index)
         result = None
         if not shards.done(unit) and trainables:
             inputs = x_fp if settings.inputs == "fp" else x_q
@@ -153,8 +155,9 @@ def _quantized_layer(fp_layer: torch.nn.Module, plan: Plan, unit: str, tensors: 
     the trainables by matrix name; only their stored numbers require gradients."""
     prefix = f"{plan.family.layers}.{unit}."
     device = next(fp_layer.parameters()).device
+    names = [n for n in plan.linears if n.startswith(prefix)]
     # the quantized matrices' fp32 weights are not copied (they are replaced below): a meta tensor stands in
-    matrices = [fp_layer.get_submodule(n.removeprefix(prefix)).weight for n in plan.linears if n.startswith(prefix)]
+    matrices = [fp_layer.get_submodule(n.removeprefix(prefix)).weight for n in names]
     layer = copy.deepcopy(fp_layer, memo={id(w): nn.Parameter(w.to("meta"), requires_grad=False) for w in matrices})
     with torch.no_grad():
         for name, param in layer.named_parameters():
@@ -162,7 +165,7 @@ def _quantized_layer(fp_layer: torch.nn.Module, plan: Plan, unit: str, tensors: 
                 param.copy_(tensors[prefix + name].float())
     layer.requires_grad_(False)
     trainables = {}
-    for name in [n for n in plan.linears if n.startswith(prefix)]:
+    for name in names:
         layout = plan.linears[name]
         relative = name.removeprefix(prefix)
         module = layer.get_submodule(relative)

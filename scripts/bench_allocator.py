@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchlib import provenance, run_measured
+from benchlib import command_line, provenance, run_measured
 
 OPTIONS = ["--samples", "16", "--calib-seq-len", "512", "--refine-steps", "10"]
 SETTINGS = {"off": {"THP_MEM_ALLOC_ENABLE": "0"}, "on": {}}
@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     command = f"llmq quantize demo -o OUT {' '.join(OPTIONS)}"
-    record = {**provenance("python scripts/bench_allocator.py " + " ".join(sys.argv[1:])), "command": command,
+    record = {**provenance(command_line()), "command": command,
               "runs": []}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         for label in args.labels:

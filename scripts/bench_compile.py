@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchlib import provenance
+from benchlib import command_line, provenance
 
 
 def main() -> None:
@@ -44,7 +44,7 @@ def main() -> None:
                 seconds.append(round(time.perf_counter() - started, 2))
             points.append({"arch": arch, "file": name, "instances": len(build.lowered), "seconds": seconds})
             print(f"{arch} {name}: {len(build.lowered)} instances, {seconds} s", file=sys.stderr)
-    record = {**provenance("python scripts/bench_compile.py " + " ".join(sys.argv[1:])), "points": points}
+    record = {**provenance(command_line()), "points": points}
     per_arch = {a: round(sum(min(p["seconds"]) for p in points if p["arch"] == a), 1) for a in args.archs.split(",")}
     record["seconds_per_arch"] = per_arch  # every file once: what a fresh process pays on a card of that arch
     args.out.write_text(json.dumps(record, indent=2) + "\n")

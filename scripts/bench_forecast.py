@@ -28,7 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchlib import provenance, run_measured, write_random_llama
+from benchlib import command_line, provenance, run_measured, write_random_llama
 
 # name -> (model: "demo" or (hidden, mlp, layers, heads, kv_heads), quantize options)
 POINTS = {
@@ -142,7 +142,7 @@ def main() -> None:
         args.out.write_text(json.dumps(record, indent=2) + "\n")
         return
     record["what"] = "quantize --dry-run's forecast of each phase against the measured run (bench_forecast.py)"
-    script = "python scripts/bench_forecast.py " + " ".join(sys.argv[1:])
+    script = command_line()
     for name in args.only.split(","):
         old = next((p for p in record["points"] if p["name"] == name), None) if args.forecast_only else None
         if args.forecast_only and old is None:

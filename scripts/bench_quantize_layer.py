@@ -34,7 +34,7 @@ from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
-from benchlib import peak_between, provenance
+from benchlib import command_line, peak_between, provenance
 
 SHAPES = {  # hidden, MLP, heads, KV heads, vocabulary, layers of the whole model
     "7b": (4096, 11008, 32, 32, 32000, 32),
@@ -180,7 +180,7 @@ def main() -> None:
         print(json.dumps(run_one(args)))
         return
     args.work.mkdir(parents=True, exist_ok=True)
-    record = {**provenance("python scripts/bench_quantize_layer.py " + " ".join(sys.argv[1:])), "points": []}
+    record = {**provenance(command_line()), "points": []}
     try:
         for shape in args.shapes.split(","):
             if shape not in SHAPES:

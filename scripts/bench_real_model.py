@@ -23,8 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from benchlib import command_line, provenance
 from benchlib import measured_llmq as llmq
-from benchlib import provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = {"persuasion": ["--dataset", "austen"], "licences": ["--text-file", str(ROOT / "docs/data/eval-licenses.txt")]}
@@ -40,8 +40,8 @@ def main() -> None:
     folder = Path(subprocess.run([sys.executable, str(ROOT / "scripts/fetch_qwen_coder.py")], check=True,
                                  capture_output=True, text=True).stdout.strip().splitlines()[-1])  # fmt: skip
     label = json.loads((folder / "llmq-source.json").read_text())["label"]
-    record = {"model": label, "bf16_bytes": sum(p.stat().st_size for p in folder.glob("*.safetensors")), **provenance(
-        "python scripts/bench_real_model.py " + " ".join(sys.argv[1:]))}  # fmt: skip
+    bf16_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    record = {"model": label, "bf16_bytes": bf16_bytes, **provenance(command_line())}
     with tempfile.TemporaryDirectory(dir=args.out.resolve().parent) as tmp:
         out = Path(tmp) / "q.llmq"
         extra = args.quantize_options.split()

@@ -23,11 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
-from benchlib import llmq, measured_llmq, provenance
+from benchlib import command_line, llmq, measured_llmq, provenance
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,7 +90,7 @@ def main() -> None:
     eval_options = ["--seq-len", str(args.seq_len), "--max-tokens", str(args.max_tokens)]
     windows = [*(["--samples", str(args.samples)] if args.samples else []),
                *(["--seq-len", str(args.calib_seq_len)] if args.calib_seq_len else [])]  # fmt: skip
-    record = {**provenance("python scripts/bench_refine_steps.py " + " ".join(sys.argv[1:])), "model": args.model,
+    record = {**provenance(command_line()), "model": args.model,
               "texts": {role: list(names) for role, names in all_texts.items()},
               "eval": " ".join(eval_options), "points": []}  # fmt: skip
     record["unquantized"] = score(args.model, eval_options, all_texts)

@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchlib import provenance, run_measured, write_random_llama
+from benchlib import command_line, provenance, run_measured, write_random_llama
 
 DEMO_VOCAB = 49152
 
@@ -70,7 +70,7 @@ def main() -> None:
     options = ["--samples", str(args.samples), "--calib-seq-len", str(args.seq_len),
                "--refine-steps", str(args.refine_steps)]  # fmt: skip
     record = json.loads(args.out.read_text()) if args.out.exists() else {"points": []}
-    script = "python scripts/bench_scale.py " + " ".join(sys.argv[1:])
+    script = command_line()
     with tempfile.TemporaryDirectory(dir=args.out.resolve().parent) as tmp:
         for layers in [int(n) for n in args.layers.split(",")]:
             new = point(Path(tmp), args.hidden, args.mlp, layers, args.heads, args.kv_heads, options, args.label)

@@ -146,6 +146,13 @@ def commit() -> str:
     return head + ("+dirty" if dirty else "")
 
 
+def command_line() -> str:
+    """The command that ran this script, as a shell would take it back: ``python scripts/NAME.py ARGS``."""
+    import shlex
+
+    return f"python scripts/{Path(sys.argv[0]).name} {shlex.join(sys.argv[1:])}".rstrip()
+
+
 def provenance(script: str) -> dict:
     """What every recorded point carries: the command that rebuilds it, commit, CPU, date."""
     return {

@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
-from benchlib import provenance
+from benchlib import command_line, provenance
 
 # name: (hidden, mlp, layers, heads, kv_heads, vocab), from each model's config.json
 MODELS = {
@@ -107,7 +106,7 @@ def main() -> None:
         "h100_speed": h100.to_json(),
         "models": rows,
         "slice": factors,
-    } | provenance("python scripts/forecast_sizes.py " + " ".join(sys.argv[1:]))
+    } | provenance(command_line())
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
 

@@ -20,7 +20,6 @@ import json
 import multiprocessing
 import os
 import platform
-import shlex
 import shutil
 import signal
 import subprocess
@@ -29,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import provenance
+from benchlib import command_line, provenance
 
 # command -> (arguments with OUT for a scratch folder, the stderr text that says the loop is running)
 COMMANDS = {
@@ -147,7 +146,7 @@ def main() -> None:
             finally:
                 for b in burners:
                     b.terminate()
-    record = {**provenance("python scripts/stop_latency.py " + shlex.join(sys.argv[1:])),
+    record = {**provenance(command_line()),
               "model": "demo (SmolLM2-135M-Instruct dequantized from the Q4_1 GGUF)",
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}",
               "rows": rows}  # fmt: skip
